@@ -1,0 +1,45 @@
+# StoreLens: thin targets; everything real lives in the Python package and scripts/.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+SHARED ?= $(abspath ../shared)
+export SHARED
+
+.PHONY: setup demo test test-fast bench eval lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v mosquitto >/dev/null || command -v /usr/sbin/mosquitto >/dev/null || \
+	  { echo "installing Debian's mosquitto"; (apt-get update -qq || true) && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients; }
+	@command -v mosquitto_sub >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[device,cloud,models,dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+test: setup
+	$(BIN)/python -m pytest -p no:cacheprovider tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -p no:cacheprovider -m "not slow" tests
+
+bench: setup
+	$(BIN)/python -m bench
+
+eval: setup
+	$(BIN)/python scripts/eval_grocery.py
+
+lint: setup
+	$(BIN)/ruff check storelens models device cloud tests bench scripts
+	$(BIN)/mypy
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

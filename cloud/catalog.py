@@ -1,0 +1,225 @@
+"""Catalog input: CSV or JSON Lines rows -> validated items, plus bounded fetching of untrusted images.
+
+A row is ``sku, title, price?, location?, stores?, images`` (CSV: ``stores`` and ``images`` separated by
+``;`` or ``|``; JSON Lines: lists). Bad rows are reported with their row number, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+_SKU = re.compile(r"^[^\x00-\x1f/\\]{1,64}$")
+_SPLIT = re.compile(r"[;|]")
+MAX_IMAGES_PER_ITEM = 32  # more adds little recall and lets one row dominate the index
+MAX_IMAGE_BYTES = 20 << 20  # 20 MiB: far above any product photo, small enough to hold in memory
+FETCH_TIMEOUT_S = 15.0  # per URL; a stuck server costs one image, not the build
+MAX_CATALOG_BYTES = 256 << 20
+
+
+class CatalogError(Exception):
+    """The catalog file as a whole cannot be read (missing, not CSV/JSONL, no sku column)."""
+
+
+class FetchError(Exception):
+    """One image could not be fetched (missing, too large, network failure)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One validated catalog row."""
+
+    sku: str
+    title: str
+    price: str | None
+    location: str | None
+    stores: tuple[str, ...]
+    images: tuple[str, ...]
+    row: int
+
+    def carried_by(self, store: str) -> bool:
+        """True if ``store`` sells this item (an empty store list means every store)."""
+        return not self.stores or store in self.stores
+
+    def metadata(self) -> dict[str, Any]:
+        """The fields a kiosk shows (the snapshot's items.jsonl row, minus the thumbnail)."""
+        return {"sku": self.sku, "title": self.title, "price": self.price, "location": self.location}
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    row: int  # 1-based data row (header excluded)
+    sku: str | None
+    error: str
+
+
+@dataclass(slots=True)
+class Catalog:
+    items: list[Item] = field(default_factory=list)
+    errors: list[RowError] = field(default_factory=list)
+    base_dir: Path = Path(".")
+
+    def for_store(self, store: str) -> list[Item]:
+        """Items this store carries, in catalog order."""
+        return [it for it in self.items if it.carried_by(store)]
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [s.strip() for s in _SPLIT.split(str(value)) if s.strip()]
+
+
+def _price(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"bad price {value!r}")
+    try:
+        d = Decimal(str(value).strip().lstrip("$€£"))
+    except InvalidOperation as exc:
+        raise ValueError(f"bad price {value!r}") from exc
+    if not d.is_finite() or d < 0 or d > 1_000_000:
+        raise ValueError(f"bad price {value!r}")
+    return f"{d.quantize(Decimal('0.01'))}"
+
+
+def _validate(raw: dict[str, Any], row: int) -> Item:
+    sku = str(raw.get("sku") or "").strip()
+    if not sku:
+        raise ValueError("missing sku")
+    if not _SKU.match(sku):
+        raise ValueError(f"bad sku {sku!r} (1-64 printable characters, no '/')")
+    title = str(raw.get("title") or "").strip()
+    if not title:
+        raise ValueError("missing title")
+    images = _as_list(raw.get("images", raw.get("image")))
+    if not images:
+        raise ValueError("no images")
+    if len(images) > MAX_IMAGES_PER_ITEM:
+        raise ValueError(f"{len(images)} images, at most {MAX_IMAGES_PER_ITEM}")
+    location = str(raw.get("location") or "").strip() or None
+    return Item(
+        sku=sku, title=title[:200], price=_price(raw.get("price")), location=location and location[:100],
+        stores=tuple(_as_list(raw.get("stores"))), images=tuple(images), row=row,
+    )
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """Yield (row number, raw dict or an error string) from a CSV or JSON Lines file."""
+    if path.stat().st_size > MAX_CATALOG_BYTES:
+        raise CatalogError(f"{path} is larger than {MAX_CATALOG_BYTES} bytes")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{path} is not UTF-8 text: {exc}") from exc
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield n, f"not JSON: {exc.msg}"
+                continue
+            yield n, obj if isinstance(obj, dict) else "not a JSON object"
+        return
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or "sku" not in [f.strip().lower() for f in reader.fieldnames]:
+        raise CatalogError(f"{path}: CSV header must include 'sku' (got {reader.fieldnames})")
+    for n, rec in enumerate(reader, start=1):
+        if None in rec:
+            yield n, "more fields than the header"
+            continue
+        yield n, {k.strip().lower(): v for k, v in rec.items() if k is not None}
+
+
+def load_catalog(path: Path) -> Catalog:
+    """Parse and validate a catalog file; bad rows land in ``errors`` with their row number."""
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError(f"catalog {path} does not exist")
+    cat = Catalog(base_dir=path.resolve().parent)
+    seen: set[str] = set()
+    for n, raw in _rows(path):
+        if isinstance(raw, str):
+            cat.errors.append(RowError(n, None, raw))
+            continue
+        try:
+            item = _validate(raw, n)
+        except ValueError as exc:
+            sku = raw.get("sku")
+            cat.errors.append(RowError(n, str(sku) if sku else None, str(exc)))
+            continue
+        if item.sku in seen:
+            cat.errors.append(RowError(n, item.sku, "duplicate sku (first row wins)"))
+            continue
+        seen.add(item.sku)
+        cat.items.append(item)
+    return cat
+
+
+def write_catalog(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as JSON Lines (the format the grocery helper and tests produce)."""
+    Path(path).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+
+
+# ---- image sources: local path, http(s)://, s3:// ----
+
+
+def fetch_image_bytes(
+    source: str, base_dir: Path, *, s3_client: Any = None, max_bytes: int = MAX_IMAGE_BYTES
+) -> bytes:
+    """Read one catalog image's bytes with a size cap and timeout; raise FetchError on any failure."""
+    scheme = urllib.parse.urlsplit(source).scheme.lower()
+    try:
+        if scheme in ("http", "https"):
+            with urllib.request.urlopen(source, timeout=FETCH_TIMEOUT_S) as resp:  # noqa: S310
+                data = resp.read(max_bytes + 1)
+        elif scheme == "s3":
+            data = _fetch_s3(source, s3_client, max_bytes)
+        elif scheme in ("", "file"):
+            p = Path(urllib.parse.urlsplit(source).path if scheme == "file" else source)
+            p = p if p.is_absolute() else base_dir / p
+            if not p.is_file():
+                raise FetchError(f"no such file {p}")
+            with open(p, "rb") as fh:
+                data = fh.read(max_bytes + 1)
+        else:
+            raise FetchError(f"unsupported image source scheme {scheme!r}")
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        raise FetchError(f"cannot fetch: {exc}") from exc
+    if len(data) > max_bytes:
+        raise FetchError(f"larger than {max_bytes} bytes")
+    if not data:
+        raise FetchError("zero-size file")
+    return data
+
+
+def _fetch_s3(source: str, s3_client: Any, max_bytes: int) -> bytes:
+    parts = urllib.parse.urlsplit(source)
+    if s3_client is None:
+        import boto3
+
+        s3_client = boto3.client("s3")
+    try:
+        obj = s3_client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+        if int(obj.get("ContentLength", 0)) > max_bytes:
+            raise FetchError(f"larger than {max_bytes} bytes")
+        return bytes(obj["Body"].read(max_bytes + 1))
+    except FetchError:
+        raise
+    except Exception as exc:  # botocore raises many unrelated types; one image must not stop a build
+        raise FetchError(f"cannot fetch from S3: {exc}") from exc

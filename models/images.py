@@ -1,0 +1,95 @@
+"""Image decoding that refuses bad input early: empty, non-image, truncated, or decompression bombs."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from models.errors import BadImage
+
+_LOGGER = logging.getLogger(__name__)
+
+# 40 MP covers any phone photo (a 108 MP sensor bins to 12 MP) while capping decode memory at ~120 MB.
+DEFAULT_MAX_PIXELS = 40_000_000
+# 50 MiB: a 40 MP JPEG at quality 100 is ~20 MiB; anything bigger is not a photo we want.
+DEFAULT_MAX_BYTES = 50 << 20
+
+
+def _header_size(data: bytes) -> tuple[int, int, str]:
+    """(width, height, format) from the header only; no pixel data is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return int(img.width), int(img.height), str(img.format)
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"image is a decompression bomb: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"not a readable image: {exc}") from exc
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> np.ndarray:
+    """Decode encoded image bytes to a contiguous uint8 HxWx3 BGR array; BadImage on anything else."""
+    if not data:
+        raise BadImage("image is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise BadImage(f"image is {len(data)} bytes, more than the limit of {max_bytes}")
+    width, height, fmt = _header_size(data)
+    if width < 1 or height < 1:
+        raise BadImage(f"image header claims {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise BadImage(f"image claims {width}x{height} pixels, more than the limit of {max_pixels}")
+    if fmt == "JPEG" and not _jpeg_complete(data):
+        raise BadImage("JPEG data is truncated (no end-of-image marker after the last scan)")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    # IMREAD_COLOR: 8-bit BGR whatever the source (gray, alpha, 16-bit), EXIF orientation applied.
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if img is None:
+        img = _decode_with_pil(data)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise BadImage(f"decoded {fmt} image has unsupported shape {img.shape} / {img.dtype}")
+    if sorted(img.shape[:2]) != sorted((height, width)):
+        raise BadImage(f"decoded {fmt} image is {img.shape[1]}x{img.shape[0]}, header said {width}x{height}")
+    return np.ascontiguousarray(img)
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """True when an EOI marker follows the last start-of-scan; libjpeg only warns on truncation."""
+    sos = data.rfind(b"\xff\xda")
+    return sos >= 0 and data.find(b"\xff\xd9", sos) >= 0
+
+
+def _decode_with_pil(data: bytes) -> np.ndarray:
+    """Fallback for formats OpenCV lacks (e.g. GIF) or that it refuses; truncation is an error."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                rgb = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"image data is truncated or corrupt: {exc}") from exc
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def load_image(
+    path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> np.ndarray:
+    """Read and decode an image file; BadImage naming the path."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise BadImage(f"{path}: cannot read: {exc}") from exc
+    try:
+        return decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
+    except BadImage as exc:
+        raise BadImage(f"{path}: {exc}") from exc

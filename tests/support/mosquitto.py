@@ -1,0 +1,137 @@
+"""A real Debian mosquitto started on free loopback ports for tests, stopped by PID."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.pki import TestPKI
+
+_START_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    """An ephemeral TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_binary() -> str | None:
+    """Path of the mosquitto broker binary, if installed."""
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto",) if Path(p).exists()), None
+    )
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)  # polling a port that a child process is opening: no event to wait on
+    raise TimeoutError(f"mosquitto did not listen on {port} within {timeout_s}s")
+
+
+@dataclass
+class Mosquitto:
+    """One broker process. Ports stay fixed across restart() so clients can reconnect."""
+
+    workdir: Path
+    tls: bool = False
+    websockets: bool = False
+    acl: str | None = None  # acl_file text; enables password auth when given with passwords
+    passwords: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    tls_port: int = 0
+    ws_port: int = 0
+    pki: TestPKI | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            self.tls_port = free_port()
+            self.pki = TestPKI(self.workdir / "pki")
+        if self.websockets:
+            self.ws_port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _config(self) -> str:
+        auth = "allow_anonymous true\n"
+        if self.passwords:
+            pw = self.workdir / "passwd"
+            pw.write_text("".join(f"{u}:{p}\n" for u, p in self.passwords.items()))
+            pw.chmod(0o600)
+            subprocess.run(["mosquitto_passwd", "-U", str(pw)], check=True, capture_output=True)
+            auth = f"allow_anonymous false\npassword_file {pw}\n"
+        if self.acl is not None:
+            (self.workdir / "acl").write_text(self.acl)
+            auth += f"acl_file {self.workdir / 'acl'}\n"
+        lines = [
+            "per_listener_settings false",
+            auth,
+            "persistence false",
+            f"log_dest file {self.workdir / 'mosquitto.log'}",
+            "log_type error\nlog_type warning\nlog_type notice",
+            f"listener {self.port} 127.0.0.1",
+        ]
+        if self.tls and self.pki is not None:
+            lines += [
+                f"listener {self.tls_port} 127.0.0.1",
+                f"cafile {self.pki.ca}",
+                f"certfile {self.pki.server.cert}",
+                f"keyfile {self.pki.server.key}",
+                "require_certificate true",
+                "use_identity_as_username true",
+            ]
+        if self.websockets:
+            lines += [f"listener {self.ws_port} 127.0.0.1", "protocol websockets"]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> Mosquitto:
+        """Start the broker and wait until every listener accepts connections."""
+        binary = mosquitto_binary()
+        if binary is None:
+            raise RuntimeError("mosquitto is not installed (make setup installs it)")
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(self._config())
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        for port in (self.port, self.tls_port, self.ws_port):
+            if port:
+                _wait_port(port, self.proc, _START_TIMEOUT_S)
+        return self
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop by PID (SIGKILL when ``kill``), and reap it."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same ports (retained messages are not persisted)."""
+        self.stop()
+        self.start()
