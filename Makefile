@@ -10,6 +10,9 @@ export SHARED
 .PHONY: setup demo test test-fast bench eval lint clean
 
 setup: $(STAMP)
+	@test -x /usr/bin/chromium || { echo "installing Debian's chromium for the browser tests"; \
+	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+	@./scripts/build_dashboard.sh
 
 $(STAMP): pyproject.toml
 	@command -v mosquitto >/dev/null || command -v /usr/sbin/mosquitto >/dev/null || \

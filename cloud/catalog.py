@@ -21,7 +21,7 @@ from typing import Any
 
 _SKU = re.compile(r"^[^\x00-\x1f/\\]{1,64}$")
 _SPLIT = re.compile(r"[;|]")
-MAX_IMAGES_PER_ITEM = 32  # more adds little recall and lets one row dominate the index
+MAX_IMAGES_PER_ITEM = 256  # bounds one row's share of the index; real catalogs use 1-20
 MAX_IMAGE_BYTES = 20 << 20  # 20 MiB: far above any product photo, small enough to hold in memory
 FETCH_TIMEOUT_S = 15.0  # per URL; a stuck server costs one image, not the build
 MAX_CATALOG_BYTES = 256 << 20
@@ -112,8 +112,13 @@ def _validate(raw: dict[str, Any], row: int) -> Item:
         raise ValueError(f"{len(images)} images, at most {MAX_IMAGES_PER_ITEM}")
     location = str(raw.get("location") or "").strip() or None
     return Item(
-        sku=sku, title=title[:200], price=_price(raw.get("price")), location=location and location[:100],
-        stores=tuple(_as_list(raw.get("stores"))), images=tuple(images), row=row,
+        sku=sku,
+        title=title[:200],
+        price=_price(raw.get("price")),
+        location=location and location[:100],
+        stores=tuple(_as_list(raw.get("stores"))),
+        images=tuple(images),
+        row=row,
     )
 
 
@@ -186,8 +191,8 @@ def fetch_image_bytes(
     scheme = urllib.parse.urlsplit(source).scheme.lower()
     try:
         if scheme in ("http", "https"):
-            with urllib.request.urlopen(source, timeout=FETCH_TIMEOUT_S) as resp:  # noqa: S310
-                data = resp.read(max_bytes + 1)
+            with urllib.request.urlopen(source, timeout=FETCH_TIMEOUT_S) as resp:
+                data = bytes(resp.read(max_bytes + 1))
         elif scheme == "s3":
             data = _fetch_s3(source, s3_client, max_bytes)
         elif scheme in ("", "file"):
@@ -218,7 +223,8 @@ def _fetch_s3(source: str, s3_client: Any, max_bytes: int) -> bytes:
         obj = s3_client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
         if int(obj.get("ContentLength", 0)) > max_bytes:
             raise FetchError(f"larger than {max_bytes} bytes")
-        return bytes(obj["Body"].read(max_bytes + 1))
+        body: bytes = obj["Body"].read(max_bytes + 1)
+        return body
     except FetchError:
         raise
     except Exception as exc:  # botocore raises many unrelated types; one image must not stop a build

@@ -12,9 +12,10 @@ import logging
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,15 +33,13 @@ DECODE_WORKERS = 2  # decode is ~5 ms per photo on one core; two keep up with a 
 
 
 class EmbedderLike(Protocol):
-    """The part of models.embedder.Embedder a catalog build needs."""
+    """The part of models.embedder.Embedder a catalog build needs (``submit``/``wait`` used if present)."""
 
     @property
     def dim(self) -> int: ...
     @property
     def model_id(self) -> str: ...
-    @property
-    def preprocessing_hash(self) -> str: ...
-    def embed(self, crops: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]: ...
+    def embed(self, crops: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]: ...
 
 
 class EmbeddingCache:
@@ -122,7 +121,12 @@ class _Job:
 
 def model_fingerprint(embedder: EmbedderLike) -> str:
     """Cache key part naming the embedding space: model weights plus preprocessing."""
-    return f"{embedder.model_id}:{embedder.preprocessing_hash}"
+    return f"{embedder.model_id}:{preprocessing_hash(embedder)}"
+
+
+def preprocessing_hash(embedder: EmbedderLike) -> str:
+    """The bundle's preprocessing hash; fakes without one answer 'none'."""
+    return str(getattr(embedder, "preprocessing_hash", "none"))
 
 
 def make_thumbnail(image: npt.NDArray[np.uint8], px: int = THUMB_PX) -> bytes:
@@ -131,9 +135,12 @@ def make_thumbnail(image: npt.NDArray[np.uint8], px: int = THUMB_PX) -> bytes:
 
     h, w = image.shape[:2]
     scale = px / max(h, w)
+    small: Any = image
     if scale < 1:
-        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, THUMB_QUALITY])
+        small = cv2.resize(
+            image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+        )
+    ok, buf = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, THUMB_QUALITY])
     if not ok:
         raise ValueError("JPEG encode failed")
     return bytes(buf.tobytes())
@@ -146,10 +153,18 @@ def _default_decoder() -> Callable[[bytes], npt.NDArray[np.uint8]]:
 
 
 def _prepare(
-    job: _Job, base_dir: Path, cache: EmbeddingCache | None, fp: str, dim: int, need_thumb: bool,
-    decode: Callable[[bytes], npt.NDArray[np.uint8]], s3_client: Any,
+    job: _Job,
+    *,
+    base_dir: Path,
+    cache: EmbeddingCache | None,
+    fp: str,
+    dim: int,
+    first: set[int],
+    decode: Callable[[bytes], npt.NDArray[np.uint8]],
+    s3_client: Any,
 ) -> _Job:
     """Fetch, hash, look up the cache, and decode only when needed (runs on the pool)."""
+    need_thumb = id(job) in first
     try:
         data = fetch_image_bytes(job.source, base_dir, s3_client=s3_client)
     except FetchError as exc:
@@ -197,39 +212,79 @@ def featurize(
     feats = Features(dim=dim, vectors=np.zeros((0, dim), np.float32), rows=[], thumbs={})
     done: list[_Job] = []
     pending: list[_Job] = []
-    bar = tqdm(total=len(jobs), desc="embedding", unit="img", disable=not progress)
+    # tqdm starts a monitor thread per process on first use: only create a bar when one is shown.
+    bar: Any = tqdm(total=len(jobs), desc="embedding", unit="img") if progress else _NullBar()
+
+    submit = getattr(embedder, "submit", None)
+    embedded: list[_Job] = []
+
+    def on_embedded(vec: npt.NDArray[np.float32], job: object) -> None:
+        assert isinstance(job, _Job)
+        job.vec = np.asarray(vec, np.float32)
+        bar.update(1)
 
     def flush() -> None:
+        # Fakes embed in batches; the real Embedder takes one crop at a time into its async queue
+        # (submit copies the crop), so inference never drains between batches.
         if not pending:
             return
-        out = np.asarray(embedder.embed([j.image for j in pending if j.image is not None]), np.float32)
-        if out.shape != (len(pending), dim):
-            raise ValueError(f"embedder returned {out.shape}, expected {(len(pending), dim)}")
-        for j, v in zip(pending, out, strict=True):
-            j.vec, j.image = v, None
-            if cache is not None:
-                cache.put(j.sha, fp, v)
-        feats.embedded += len(pending)
-        bar.update(len(pending))
+        if submit is not None:
+            for j in pending:
+                submit(j.image, on_embedded, j)
+                j.image = None
+        else:
+            out = np.asarray(embedder.embed([j.image for j in pending if j.image is not None]), np.float32)
+            if out.shape != (len(pending), dim):
+                raise ValueError(f"embedder returned {out.shape}, expected {(len(pending), dim)}")
+            for j, v in zip(pending, out, strict=True):
+                j.vec, j.image = v, None
+            bar.update(len(pending))
+        embedded.extend(pending)
         pending.clear()
 
+    limit = 4 * batch
     with ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="catalog-decode") as pool:
-        for job in _bounded(pool, jobs, lambda j: _prepare(
-            j, base_dir, cache, fp, dim, id(j) in first, decode, s3_client), limit=4 * batch):
+        prepare = partial(
+            _prepare,
+            base_dir=base_dir,
+            cache=cache,
+            fp=fp,
+            dim=dim,
+            first=first,
+            decode=decode,
+            s3_client=s3_client,
+        )
+        for job in _bounded(pool, jobs, prepare, limit=limit):
             done.append(job)
             if job.error is None and job.vec is None:
                 pending.append(job)
-                if len(pending) >= batch:
+                if len(pending) >= (1 if submit is not None else batch):
                     flush()
             else:
                 feats.cache_hits += job.vec is not None
                 bar.update(1)
         flush()
+    if submit is not None:
+        embedder.wait()  # type: ignore[attr-defined]
     bar.close()
+    for j in embedded:
+        if j.vec is None or j.vec.shape != (dim,):
+            j.error = "embedder returned no vector"
+        elif cache is not None:
+            cache.put(j.sha, fp, j.vec)
+    feats.embedded = len(embedded)
     if cache is not None:
         cache.commit()
     _collect(done, feats)
     return feats
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _bounded(

@@ -217,5 +217,7 @@ def write_bundle(
         extra=dict(extra or {}),
     )
     atomic_write_json(manifest_path, manifest.to_dict())
-    _LOGGER.info("wrote bundle %s: model_id %s dim %d %s", out_dir, manifest.model_id[:12], manifest.dim, precision)
+    _LOGGER.info(
+        "wrote bundle %s: model_id %s dim %d %s", out_dir, manifest.model_id[:12], manifest.dim, precision
+    )
     return manifest

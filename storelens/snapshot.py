@@ -101,7 +101,7 @@ class Canary(_Strict):
 
 
 class SnapshotManifest(_Strict):
-    format: Literal["storelens.snapshot/1"] = FORMAT
+    format: Literal["storelens.snapshot/1"] = "storelens.snapshot/1"
     store: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     version: int = Field(ge=1, le=2**53)
     kind: Literal["full", "delta"] = "full"
@@ -163,7 +163,9 @@ def _parse(data: bytes) -> SnapshotManifest:
     if not isinstance(raw, dict):
         raise SnapshotRejected(RejectReason.MALFORMED, "manifest is not a JSON object")
     if raw.get("format") != FORMAT:
-        raise SnapshotRejected(RejectReason.UNSUPPORTED_FORMAT, f"format {raw.get('format')!r}, want {FORMAT}")
+        raise SnapshotRejected(
+            RejectReason.UNSUPPORTED_FORMAT, f"format {raw.get('format')!r}, want {FORMAT}"
+        )
     try:
         return SnapshotManifest.model_validate(raw, strict=False)
     except ValidationError as exc:
@@ -271,7 +273,9 @@ def _check_files(directory: Path, m: SnapshotManifest) -> None:
             raise SnapshotRejected(RejectReason.MISSING_FILE, f"{name} is missing")
         size = p.stat().st_size
         if size != entry.size:
-            raise SnapshotRejected(RejectReason.SIZE_MISMATCH, f"{name} is {size} bytes, manifest says {entry.size}")
+            raise SnapshotRejected(
+                RejectReason.SIZE_MISMATCH, f"{name} is {size} bytes, manifest says {entry.size}"
+            )
     for name, entry in sorted(m.files.items()):  # sizes first: cheap, catches truncation early
         if sha256_file(directory / name) != entry.sha256:
             raise SnapshotRejected(RejectReason.HASH_MISMATCH, f"{name} sha256 differs from the manifest")
@@ -297,11 +301,15 @@ def pack(directory: Path, archive: Path) -> None:
     """Write the snapshot directory as one tar file (atomically), manifest first."""
     directory = Path(directory)
     buf = io.BytesIO()
-    names = [MANIFEST, SIGNATURE] + sorted(
-        str(p.relative_to(directory))
-        for p in directory.rglob("*")
-        if p.is_file() and p.name not in (MANIFEST, SIGNATURE)
-    )
+    names = [
+        MANIFEST,
+        SIGNATURE,
+        *sorted(
+            str(p.relative_to(directory))
+            for p in directory.rglob("*")
+            if p.is_file() and p.name not in (MANIFEST, SIGNATURE)
+        ),
+    ]
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in names:
             info = tar.gettarinfo(str(directory / name), arcname=name)
@@ -333,7 +341,9 @@ def unpack(archive: Path, dest: Path, *, max_total_bytes: int, max_members: int 
                     raise SnapshotRejected(RejectReason.UNSAFE_NAME, f"archive member {info.name!r}")
                 total += info.size
                 if total > max_total_bytes:
-                    raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"archive exceeds {max_total_bytes} bytes")
+                    raise SnapshotRejected(
+                        RejectReason.BAD_ARCHIVE, f"archive exceeds {max_total_bytes} bytes"
+                    )
                 members.append(info)
             tmp = dest.with_name(f".{dest.name}.partial")
             shutil.rmtree(tmp, ignore_errors=True)

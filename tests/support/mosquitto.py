@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import signal
 import socket
@@ -81,6 +82,7 @@ class Mosquitto:
             (self.workdir / "acl").write_text(self.acl)
             auth += f"acl_file {self.workdir / 'acl'}\n"
         lines = [
+            f"user {getpass.getuser()}",  # as root mosquitto would drop to 'mosquitto' and lose our files
             "per_listener_settings false",
             auth,
             "persistence false",

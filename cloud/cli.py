@@ -1,0 +1,200 @@
+"""`storelens keys|catalog|dashboard|fleet` commands: thin wrappers over the cloud package's functions.
+
+Bad input prints one line and exits 2; heavy libraries load inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+catalog_app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Build, verify, publish snapshots."
+)
+keys_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Ed25519 snapshot signing keys.")
+dashboard_app = typer.Typer(add_completion=False, help="Staff dashboard (store status, matches, alerts).")
+fleet_app = typer.Typer(add_completion=False, help="Fleet rollout of model + snapshot releases.")
+
+
+def _fail(msg: str) -> NoReturn:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    """Run a command body, turning the errors a user can fix into one line and exit code 2."""
+    from cloud.build import BuildError
+    from cloud.catalog import CatalogError
+    from cloud.evaluate import EvalError
+    from cloud.publish import PublishError
+    from models.errors import ModelError
+    from storelens.signing import SigningKeyError
+    from storelens.snapshot import SnapshotRejected
+
+    try:
+        return fn()
+    except SnapshotRejected as exc:
+        _fail(f"REJECTED {exc.reason.value}: {exc.detail}")
+    except (BuildError, CatalogError, EvalError, PublishError, ModelError, SigningKeyError) as exc:
+        _fail(str(exc))
+    except (OSError, ValueError) as exc:
+        _fail(f"{type(exc).__name__}: {exc}")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option("--out", help="Directory for private.pem/public.pem")],
+) -> None:
+    """Create an Ed25519 key pair: private.pem (0600) and public.pem (kiosks pin this one)."""
+    from storelens import signing
+
+    out.mkdir(parents=True, exist_ok=True)
+    kid = _guard(lambda: signing.generate_keypair(out / "private.pem", out / "public.pem"))
+    typer.echo(f"key {kid}: {out / 'private.pem'} (keep secret), {out / 'public.pem'} (pin on kiosks)")
+
+
+@catalog_app.command("build")
+def catalog_build(
+    catalog: Annotated[Path, typer.Option("--catalog", help="CSV or JSON Lines catalog")],
+    bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory")],
+    store: Annotated[str, typer.Option("--store", help="Store id")],
+    out: Annotated[Path, typer.Option("--out", help="Snapshot directory to write")],
+    key: Annotated[Path, typer.Option("--key", help="Ed25519 private key PEM")] = Path("keys/private.pem"),
+    base: Annotated[Path | None, typer.Option("--base", help="Previous full snapshot: build a delta")] = None,
+    version: Annotated[
+        int | None, typer.Option("--version", help="Snapshot version (default base+1 or 1)")
+    ] = None,
+    m: Annotated[int, typer.Option("--M", help="HNSW links per node")] = 16,
+    ef_construction: Annotated[int, typer.Option("--ef-construction")] = 200,
+    ef: Annotated[int, typer.Option("--ef", help="Query ef recorded for kiosks")] = 100,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Embedding cache directory")] = None,
+    archive: Annotated[bool, typer.Option("--archive/--no-archive", help="Also write OUT.tar")] = True,
+) -> None:
+    """Embed a catalog and write a signed snapshot (full, or a delta with --base)."""
+    from cloud.build import build_snapshot
+    from storelens import signing
+    from storelens.protocol import check_id
+    from storelens.snapshot import pack
+
+    def run() -> Any:
+        check_id(store, "store id")
+        pk = signing.load_private_key(key)
+        res = build_snapshot(
+            catalog,
+            store,
+            out,
+            pk,
+            bundle=bundle,
+            base=base,
+            version=version,
+            M=m,
+            ef_construction=ef_construction,
+            ef=ef,
+            cache_dir=cache,
+        )
+        if archive:
+            pack(out, out.with_name(out.name + ".tar"))
+        return res
+
+    res = _guard(run)
+    r = res.report
+    typer.echo(
+        f"OK {r['kind']} snapshot v{r['version']} of {r['store']}: {r['items']} items, "
+        f"{r['vectors']} vectors, threshold {r['threshold']}, "
+        f"embedded {r['images_embedded']} (cache hits {r['cache_hits']})"
+    )
+    if r.get("delta_fallback"):
+        typer.echo(f"full build instead of delta: {r['delta_fallback']}")
+    for e in r["bad_rows"]:
+        typer.echo(f"bad row {e['row']} ({e['sku']}): {e['error']}")
+    for e in r["bad_images"]:
+        typer.echo(f"bad image row {e['row']} ({e['sku']}) {e['source']}: {e['error']}")
+    typer.echo(f"report: {res.report_path}")
+
+
+@catalog_app.command("verify")
+def catalog_verify(
+    snapshot: Annotated[Path, typer.Argument(help="Snapshot directory or .tar archive")],
+    public_key: Annotated[
+        list[Path], typer.Option("--public-key", help="Pinned public key PEM (repeatable)")
+    ],
+    model_bundle: Annotated[
+        Path | None, typer.Option("--model-bundle", help="Check the model matches")
+    ] = None,
+    store: Annotated[str | None, typer.Option("--store", help="Expected store")] = None,
+) -> None:
+    """Verify signature, files, model and index header; print OK and a summary or the reason (exit 2)."""
+    from storelens import signing
+    from storelens.snapshot import unpack, verify_snapshot
+
+    def run() -> Any:
+        keys = [signing.load_public_key(p) for p in public_key]
+        model_id = model_dim = None
+        if model_bundle is not None:
+            from models.bundle import verify_bundle
+
+            bm = verify_bundle(model_bundle)
+            model_id, model_dim = bm.model_id, bm.dim
+        if snapshot.is_dir():
+            return verify_snapshot(snapshot, keys, model_id=model_id, model_dim=model_dim, store=store)
+        with tempfile.TemporaryDirectory(prefix="storelens-verify-") as tmp:
+            dest = Path(tmp) / "snap"
+            unpack(snapshot, dest, max_total_bytes=snapshot.stat().st_size)
+            return verify_snapshot(dest, keys, model_id=model_id, model_dim=model_dim, store=store)
+
+    m = _guard(run)
+    typer.echo(
+        f"OK {m.kind} snapshot v{m.version} of {m.store}: {m.item_count} items, {m.vector_count} vectors, "
+        f"dim {m.dim}, model {m.model_id[:12]}, ef {m.hnsw.ef}, threshold {m.threshold}, key {m.key_id}"
+    )
+
+
+@catalog_app.command("publish")
+def catalog_publish(
+    snapshot: Annotated[Path, typer.Argument(help="Snapshot directory or .tar archive")],
+    to: Annotated[str, typer.Option("--to", help="file:///dir or s3://bucket/prefix")],
+    broker: Annotated[str | None, typer.Option("--broker", help="mqtt://host:port to announce on")] = None,
+    s3_endpoint: Annotated[str | None, typer.Option("--s3-endpoint", help="S3 endpoint URL")] = None,
+) -> None:
+    """Upload the snapshot archive and announce it retained on the store's snapshot topic."""
+    from cloud.publish import publish_snapshot
+
+    p = _guard(lambda: publish_snapshot(snapshot, to, broker, s3_endpoint=s3_endpoint))
+    a = p.announcement
+    typer.echo(
+        f"OK published {a.store} v{a.version} ({a.kind}, {a.size} bytes, sha256 {a.sha256[:12]}) "
+        f"{'uploaded' if p.uploaded else 'already stored'} at {p.key}{', announced' if broker else ''}"
+    )
+
+
+@catalog_app.command("eval")
+def catalog_eval(
+    snapshot: Annotated[Path, typer.Option("--snapshot", help="Full snapshot directory")],
+    queries: Annotated[Path, typer.Option("--queries", help="CSV path,sku of labelled photos")],
+    bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle the snapshot was built with")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """Recall@1/@5 (items), mean similarity of right vs wrong top-1, most confused pairs."""
+    from cloud.evaluate import evaluate
+
+    def run() -> Any:
+        from models.embedder import Embedder
+
+        with Embedder(bundle, mode="throughput") as emb:
+            return evaluate(snapshot, queries, emb)
+
+    r = _guard(run)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2, sort_keys=True))
+        return
+    typer.echo(
+        f"queries {r['queries']} (skipped {r['skipped']}): recall@1 {r['recall@1']:.3f}, "
+        f"recall@5 {r['recall@5']:.3f}; mean sim correct {r['mean_sim_correct']}, wrong {r['mean_sim_wrong']}"
+    )
+    for c in r["confused"]:
+        typer.echo(f"  {c['true']} -> {c['predicted']}: {c['count']}")

@@ -1,0 +1,213 @@
+"""Comms: transport + durable outbox + retained status, with the one thread that drains the outbox."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from device.comms.outbox import Outbox, OutboxError
+from device.comms.port import OnMessage, Transport
+from storelens.protocol import Alert, Health, KioskState, Status, Topics
+
+_LOGGER = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_S = 5.0  # wait for a PUBACK; longer only delays noticing a dead link
+CONNECT_TIMEOUT_S = 5.0  # start() waits this long for the first connection, then goes on offline
+RETRY_INTERVAL_S = 1.0  # after a failed publish while "connected": back off before the next try
+IDLE_WAIT_S = 1.0  # drain thread re-checks at least this often
+BATCH_ROWS = 64  # rows read per outbox query
+DROP_ALERT_INTERVAL_S = 60.0  # at most one outbox_dropping alert per minute
+
+
+class Comms:
+    """Publishes events durably (outbox, QoS 1, in order, bounded rate) and keeps a retained status.
+
+    The outbox is owned by the caller (close it after ``stop``); the transport is closed by ``stop``.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        outbox: Outbox,
+        topics: Topics,
+        *,
+        app_version: str,
+        replay_rate_per_s: float = 50.0,
+        publish_timeout_s: float = PUBLISH_TIMEOUT_S,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    ) -> None:
+        if replay_rate_per_s <= 0:
+            raise ValueError("replay_rate_per_s must be > 0")
+        self._transport = transport
+        self._outbox = outbox
+        self._topics = topics
+        self._app_version = app_version
+        self._min_gap_s = 1.0 / replay_rate_per_s  # pacing: IoT Core allows 100 publishes/s per connection
+        self._publish_timeout_s = publish_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._lock = threading.Lock()
+        self._status: Status | None = None
+        self._status_dirty = False
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_send_s = float("-inf")
+        self._dropped_reported = outbox.dropped
+        self._last_drop_alert_s = float("-inf")
+        self.sent = 0  # rows acked by the broker since start (for tests and health)
+
+    # -- lifecycle --
+    def start(self, status: Status) -> None:
+        """Connect (retained will = offline/lwt) and start draining; the status is sent on every connect."""
+        if self._thread is not None:
+            raise RuntimeError("Comms already started")
+        with self._lock:
+            self._status, self._status_dirty = status, True
+        will = self._status_like(status, KioskState.OFFLINE, "lwt").to_bytes()
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), name="comms-drain", daemon=True)
+        self._thread.start()
+        self._transport.connect(
+            will=(self._topics.status, will), timeout_s=self._connect_timeout_s, on_connect=self._on_connect
+        )
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop draining, publish a retained offline status explicitly, then close the transport."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                _LOGGER.error("comms drain thread still alive after %.1f s", timeout_s)
+            self._thread = None
+        with self._lock:
+            status = self._status
+        if status is not None and self._transport.connected:
+            offline = self._status_like(status, KioskState.OFFLINE, "shutdown")
+            if not self._transport.publish(
+                self._topics.status, offline.to_bytes(), qos=1, retain=True, timeout_s=min(timeout_s, 2.0)
+            ):
+                _LOGGER.warning("offline status not acknowledged at shutdown (the will covers it)")
+        self._transport.close()
+
+    # -- API --
+    def publish_event(self, topic: str, payload: bytes) -> None:
+        """Commit to the outbox (durable on return) and wake the drain thread; never blocks on the network."""
+        self._outbox.put(topic, payload, qos=1)
+        self._wake.set()
+
+    def set_status(self, status: Status) -> None:
+        """Replace the retained status; sent at once if connected and again on every reconnect."""
+        with self._lock:
+            self._status, self._status_dirty = status, True
+        self._wake.set()
+
+    def publish_health(self, health: Health) -> None:
+        """Retained QoS 0 health with the outbox figures filled in; skipped while offline."""
+        health = health.model_copy(
+            update={"outbox_depth": self._outbox.depth, "outbox_dropped": self._outbox.dropped}
+        )
+        if not self._transport.publish(
+            self._topics.health, health.to_bytes(), qos=0, retain=True, timeout_s=self._publish_timeout_s
+        ):
+            _LOGGER.debug("health not sent (offline)")
+
+    def subscribe(self, topic: str, on_message: OnMessage) -> None:
+        """Subscribe through the transport (re-subscribed after reconnects)."""
+        self._transport.subscribe(topic, on_message)
+
+    @property
+    def outbox_depth(self) -> int:
+        return self._outbox.depth
+
+    @property
+    def outbox_dropped(self) -> int:
+        return self._outbox.dropped
+
+    @property
+    def connected(self) -> bool:
+        return self._transport.connected
+
+    # -- drain thread --
+    def run(self, stop: threading.Event) -> None:
+        """Drain loop: status first, then outbox rows in id order, each removed only on its PUBACK."""
+        while not stop.is_set():
+            try:
+                if not self._transport.connected:
+                    self._wake.wait(IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                if not self._send_status():
+                    stop.wait(RETRY_INTERVAL_S)
+                    continue
+                self._report_drops()
+                self._wake.clear()
+                rows = self._outbox.peek(BATCH_ROWS)
+                if not rows:
+                    self._wake.wait(IDLE_WAIT_S)
+                    continue
+                for row in rows:
+                    if stop.is_set() or self._status_dirty:
+                        break
+                    self._pace(stop)
+                    if not self._transport.publish(
+                        row.topic, row.payload, qos=row.qos, retain=False, timeout_s=self._publish_timeout_s
+                    ):
+                        _LOGGER.debug("row %d not acked; retrying after reconnect/backoff", row.id)
+                        stop.wait(RETRY_INTERVAL_S if self._transport.connected else 0.0)
+                        break
+                    self._outbox.ack(row.id)
+                    self.sent += 1
+            except OutboxError:
+                _LOGGER.exception("outbox error in drain loop")
+                stop.wait(RETRY_INTERVAL_S)
+            except Exception:
+                _LOGGER.exception("unexpected error in comms drain loop")
+                stop.wait(RETRY_INTERVAL_S)
+
+    def _pace(self, stop: threading.Event) -> None:
+        wait_s = self._last_send_s + self._min_gap_s - time.monotonic()
+        if wait_s > 0:
+            stop.wait(wait_s)
+        self._last_send_s = time.monotonic()
+
+    def _send_status(self) -> bool:
+        with self._lock:
+            status, dirty = self._status, self._status_dirty
+            self._status_dirty = False
+        if not dirty or status is None:
+            return True
+        if self._transport.publish(
+            self._topics.status, status.to_bytes(), qos=1, retain=True, timeout_s=self._publish_timeout_s
+        ):
+            return True
+        with self._lock:
+            if self._status is status:
+                self._status_dirty = True
+        return False
+
+    def _report_drops(self) -> None:
+        dropped = self._outbox.dropped
+        now = time.monotonic()
+        if dropped <= self._dropped_reported or now - self._last_drop_alert_s < DROP_ALERT_INTERVAL_S:
+            return
+        alert = Alert(
+            kiosk=self._topics.kiosk,
+            store=self._topics.store,
+            kind="outbox_dropping",
+            detail=f"{dropped - self._dropped_reported} events dropped ({dropped} in total)",
+        )
+        if self._transport.publish(
+            self._topics.alert, alert.to_bytes(), qos=1, retain=False, timeout_s=self._publish_timeout_s
+        ):
+            self._dropped_reported, self._last_drop_alert_s = dropped, now
+
+    def _on_connect(self) -> None:
+        with self._lock:
+            self._status_dirty = self._status is not None
+        self._wake.set()
+
+    def _status_like(self, status: Status, state: KioskState, reason: str) -> Status:
+        return status.model_copy(
+            update={"state": state, "reason": reason, "app": status.app or self._app_version}
+        )

@@ -1,0 +1,221 @@
+"""The kiosk's one configuration tree: frozen pydantic models loaded from TOML; unknown keys are refused.
+
+Secrets never live in the file: the MQTT password comes from ``STORELENS_MQTT_PASSWORD`` (or the variable
+named by ``broker.password_env``), which systemd fills from an EnvironmentFile.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PASSWORD_ENV = "STORELENS_MQTT_PASSWORD"
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or invalid; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KioskSection(_Section):
+    store_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    kiosk_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class CameraConfig(_Section):
+    source: str = "0"  # "0"/"usb:0", "rtsp://...", a video file, an image folder, or "synthetic"
+    fps: float | None = Field(default=None, gt=0, le=240)  # ask a USB camera for this rate; paces synthetic
+    width: int | None = Field(default=None, ge=16, le=8192)
+    height: int | None = Field(default=None, ge=16, le=8192)
+    stall_s: float = Field(default=5.0, gt=0)  # no frame for this long -> stalled, released, reopened
+    open_timeout_ms: int = Field(default=5000, ge=100)
+    read_timeout_ms: int = Field(default=5000, ge=100)
+    backoff_min_s: float = Field(default=1.0, ge=0)
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    queue_size: int = Field(default=2, ge=1, le=256)  # live: keep the newest; files: back-pressure
+    loop: bool = False  # replay a file source forever (demo)
+
+
+class DetectionConfig(_Section):
+    mode: Literal["foreground", "roi"] = "foreground"
+    # Fixed region of interest as fractions (x, y, w, h) of the frame: the box in "roi" mode, and the
+    # fallback when the foreground covers most of the frame (lighting jump, bumped camera).
+    roi: tuple[float, float, float, float] | None = None
+    work_width: int = Field(default=160, ge=32, le=1920)  # analysis resolution: cost vs small items
+    fg_threshold: float = Field(default=25.0, gt=0, le=255)  # grey-level change counted as foreground
+    min_area_frac: float = Field(default=0.02, gt=0, lt=1)  # smaller blobs are noise or far passers-by
+    max_area_frac: float = Field(default=0.85, gt=0, le=1)  # larger: a global change, not an item
+    present_frames: int = Field(default=2, ge=1)  # frames of foreground before "present"
+    leave_frames: int = Field(default=3, ge=1)  # frames without foreground before "left"
+    steady_frames: int = Field(default=4, ge=1)  # stable frames before "steady": latency vs false starts
+    steady_iou: float = Field(default=0.8, gt=0, le=1)
+    steady_diff: float = Field(default=8.0, gt=0)  # mean abs thumbnail change (grey levels) still "steady"
+    change_diff: float = Field(default=30.0, gt=0)  # a shown item replaced by another without leaving
+    margin_frac: float = Field(default=0.1, ge=0, le=1)  # crop margin around the box
+    cooldown_frames: int = Field(default=8, ge=0)
+    learn_rate: float = Field(default=0.05, gt=0, le=1)  # background adaptation while idle
+    absorb_frames: int = Field(default=900, ge=1)  # an "item" shown this long is scenery: learn it
+    aggregate_frames: int = Field(default=3, ge=1, le=64)  # steady crops embedded per held item
+    top_k: int = Field(default=5, ge=1, le=50)
+
+    @model_validator(mode="after")
+    def _check_roi(self) -> DetectionConfig:
+        if self.roi is not None:
+            x, y, w, h = self.roi
+            if not (0 <= x < 1 and 0 <= y < 1 and 0 < w <= 1 - x and 0 < h <= 1 - y):
+                raise ValueError("roi must be fractions (x, y, w, h) inside the frame")
+        if self.mode == "roi" and self.roi is None:
+            raise ValueError("mode 'roi' needs roi = [x, y, w, h]")
+        return self
+
+
+class ModelConfig(_Section):
+    kind: Literal["openvino", "fake"] = "openvino"  # "fake": the shipped FakeEmbedder (bench, no bundle)
+    bundle: Path | None = None
+    cache_dir: Path | None = None
+    fake_dim: int = Field(default=64, ge=1, le=4096)
+    mode: Literal["latency", "throughput"] = "latency"  # one camera wants the latency hint
+    max_inflight: int = Field(default=2, ge=1, le=16)  # async requests in flight: overlap vs latency
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.kind == "openvino" and self.bundle is None:
+            raise ValueError("model.bundle is required for kind 'openvino'")
+        return self
+
+
+class SnapshotConfig(_Section):
+    state_dir: Path
+    public_keys: list[Path] = Field(min_length=1)
+    subscribe: bool = True  # follow the store's retained announcement topic
+    initial: Path | None = None  # a snapshot directory or archive to install at first start
+
+
+class BrokerConfig(_Section):
+    transport: Literal["paho", "aws", "none"] = "paho"
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: str | None = None  # defaults to the kiosk id
+    username: str | None = None
+    password_env: str = DEFAULT_PASSWORD_ENV
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    endpoint: str | None = None  # AWS IoT Core ATS endpoint for transport "aws"
+
+    @model_validator(mode="after")
+    def _check(self) -> BrokerConfig:
+        if self.transport == "aws" and not (self.endpoint and self.cert and self.key):
+            raise ValueError("transport 'aws' needs endpoint, cert and key")
+        return self
+
+    def password(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The broker password from the environment (never from the file)."""
+        return (os.environ if environ is None else environ).get(self.password_env) or None
+
+
+class ScreenConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (tests)
+    preview_fps: float = Field(default=10.0, gt=0, le=60)
+    result_hold_s: float = Field(default=8.0, gt=0)  # how long an answer stays after the item left
+
+
+class OutboxConfig(_Section):
+    path: Path
+    max_rows: int = Field(default=100_000, ge=1)
+    max_age_s: float = Field(default=7 * 24 * 3600, gt=0)
+
+
+class HealthConfig(_Section):
+    interval_s: float = Field(default=30.0, gt=0)
+
+
+class KioskConfig(_Section):
+    """The whole tree; each component receives only its own section."""
+
+    kiosk: KioskSection
+    camera: CameraConfig = CameraConfig()
+    detection: DetectionConfig = DetectionConfig()
+    model: ModelConfig
+    snapshots: SnapshotConfig
+    broker: BrokerConfig = BrokerConfig()
+    screen: ScreenConfig = ScreenConfig()
+    outbox: OutboxConfig
+    health: HealthConfig = HealthConfig()
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{where}'")
+        elif err["type"] == "missing":
+            lines.append(f"missing key '{where}'")
+        else:
+            lines.append(f"'{where}': {err['msg']}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def _resolve_paths(raw: dict[str, object], base: Path) -> dict[str, object]:
+    """Relative paths in the file are relative to the file's folder, not the working directory."""
+    path_keys = {
+        "model": ("bundle", "cache_dir"),
+        "snapshots": ("state_dir", "initial", "public_keys"),
+        "broker": ("ca", "cert", "key"),
+        "outbox": ("path",),
+    }
+    out = dict(raw)
+    for section, keys in path_keys.items():
+        sec = out.get(section)
+        if not isinstance(sec, dict):
+            continue
+        sec = dict(sec)
+        for key in keys:
+            val = sec.get(key)
+            if isinstance(val, str):
+                sec[key] = str(base / val) if not Path(val).is_absolute() else val
+            elif isinstance(val, list):
+                sec[key] = [str(base / v) if isinstance(v, str) and not Path(v).is_absolute() else v
+                            for v in val]
+        out[section] = sec
+    cam = out.get("camera")
+    if isinstance(cam, dict) and isinstance(cam.get("source"), str):
+        src = cam["source"]
+        if "://" not in src and not src.isdigit() and not src.startswith(("usb:", "synthetic")):
+            cam = dict(cam)
+            cam["source"] = str(base / src) if not Path(src).is_absolute() else src
+            out["camera"] = cam
+    return out
+
+
+def parse_config(
+    raw: Mapping[str, object], *, base_dir: Path | None = None, source: str = "config"
+) -> KioskConfig:
+    """Validate a parsed TOML mapping; relative paths resolve against ``base_dir``."""
+    data = _resolve_paths(dict(raw), base_dir) if base_dir is not None else dict(raw)
+    try:
+        return KioskConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc
+
+
+def load_config(path: Path) -> KioskConfig:
+    """Read and validate a kiosk TOML file; any problem raises ConfigError naming the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(raw, base_dir=path.resolve().parent, source=str(path))

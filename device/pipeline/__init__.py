@@ -1,0 +1,9 @@
+"""The kiosk's frame pipeline: detect -> embed (async) -> search -> one answer per held item."""
+
+from __future__ import annotations
+
+from device.pipeline.aggregate import ItemResult, aggregate
+from device.pipeline.runner import Pipeline
+from device.pipeline.stages import AsyncEmbedderPort, Counters, InlineSubmit, as_async
+
+__all__ = ["AsyncEmbedderPort", "Counters", "InlineSubmit", "ItemResult", "Pipeline", "aggregate", "as_async"]

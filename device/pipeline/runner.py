@@ -1,0 +1,109 @@
+"""The frame pipeline: detect+submit and search stages on their threads, one stop event, counters."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+from device.camera.buffer import BoundedQueue, Frame, OverflowPolicy
+from device.comms.stats import LatencyStats
+from device.detect.detector import Detection, DetectorPort
+from device.pipeline.aggregate import ItemResult
+from device.pipeline.stages import AsyncEmbedderPort, Counters, DetectStage, Handoff, SearchStage
+from device.sync.active import ActiveSnapshot
+
+_LOGGER = logging.getLogger(__name__)
+
+_FPS_WINDOW_S: Final = 5.0  # fps is averaged over this window: steadier than per-second, still live
+_HANDOFF_SPARE: Final = 64  # Close messages beside the (semaphore-bounded) vectors in the hand-off queue
+
+
+class Pipeline:
+    """Owns the detect and search stages; the camera's queue is its input, ``on_result`` its output."""
+
+    def __init__(
+        self,
+        frames: BoundedQueue[Frame],
+        detector: DetectorPort,
+        embedder: AsyncEmbedderPort,
+        snapshot: Callable[[], ActiveSnapshot | None],
+        *,
+        on_result: Callable[[ItemResult], None],
+        on_frame: Callable[[Frame, Detection], None] | None = None,
+        aggregate_frames: int = 3,
+        top_k: int = 5,
+        max_inflight: int = 2,
+        stats: LatencyStats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.counters = Counters()
+        self.stats = stats or LatencyStats()
+        self._clock = clock
+        self._stop = threading.Event()
+        self.done = threading.Event()  # set when both stages have finished (END reached or stopped)
+        self._threads: list[threading.Thread] = []
+        self._rate: deque[tuple[float, int]] = deque()
+        self._rate_lock = threading.Lock()
+        self._finished = 0
+        inflight = threading.Semaphore(max_inflight)
+        handoff: BoundedQueue[Handoff] = BoundedQueue(max_inflight + _HANDOFF_SPARE, OverflowPolicy.WAIT,
+                                                      "handoff")
+        self._frames = frames
+        self.detect = DetectStage(
+            frames, detector, embedder, handoff, inflight, max_inflight=max_inflight,
+            aggregate_frames=aggregate_frames, counters=self.counters, on_frame=on_frame, clock=clock,
+        )
+        self.search = SearchStage(
+            handoff, inflight, snapshot, top_k=top_k, counters=self.counters, stats=self.stats,
+            on_result=on_result, on_shown=detector.mark_result_shown, clock=clock,
+        )
+
+    def start(self) -> None:
+        """Start both stage threads."""
+        if self._threads:
+            raise RuntimeError("pipeline already started")
+        for name, stage in (("pipeline-detect", self.detect), ("pipeline-search", self.search)):
+            t = threading.Thread(target=self._run, args=(stage,), name=name, daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _run(self, stage: DetectStage | SearchStage) -> None:
+        try:
+            stage.run(self._stop)
+        except Exception:
+            _LOGGER.exception("%s crashed", type(stage).__name__)
+        finally:
+            with self._rate_lock:
+                self._finished += 1
+                if self._finished == len(self._threads):
+                    self.done.set()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for the stages to finish on their own (a file source's END); True if they did."""
+        return self.done.wait(timeout_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Set the stop event, wake the stages with END, join; log any stage still alive."""
+        self._stop.set()
+        self._frames.close()
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                _LOGGER.error("pipeline thread %s still alive after %.1f s", t.name, timeout_s)
+        self.done.set()
+
+    def fps(self) -> float:
+        """Processed frames per second over the last few seconds."""
+        now = self._clock()
+        n = self.counters.frames_processed
+        with self._rate_lock:
+            self._rate.append((now, n))
+            while len(self._rate) > 2 and now - self._rate[0][0] > _FPS_WINDOW_S:
+                self._rate.popleft()
+            t0, n0 = self._rate[0]
+        return (n - n0) / (now - t0) if now > t0 else 0.0

@@ -1,0 +1,346 @@
+"""Pipeline stages: detect (+ async embed submit) and search/aggregate, each a class with ``run(stop)``.
+
+Inference overlaps capture and search: the detect stage submits steady crops to the embedder's async
+queue (OpenVINO threads, GIL released) and goes on with the next frame; the embedder's callback hands the
+vector to the search stage. A semaphore bounds the crops in flight (submit -> searched), so the hand-off
+queue can never fill and a slow search back-pressures detection rather than growing memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from device.camera.buffer import END, BoundedQueue, Frame
+from device.comms.stats import LatencyStats
+from device.detect.detector import Detection, DetectorPort, DetectState
+from device.pipeline.aggregate import ItemResult, aggregate
+from device.sync.active import ActiveSnapshot
+
+_LOGGER = logging.getLogger(__name__)
+
+_GET_TIMEOUT_S: Final = 0.1  # queue polls re-check the stop event at least this often
+
+
+class AsyncEmbedderPort(Protocol):
+    """What the pipeline needs from an embedder: dim, model_id and async submit."""
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def model_id(self) -> str: ...
+
+    def submit(
+        self, crop: npt.NDArray[np.uint8], callback: Callable[[npt.NDArray[np.float32], object], None],
+        userdata: object = None,
+    ) -> None: ...
+
+
+class _SyncEmbedder(Protocol):
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def model_id(self) -> str: ...
+
+    def embed_one(self, crop: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]: ...
+
+
+class InlineSubmit:
+    """Gives a synchronous embedder (e.g. FakeEmbedder) the async ``submit``: runs it inline."""
+
+    def __init__(self, embedder: _SyncEmbedder) -> None:
+        self._inner = embedder
+
+    @property
+    def dim(self) -> int:
+        return self._inner.dim
+
+    @property
+    def model_id(self) -> str:
+        return self._inner.model_id
+
+    def submit(
+        self, crop: npt.NDArray[np.uint8], callback: Callable[[npt.NDArray[np.float32], object], None],
+        userdata: object = None,
+    ) -> None:
+        callback(self._inner.embed_one(crop), userdata)
+
+
+def as_async(embedder: object) -> AsyncEmbedderPort:
+    """The embedder itself when it has ``submit``, else an inline adapter."""
+    if hasattr(embedder, "submit"):
+        return embedder  # type: ignore[return-value]
+    return InlineSubmit(embedder)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """One crop in flight, with the timings gathered so far."""
+
+    item_id: int
+    frame_seq: int
+    t_capture: float
+    capture_ms: float
+    detect_ms: float
+    t_submit: float
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    pending: Pending
+    vector: npt.NDArray[np.float32] | None
+    t_done: float
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """No more crops will be submitted for ``item_id``: ``submitted`` in total."""
+
+    item_id: int
+    submitted: int
+
+
+Handoff = Embedded | Close
+
+
+@dataclass
+class Counters:
+    """Frame and item counters (written by one stage each, read by health)."""
+
+    frames_processed: int = 0
+    crops_submitted: int = 0
+    embed_errors: int = 0
+    items: int = 0
+    results: int = 0
+    no_snapshot: int = 0
+
+
+class DetectStage:
+    """Frames -> detector -> steady crops submitted for embedding; tells the search stage when items close."""
+
+    def __init__(
+        self,
+        frames: BoundedQueue[Frame],
+        detector: DetectorPort,
+        embedder: AsyncEmbedderPort,
+        handoff: BoundedQueue[Handoff],
+        inflight: threading.Semaphore,
+        *,
+        max_inflight: int,
+        aggregate_frames: int,
+        counters: Counters,
+        on_frame: Callable[[Frame, Detection], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._frames = frames
+        self._detector = detector
+        self._embedder = embedder
+        self._handoff = handoff
+        self._inflight = inflight
+        self._max_inflight = max_inflight
+        self._aggregate = aggregate_frames
+        self._counters = counters
+        self._on_frame = on_frame
+        self._clock = clock
+        self._submitted: dict[int, int] = {}  # open items -> crops submitted so far
+        self._closed_ids: set[int] = set()  # items already answered (or given up): submit no more
+        self.last_processed_t: float | None = None
+        self.max_gap_s = 0.0  # longest wait between two processed frames (swap benchmark)
+
+    def run(self, stop: threading.Event) -> None:
+        """Process frames until END or ``stop``; at END wait for in-flight crops, then pass END on."""
+        try:
+            while not stop.is_set():
+                frame = self._frames.get(_GET_TIMEOUT_S)
+                if frame is None:
+                    continue
+                if frame is END:
+                    self._close_all(stop)
+                    self._drain_inflight(stop)
+                    break
+                assert isinstance(frame, Frame)
+                try:
+                    self._process(frame, stop)
+                except Exception:
+                    _LOGGER.exception("frame %d failed in detection; skipped", frame.seq)
+        finally:
+            self._handoff.close()
+
+    def _process(self, frame: Frame, stop: threading.Event) -> None:
+        t0 = self._clock()
+        det = self._detector.update(frame.image)
+        t1 = self._clock()
+        c = self._counters
+        c.frames_processed += 1
+        if self.last_processed_t is not None:
+            self.max_gap_s = max(self.max_gap_s, t1 - self.last_processed_t)
+        self.last_processed_t = t1
+        if self._on_frame is not None:
+            self._on_frame(frame, det)
+        if det.closed is not None:
+            self._close(det.closed, stop)
+        if det.state is not DetectState.STEADY or det.crop is None:
+            return
+        n = self._submitted.get(det.item_id)
+        if n is None:
+            if det.item_id in self._closed_ids:
+                return
+            n = self._submitted[det.item_id] = 0
+            c.items += 1
+        if n >= self._aggregate:
+            return
+        if not self._acquire(stop):
+            return
+        pending = Pending(det.item_id, frame.seq, frame.t_capture, (t0 - frame.t_capture) * 1000.0,
+                          (t1 - t0) * 1000.0, self._clock())
+        try:
+            self._embedder.submit(det.crop, self._on_embedded, pending)
+        except Exception:
+            self._inflight.release()
+            c.embed_errors += 1
+            _LOGGER.exception("embedding submit failed for frame %d", frame.seq)
+            return
+        c.crops_submitted += 1
+        self._submitted[det.item_id] = n + 1
+        if n + 1 >= self._aggregate:
+            self._close(det.item_id, stop)
+
+    def _close(self, item_id: int, stop: threading.Event) -> None:
+        n = self._submitted.pop(item_id, None)
+        if n is None:
+            return
+        self._closed_ids.add(item_id)
+        if len(self._closed_ids) > 1024:  # ids only grow: forget all but the recent ones
+            self._closed_ids = {i for i in self._closed_ids if i > item_id - 64}
+        self._handoff.put(Close(item_id, n), stop)
+
+    def _close_all(self, stop: threading.Event) -> None:
+        for item_id in list(self._submitted):
+            self._close(item_id, stop)
+
+    def _acquire(self, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            if self._inflight.acquire(timeout=_GET_TIMEOUT_S):
+                return True
+        return False
+
+    def _drain_inflight(self, stop: threading.Event) -> None:
+        """Take every slot back: all submitted crops have reached the search stage."""
+        taken = 0
+        while taken < self._max_inflight and self._acquire(stop):
+            taken += 1
+        for _ in range(taken):
+            self._inflight.release()
+
+    def _on_embedded(self, vector: npt.NDArray[np.float32], userdata: object) -> None:
+        """Embedder callback (an OpenVINO thread): hand the vector to the search stage."""
+        assert isinstance(userdata, Pending)
+        self._handoff.put(Embedded(userdata, vector, self._clock()))
+
+
+@dataclass
+class _Open:
+    vectors: list[npt.NDArray[np.float32]] = field(default_factory=list)
+    received: int = 0
+    expected: int | None = None
+    last: Embedded | None = None
+
+
+class SearchStage:
+    """Embedded crops -> per-item aggregation -> one ItemResult per held item (``on_result``)."""
+
+    def __init__(
+        self,
+        handoff: BoundedQueue[Handoff],
+        inflight: threading.Semaphore,
+        snapshot: Callable[[], ActiveSnapshot | None],
+        *,
+        top_k: int,
+        counters: Counters,
+        stats: LatencyStats,
+        on_result: Callable[[ItemResult], None],
+        on_shown: Callable[[int], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._handoff = handoff
+        self._inflight = inflight
+        self._snapshot = snapshot
+        self._k = top_k
+        self._counters = counters
+        self._stats = stats
+        self._on_result = on_result
+        self._on_shown = on_shown
+        self._clock = clock
+        self._open: dict[int, _Open] = {}
+
+    def run(self, stop: threading.Event) -> None:
+        """Aggregate until END or ``stop``."""
+        while not stop.is_set():
+            msg = self._handoff.get(_GET_TIMEOUT_S)
+            if msg is None:
+                continue
+            if msg is END:
+                break
+            try:
+                self._handle(msg)  # type: ignore[arg-type]
+            except Exception:
+                _LOGGER.exception("search stage failed on %r; item skipped", type(msg).__name__)
+
+    def _handle(self, msg: Handoff) -> None:
+        if isinstance(msg, Embedded):
+            self._inflight.release()
+            st = self._open.setdefault(msg.pending.item_id, _Open())
+            st.received += 1
+            if msg.vector is None or not np.all(np.isfinite(msg.vector)):
+                self._counters.embed_errors += 1
+            else:
+                st.vectors.append(msg.vector)
+                st.last = msg
+            item_id = msg.pending.item_id
+        else:
+            st = self._open.setdefault(msg.item_id, _Open())
+            st.expected = msg.submitted
+            item_id = msg.item_id
+        if st.expected is not None and st.received >= st.expected:
+            del self._open[item_id]
+            self._finish(item_id, st)
+
+    def _finish(self, item_id: int, st: _Open) -> None:
+        if not st.vectors or st.last is None:
+            return
+        snap = self._snapshot()
+        if snap is None:
+            self._counters.no_snapshot += 1
+            _LOGGER.warning("item %d: no snapshot loaded, cannot answer", item_id)
+            self._on_shown(item_id)
+            return
+        t0 = self._clock()
+        hits, agreement = aggregate(st.vectors, snap, self._k)
+        t1 = self._clock()
+        last = st.last
+        p = last.pending
+        matched = bool(hits) and hits[0].score >= snap.threshold
+        latency = {
+            "capture": round(p.capture_ms, 3),
+            "detect": round(p.detect_ms, 3),
+            "embed": round((last.t_done - p.t_submit) * 1000.0, 3),
+            "search": round((t1 - t0) * 1000.0, 3),
+            "total": round((t1 - p.t_capture) * 1000.0, 3),
+        }
+        self._stats.add_many(latency)
+        result = ItemResult(item_id, matched, tuple(hits), snap.threshold, len(st.vectors), snap.version,
+                            agreement, p.t_capture, latency)
+        self._counters.results += 1
+        try:
+            self._on_result(result)
+        finally:
+            self._on_shown(item_id)

@@ -1,0 +1,20 @@
+"""Snapshot sync: signed index snapshots from the store's announcement topic to a swapped-in index."""
+
+from device.sync.active import ActiveSnapshot, Hit, Item, SnapshotLoadError
+from device.sync.download import DownloadError, fetch, redact_url
+from device.sync.service import SnapshotRefused, SnapshotSync
+from device.sync.store import Pointer, SnapshotStore
+
+__all__ = [
+    "ActiveSnapshot",
+    "DownloadError",
+    "Hit",
+    "Item",
+    "Pointer",
+    "SnapshotLoadError",
+    "SnapshotRefused",
+    "SnapshotStore",
+    "SnapshotSync",
+    "fetch",
+    "redact_url",
+]

@@ -1,0 +1,234 @@
+"""A loaded snapshot ready to serve: index (ef set), label->item mapping, optional projection.
+
+Immutable once built: a newer snapshot is a new ActiveSnapshot, swapped in by reference between frames.
+Layout written by the cloud build (cloud/build.py): ``index.bin``, ``items.jsonl`` (sku, title, price,
+location, thumbnail), ``vectors.jsonl`` (label -> sku), ``thumbs/``, optional projection file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from storelens import vindex
+from storelens.fsutil import read_capped
+from storelens.snapshot import SnapshotManifest
+
+INDEX = "index.bin"
+ITEMS = "items.jsonl"
+VECTORS = "vectors.jsonl"
+MAX_ROWS_BYTES = 512 << 20  # row files of a 1M-vector store are ~100 MB; anything larger is refused
+OVERFETCH = 4  # several vectors per sku: ask hnswlib for k*OVERFETCH labels to fill k distinct skus
+
+
+class SnapshotLoadError(Exception):
+    """A verified snapshot still cannot be served (row files inconsistent with the index, bad canary)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    sku: str
+    title: str
+    price: str | None
+    location: str | None
+    thumbnail: Path | None  # absolute path inside the snapshot directory
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    sku: str
+    title: str
+    price: str | None
+    location: str | None
+    thumbnail: Path | None
+    score: float
+
+
+class ActiveSnapshot:
+    """One snapshot loaded off the hot path; ``search`` is what the pipeline calls per held item."""
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: SnapshotManifest,
+        index: vindex.VectorIndex,
+        label_sku: npt.NDArray[np.int64],
+        skus: tuple[str, ...],
+        items: Mapping[str, Item],
+        projection: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None,
+    ) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.version = manifest.version
+        self.index = index
+        self.threshold = manifest.threshold
+        self._label_sku = label_sku  # label -> position in skus (-1: unknown)
+        self._skus = skus
+        self._items = items
+        self._projection = projection
+
+    @classmethod
+    def load(cls, directory: Path, manifest: SnapshotManifest) -> ActiveSnapshot:
+        """Load a verified snapshot directory (index with ef from the manifest, rows, projection)."""
+        directory = Path(directory).resolve()
+        try:
+            items_rows = _read_rows(directory / ITEMS)
+            vector_rows = _read_rows(directory / VECTORS) if (directory / VECTORS).is_file() else None
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise SnapshotLoadError("bad_items", str(exc)) from exc
+        items = _items(directory, items_rows)
+        skus = tuple(sorted(items))
+        pos = {s: i for i, s in enumerate(skus)}
+        if vector_rows is None:  # one vector per item, labelled in items.jsonl order
+            vector_rows = [{"label": i, "sku": r.get("sku")} for i, r in enumerate(items_rows)]
+        try:
+            labels = [(int(r["label"]), str(r["sku"])) for r in vector_rows]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotLoadError("bad_items", f"{VECTORS}: {exc}") from exc
+        if len(labels) != manifest.vector_count:
+            raise SnapshotLoadError(
+                "bad_items", f"{len(labels)} vector rows, manifest says {manifest.vector_count}"
+            )
+        top = max((lbl for lbl, _ in labels), default=-1)
+        if top >= 1 << 31 or any(lbl < 0 for lbl, _ in labels):
+            raise SnapshotLoadError("bad_items", "vector labels out of range")
+        label_sku = np.full(top + 1, -1, dtype=np.int64)
+        for lbl, sku in labels:
+            if sku not in pos:
+                raise SnapshotLoadError("bad_items", f"vector label {lbl} names unknown sku {sku!r}")
+            label_sku[lbl] = pos[sku]
+        projection = _projection(directory, manifest)
+        try:
+            index = vindex.load(
+                directory / INDEX, dim=manifest.dim, ef=manifest.hnsw.ef, count=manifest.vector_count
+            )
+        except (vindex.IndexFileError, OSError) as exc:
+            raise SnapshotLoadError("bad_index", str(exc)) from exc
+        return cls(directory, manifest, index, label_sku, skus, MappingProxyType(items), projection)
+
+    def project(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Model-space unit vectors -> index space (projection then renormalise), as float32 rows."""
+        q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if q.shape[1] != self.manifest.model_dim:
+            raise ValueError(f"query dim {q.shape[1]} != model dim {self.manifest.model_dim}")
+        if self._projection is not None:
+            mean, matrix = self._projection
+            proj = (q - mean) @ matrix
+            norms = np.linalg.norm(proj, axis=1, keepdims=True)
+            q = (proj / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+        return np.ascontiguousarray(q, dtype=np.float32)
+
+    def search(self, vectors: npt.NDArray[np.float32], k: int) -> list[list[Hit]]:
+        """Top-k distinct skus per query row, best first (scores are cosine similarities)."""
+        q = self.project(vectors)
+        if self.index.count == 0:
+            return [[] for _ in range(q.shape[0])]
+        labels, sims = self.index.search(q, k * OVERFETCH)
+        out: list[list[Hit]] = []
+        for row_labels, row_sims in zip(labels, sims, strict=True):
+            hits: list[Hit] = []
+            seen: set[str] = set()
+            for lbl, sim in zip(row_labels, row_sims, strict=True):
+                p = self._label_sku[lbl] if 0 <= lbl < self._label_sku.size else -1
+                if p < 0:
+                    continue
+                sku = self._skus[p]
+                if sku in seen:
+                    continue
+                seen.add(sku)
+                it = self._items[sku]
+                hits.append(Hit(sku, it.title, it.price, it.location, it.thumbnail, float(sim)))
+                if len(hits) == k:
+                    break
+            out.append(hits)
+        return out
+
+    def items(self) -> Mapping[str, Item]:
+        """sku -> Item (title, price, location, absolute thumbnail path) for the screen."""
+        return self._items
+
+    def check_canaries(self) -> None:
+        """Each manifest canary embedding must find its sku at top-1; SnapshotLoadError otherwise."""
+        for i, canary in enumerate(self.manifest.canary):
+            try:
+                vec = np.frombuffer(base64.b64decode(canary.embedding, validate=True), dtype="<f4")
+            except (binascii.Error, ValueError) as exc:
+                raise SnapshotLoadError("canary_failed", f"canary {i} embedding unreadable: {exc}") from exc
+            if vec.size != self.manifest.model_dim:
+                raise SnapshotLoadError("canary_failed", f"canary {i} has {vec.size} dims")
+            hits = self.search(vec.astype(np.float32)[None, :], 1)[0]
+            got = hits[0].sku if hits else None
+            if got != canary.sku:
+                raise SnapshotLoadError("canary_failed", f"canary {i} expected {canary.sku!r}, top-1 {got!r}")
+
+    def __repr__(self) -> str:
+        return f"ActiveSnapshot(v{self.version}, {self.index.count} vectors, {len(self._items)} items)"
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(read_capped(path, MAX_ROWS_BYTES).decode("utf-8").splitlines(), 1):
+        if line.strip():
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path.name}:{n} is not a JSON object")
+            rows.append(obj)
+    return rows
+
+
+def _opt_str(v: object) -> str | None:
+    return None if v is None else str(v)
+
+
+def _items(directory: Path, rows: list[dict[str, Any]]) -> dict[str, Item]:
+    items: dict[str, Item] = {}
+    for n, r in enumerate(rows, 1):
+        sku = r.get("sku")
+        if not isinstance(sku, str) or not sku:
+            raise SnapshotLoadError("bad_items", f"{ITEMS}:{n} has no sku")
+        thumb = r.get("thumbnail")
+        thumb_path = None
+        if isinstance(thumb, str) and thumb:
+            p = (directory / thumb).resolve()
+            if p.parent != directory and directory not in p.parents:
+                raise SnapshotLoadError("bad_items", f"{ITEMS}:{n} thumbnail escapes the snapshot")
+            thumb_path = p if p.is_file() else None
+        items[sku] = Item(
+            sku, str(r.get("title") or ""), _opt_str(r.get("price")), _opt_str(r.get("location")), thumb_path
+        )
+    return items
+
+
+def _projection(
+    directory: Path, m: SnapshotManifest
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None:
+    if m.projection is None:
+        return None
+    p = m.projection
+    want = 4 * (p.in_dim + p.in_dim * p.out_dim)
+    path = directory / p.file
+    try:
+        raw = np.fromfile(path, dtype="<f4") if path.is_file() and path.stat().st_size == want else None
+    except OSError as exc:
+        raise SnapshotLoadError("bad_projection", str(exc)) from exc
+    if raw is None:
+        raise SnapshotLoadError("bad_projection", f"{p.file} missing or not {want} bytes")
+    mean = raw[: p.in_dim].astype(np.float32)
+    matrix = raw[p.in_dim :].reshape(p.in_dim, p.out_dim).astype(np.float32)
+    if not (np.isfinite(mean).all() and np.isfinite(matrix).all()):
+        raise SnapshotLoadError("bad_projection", "non-finite values")
+    return mean, matrix

@@ -1,0 +1,292 @@
+"""SnapshotSync: announcement -> download -> verify -> load a new index -> canary -> swap -> persist.
+
+Runs on its own worker thread; the MQTT callback only hands the payload over (latest wins). Every
+failure is reported through ``on_refused(reason, detail)``; the active snapshot keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from device.sync.active import ActiveSnapshot, SnapshotLoadError
+from device.sync.download import DownloadError, fetch, redact_url
+from device.sync.store import SnapshotStore
+from storelens.protocol import ProtocolError, SnapshotAnnouncement, decode
+from storelens.snapshot import SnapshotManifest, SnapshotRejected, manifest_sha256, unpack, verify_snapshot
+
+_LOGGER = logging.getLogger(__name__)
+
+DOWNLOAD_TIMEOUT_S = 600.0  # whole archive; a trickling server must not block later updates forever
+MAX_BYTES = 4 << 30  # 4 GiB: a 1M x 512 store is ~2.1 GiB; refuse anything beyond without downloading
+
+
+class SnapshotRefused(Exception):
+    """An install was refused; ``reason`` is a stable string (RejectReason values and a few of ours)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"snapshot refused ({reason}): {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class SnapshotSync:
+    """Keeps the kiosk on the newest valid snapshot; never interrupts search."""
+
+    def __init__(
+        self,
+        store: SnapshotStore,
+        public_keys: list[Ed25519PublicKey],
+        *,
+        store_id: str,
+        model_id: str,
+        model_dim: int,
+        on_swap: Callable[[ActiveSnapshot], None],
+        on_refused: Callable[[str, str], None],
+        download_timeout_s: float = DOWNLOAD_TIMEOUT_S,
+        max_bytes: int = MAX_BYTES,
+    ) -> None:
+        if not public_keys:
+            raise ValueError("at least one pinned public key is required")
+        self._store = store
+        self._keys = list(public_keys)
+        self._store_id = store_id
+        self._model_id = model_id
+        self._model_dim = model_dim
+        self._on_swap = on_swap
+        self._on_refused = on_refused
+        self._download_timeout_s = download_timeout_s
+        self._max_bytes = max_bytes
+        self._install_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._pending: bytes | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._active: ActiveSnapshot | None = None
+        self._failed: set[tuple[int, str]] = set()  # announcements already refused: not retried per reconnect
+        self.superseded = 0  # announcements replaced by a newer one before the worker got to them
+        self.idle = threading.Event()  # set while no announcement is pending or being processed
+        self.idle.set()
+
+    @property
+    def active(self) -> ActiveSnapshot | None:
+        return self._active
+
+    # -- lifecycle --
+    def start(self) -> None:
+        """Start the worker thread."""
+        if self._thread is not None:
+            raise RuntimeError("SnapshotSync already started")
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self.run, args=(self._stop,), name="snapshot-sync", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the worker (an in-flight download is cancelled at its next chunk)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                _LOGGER.error("snapshot-sync thread still alive after %.1f s", timeout_s)
+            self._thread = None
+
+    def load_active(self) -> ActiveSnapshot | None:
+        """At start: re-verify and load the pointed snapshot, else the previous one (pointer rolled back)."""
+        with self._install_lock:
+            pointer = self._store.pointer
+            for attempt, name in enumerate((pointer.active, pointer.previous)):
+                if name is None:
+                    continue
+                try:
+                    snap = self._open(self._store.path(name))
+                except SnapshotRefused as exc:
+                    _LOGGER.error("stored snapshot %s unusable: %s", name, exc)
+                    self._report(exc.reason, f"stored snapshot {name}: {exc.detail}")
+                    continue
+                if attempt == 1:
+                    self._store.rollback()
+                self._active = snap
+                _LOGGER.info("serving stored snapshot %s (%r)", name, snap)
+                return snap
+        return None
+
+    def rollback(self) -> ActiveSnapshot:
+        """Serve the previous generation again (after a failed probation); calls on_swap."""
+        with self._install_lock:
+            pointer = self._store.pointer
+            if pointer.previous is None:
+                raise SnapshotRefused("no_previous", "no previous snapshot kept")
+            snap = self._open(self._store.path(pointer.previous))
+            if pointer.active is not None and self._active is not None:
+                self._failed.add((self._active.version, manifest_sha256(self._active.directory)))
+            self._store.rollback()
+            self._active = snap
+        self._on_swap(snap)
+        return snap
+
+    # -- announcements --
+    def on_announcement(self, topic: str, payload: bytes, retained: bool) -> None:
+        """MQTT callback: hand the payload to the worker (latest wins) and return at once."""
+        with self._cond:
+            if self._pending is not None:
+                self.superseded += 1
+            self._pending = bytes(payload)
+            self.idle.clear()
+            self._cond.notify_all()
+
+    def run(self, stop: threading.Event) -> None:
+        """Worker loop: one announcement at a time, newest first."""
+        while not stop.is_set():
+            with self._cond:
+                while self._pending is None and not stop.is_set():
+                    self.idle.set()
+                    self._cond.wait(1.0)
+                payload, self._pending = self._pending, None
+            if payload is None:
+                continue
+            try:
+                self.handle_announcement(payload)
+            except Exception:  # loop boundary: report and keep serving
+                _LOGGER.exception("snapshot announcement handling failed")
+                self._report("internal_error", "see kiosk log")
+        self.idle.set()
+
+    def handle_announcement(self, payload: bytes) -> ActiveSnapshot | None:
+        """Decode, filter, download and install one announcement (synchronously); None if ignored/refused."""
+        try:
+            ann = decode(payload, SnapshotAnnouncement)
+        except ProtocolError as exc:
+            self._report("bad_announcement", str(exc)[:300])
+            return None
+        key = (ann.version, ann.manifest_sha256)
+        active = self._active
+        if active is not None and active.version == ann.version:
+            return None  # retained re-delivery after a reconnect
+        if key in self._failed:
+            return None
+        problem = self._precheck(ann)
+        if problem is not None:
+            self._failed.add(key)
+            self._report(*problem)
+            return None
+        archive = self._store.downloads / f"v{ann.version}.tar.partial"
+        try:
+            _LOGGER.info("downloading snapshot v%d from %s", ann.version, redact_url(ann.url))
+            fetch(
+                ann.url,
+                archive,
+                size=ann.size,
+                sha256=ann.sha256,
+                timeout_s=self._download_timeout_s,
+                stop=self._stop,
+            )
+            return self.install(archive, expect_manifest_sha256=ann.manifest_sha256)
+        except DownloadError as exc:
+            if exc.reason != "cancelled":
+                self._report(exc.reason, exc.detail)
+            return None
+        except SnapshotRefused as exc:
+            self._failed.add(key)
+            self._report(exc.reason, exc.detail)
+            return None
+        finally:
+            archive.unlink(missing_ok=True)
+
+    def _precheck(self, ann: SnapshotAnnouncement) -> tuple[str, str] | None:
+        seen = self._store.highest_seen
+        if ann.store != self._store_id:
+            return "wrong_store", f"announcement for store {ann.store!r}"
+        if ann.model_id != self._model_id:
+            return "model_mismatch", f"snapshot v{ann.version} needs model {ann.model_id[:12]}"
+        if ann.kind == "delta":
+            return (
+                "delta_unsupported",
+                "delta snapshots need the delta applier in storelens/ (cloud/delta.py)",
+            )
+        if seen is not None and (ann.version, ann.manifest_sha256) != seen and ann.version <= seen[0]:
+            return "version_replay", f"announced v{ann.version} <= already seen v{seen[0]}"
+        if ann.size > self._max_bytes:
+            return "too_large", f"{ann.size} bytes > limit {self._max_bytes}"
+        return None
+
+    # -- install --
+    def install(self, archive_or_dir: Path, *, expect_manifest_sha256: str | None = None) -> ActiveSnapshot:
+        """Unpack/copy, verify, load, check canaries, persist the pointer, call on_swap; SnapshotRefused."""
+        source = Path(archive_or_dir)
+        with self._install_lock:
+            staged = self._store.new_staging_dir("install")
+            try:
+                if source.is_dir():
+                    shutil.copytree(source, staged, symlinks=True)
+                else:
+                    unpack(source, staged, max_total_bytes=self._max_bytes)
+                manifest = self._verify(staged, seen=self._store.highest_seen)
+                digest = manifest_sha256(staged)
+                if expect_manifest_sha256 is not None and digest != expect_manifest_sha256:
+                    raise SnapshotRefused(
+                        "manifest_mismatch", "manifest sha256 differs from the announcement"
+                    )
+                name = self._store.dir_name(manifest.version, digest)
+                final = self._store.place(staged, name)
+            except SnapshotRejected as exc:
+                raise SnapshotRefused(exc.reason.value, exc.detail) from exc
+            except OSError as exc:
+                raise SnapshotRefused("io_error", str(exc)) from exc
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+            try:
+                snap = self._load(final, manifest)
+            except SnapshotRefused:
+                self._store.discard(name)
+                raise
+            self._store.activate(name, manifest.version, digest)
+            self._active = snap
+            for old in self._store.snapshots.iterdir():  # keep active + previous only
+                self._store.discard(old.name)
+        _LOGGER.info("snapshot v%d installed (%r)", snap.version, snap)
+        self._on_swap(snap)
+        return snap
+
+    def _verify(self, directory: Path, *, seen: tuple[int, str] | None) -> SnapshotManifest:
+        try:
+            return verify_snapshot(
+                directory,
+                self._keys,
+                model_id=self._model_id,
+                model_dim=self._model_dim,
+                store=self._store_id,
+                seen=seen,
+            )
+        except SnapshotRejected as exc:
+            raise SnapshotRefused(exc.reason.value, exc.detail) from exc
+
+    def _load(self, directory: Path, manifest: SnapshotManifest) -> ActiveSnapshot:
+        if manifest.kind != "full":
+            raise SnapshotRefused("delta_unsupported", "delta snapshots are not applied on the kiosk yet")
+        try:
+            snap = ActiveSnapshot.load(directory, manifest)
+            snap.check_canaries()
+        except SnapshotLoadError as exc:
+            raise SnapshotRefused(exc.reason, exc.detail) from exc
+        return snap
+
+    def _open(self, directory: Path) -> ActiveSnapshot:
+        """Re-verify a stored generation (no replay check: it was accepted before) and load it."""
+        manifest = self._verify(directory, seen=None)
+        return self._load(directory, manifest)
+
+    def _report(self, reason: str, detail: str) -> None:
+        _LOGGER.warning("snapshot refused: %s: %s", reason, detail)
+        try:
+            self._on_refused(reason, detail)
+        except Exception:
+            _LOGGER.exception("on_refused callback failed")

@@ -1,0 +1,129 @@
+"""Catalog parsing and snapshot builds: bad rows and bad images are reported, the cache saves work."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud.build import BuildError, build_snapshot, calibrate_threshold
+from cloud.catalog import load_catalog
+from cloud.delta import VECTORS, read_rows
+from storelens import vindex
+from storelens.snapshot import verify_snapshot
+from tests.cloud.conftest import CatalogFiles, CountingEmbedder, item_image, write_jpeg
+
+
+def _bomb_png() -> bytes:
+    """A tiny PNG whose header claims 65535 x 65535 pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 65535, 65535, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(
+        b"IEND", b"")
+
+
+def test_bad_rows_are_reported_with_row_numbers(tmp_path: Path) -> None:
+    """A malformed row must not stop the catalog: it is reported with its number and reason."""
+    p = tmp_path / "c.csv"
+    p.write_text(
+        "sku,title,price,location,stores,images\n"
+        "A1,Apple,1.20,Aisle 1,,a.jpg;a2.jpg\n"
+        ",No sku,1,,,x.jpg\n"
+        "B2,Banana,cheap,,,b.jpg\n"
+        "C3,Cherry,2,,s1|s2,\n"
+        "A1,Again,1,,,a.jpg\n"
+        "D4,Date,-3,,,d.jpg\n"
+        "E5,Eggplant,,,s2,e.jpg\n"
+    )
+    cat = load_catalog(p)
+    assert [it.sku for it in cat.items] == ["A1", "E5"]
+    assert cat.items[0].images == ("a.jpg", "a2.jpg") and cat.items[0].price == "1.20"
+    errs = {e.row: e.error for e in cat.errors}
+    assert set(errs) == {2, 3, 4, 5, 6}
+    assert "missing sku" in errs[2] and "price" in errs[3] and "no images" in errs[4]
+    assert "duplicate" in errs[5] and "price" in errs[6]
+    assert [it.sku for it in cat.for_store("s1")] == ["A1"]
+
+
+def test_build_survives_bad_images_and_rows(
+    catalog: CatalogFiles, embedder: CountingEmbedder, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """Zero-size, truncated, non-image, bomb and missing images are skipped and reported, never fatal."""
+    bad = catalog.dir / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    good = write_jpeg(bad / "full.jpg", item_image(99, 0)).read_bytes()
+    (bad / "trunc.jpg").write_bytes(good[: len(good) // 2])
+    (bad / "text.jpg").write_text("not an image at all")
+    (bad / "bomb.png").write_bytes(_bomb_png())
+    catalog.rows[0]["images"] += ["bad/empty.jpg", "bad/trunc.jpg", "bad/text.jpg", "bad/bomb.png", "bad/nope.jpg"]
+    catalog.rows.append({"sku": "ONLY-BAD", "title": "Broken", "images": ["bad/text.jpg"]})
+    catalog.rows.append({"title": "no sku", "images": ["img/item0_0.jpg"]})
+    catalog.write()
+    res = build_snapshot(catalog.path, "store1", tmp_path / "snap", signing_key, embedder=embedder, progress=False)
+    r = json.loads(res.report_path.read_text()) if res.report_path else {}
+    assert {b["source"] for b in r["bad_images"]} == {
+        "bad/empty.jpg", "bad/trunc.jpg", "bad/text.jpg", "bad/bomb.png", "bad/nope.jpg"}
+    assert r["items_without_images"] == ["ONLY-BAD"]
+    assert r["bad_rows"][0]["row"] == 14 and "sku" in r["bad_rows"][0]["error"]
+    m = verify_snapshot(res.out_dir, [signing_key.public_key()], model_id=embedder.model_id, store="store1")
+    assert (m.item_count, m.vector_count) == (12, 36)
+    assert m.hnsw.ef == 100 and -1 <= m.threshold <= 1 and len(m.canary) == 8
+    assert m.extra["threshold"]["method"] == "youden_capped_pos_p05"
+    # canaries find their own item
+    idx = vindex.load(res.out_dir / "index.bin", dim=m.dim, ef=m.hnsw.ef)
+    sku_of = {int(r["label"]): r["sku"] for r in read_rows(res.out_dir / VECTORS)}
+    import base64
+
+    for c in m.canary:
+        labels, _ = idx.search(np.frombuffer(base64.b64decode(c.embedding), "<f4"), 1)
+        assert sku_of[int(labels[0, 0])] == c.sku
+
+
+def test_cache_embeds_only_changed_images(
+    catalog: CatalogFiles, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """A rebuild after one image changes must run the model on that image only."""
+    cache = tmp_path / "cache"
+    first = CountingEmbedder()
+    build_snapshot(catalog.path, "s", tmp_path / "a", signing_key, embedder=first, cache_dir=cache, progress=False)
+    assert first.calls == 36
+    write_jpeg(catalog.dir / "img" / "item3_1.jpg", item_image(3, 7))
+    second = CountingEmbedder()
+    res = build_snapshot(
+        catalog.path, "s", tmp_path / "b", signing_key, embedder=second, cache_dir=cache, progress=False
+    )
+    assert second.calls == 1
+    assert res.report["cache_hits"] == 35 and res.report["images_embedded"] == 1
+    other_model = CountingEmbedder(seed=5)
+    build_snapshot(catalog.path, "s", tmp_path / "c", signing_key, embedder=other_model, cache_dir=cache,
+                   progress=False)
+    assert other_model.calls == 36  # the cache is keyed by model: no cross-model reuse
+
+
+def test_no_usable_items_is_a_clear_error(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    """A catalog with nothing buildable raises BuildError, not an index of zero vectors."""
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"sku": "A", "title": "a", "images": ["missing.jpg"]}\n')
+    with pytest.raises(BuildError, match="no catalog image"):
+        build_snapshot(p, "s", tmp_path / "o", signing_key, embedder=CountingEmbedder(), progress=False)
+
+
+def test_threshold_separates_items() -> None:
+    """Calibration puts the threshold between same-item and other-item similarities."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((20, 16))
+    vecs = np.repeat(centres, 3, axis=0) + 0.2 * rng.standard_normal((60, 16))
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    t, stats = calibrate_threshold(vecs, [f"s{i // 3}" for i in range(60)])
+    assert stats["pos_mean"] > t > stats["neg_mean"]
+    assert stats["pos_pass"] >= 0.95
+    t1, stats1 = calibrate_threshold(vecs[::3].copy(), [f"s{i}" for i in range(20)])
+    assert stats1["method"] == "neg_p10"

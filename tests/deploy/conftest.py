@@ -1,0 +1,103 @@
+"""The deploy/mosquitto config rendered with test ports and paths, started on Debian's mosquitto."""
+
+from __future__ import annotations
+
+import getpass
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.mosquitto import _wait_port, free_port, mosquitto_binary
+from tests.support.pki import TestPKI
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
+STORE = "s042"
+PASSWORDS = {
+    "kA": "pw-kiosk-a",
+    "kB": "pw-kiosk-b",
+    "dashboard": "pw-dashboard",
+    "ops": "pw-ops",
+    "homeassistant": "pw-ha",
+}
+_START_TIMEOUT_S = 10.0
+
+
+@dataclass
+class StoreBroker:
+    port: int
+    tls_port: int
+    ws_port: int
+    ca: Path
+    http_dir: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+
+def render_config(
+    tmp: Path, *, port: int, tls_port: int, ws_port: int, pki: TestPKI, http_dir: Path
+) -> str:
+    """deploy/mosquitto/storelens.conf with its Debian paths and ports swapped for test ones."""
+    text = (DEPLOY / "storelens.conf").read_text()
+    subs = {
+        "/etc/mosquitto/storelens/passwd": str(tmp / "passwd"),
+        "/etc/mosquitto/storelens/acl": str(DEPLOY / "acl"),
+        "/etc/mosquitto/storelens/tls/ca.crt": str(pki.ca),
+        "/etc/mosquitto/storelens/tls/server.crt": str(pki.server.cert),
+        "/etc/mosquitto/storelens/tls/server.key": str(pki.server.key),
+        "/usr/share/storelens/dashboard": str(http_dir),
+    }
+    for old, new in subs.items():
+        assert old in text, f"{old} vanished from storelens.conf; update this test"
+        text = text.replace(old, new)
+    text, n1 = re.subn(r"^listener 1883 127\.0\.0\.1$", f"listener {port} 127.0.0.1", text, flags=re.M)
+    text, n2 = re.subn(r"^listener 8883$", f"listener {tls_port} 127.0.0.1", text, flags=re.M)
+    text, n3 = re.subn(r"^listener 9001$", f"listener {ws_port} 127.0.0.1", text, flags=re.M)
+    assert (n1, n2, n3) == (1, 1, 1), "listener lines changed; update this test"
+    # What Debian's main mosquitto.conf provides, test-sized; run as the invoking user (tmp is 0700).
+    head = (
+        f"user {getpass.getuser()}\npersistence false\n"
+        f"log_dest file {tmp / 'mosquitto.log'}\nlog_type all\n"
+    )
+    return head + text
+
+
+@pytest.fixture
+def store_broker(tmp_path: Path) -> Iterator[StoreBroker]:
+    """The deploy config on real mosquitto: loopback, TLS and websockets listeners, ACL, passwords."""
+    binary = mosquitto_binary()
+    if binary is None or shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto/mosquitto_passwd not installed; run `make setup`")
+    pw = tmp_path / "passwd"
+    pw.write_text("".join(f"{u}:{p}\n" for u, p in PASSWORDS.items()))
+    pw.chmod(0o600)
+    subprocess.run(["mosquitto_passwd", "-U", str(pw)], check=True, capture_output=True)
+    http_dir = tmp_path / "www"
+    http_dir.mkdir()
+    (http_dir / "index.html").write_text("<!doctype html><title>StoreLens</title>storelens-dashboard")
+    pki = TestPKI(tmp_path / "pki")
+    ports = {"port": free_port(), "tls_port": free_port(), "ws_port": free_port()}
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(render_config(tmp_path, pki=pki, http_dir=http_dir, **ports))
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for p in ports.values():
+            _wait_port(p, proc, _START_TIMEOUT_S)
+    except (RuntimeError, TimeoutError) as exc:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        log = (tmp_path / "mosquitto.log").read_text() if (tmp_path / "mosquitto.log").exists() else ""
+        raise AssertionError(f"deploy config did not start: {exc}\n{err.decode()}\n{log}") from exc
+    yield StoreBroker(proc=proc, ca=pki.ca, http_dir=http_dir, log=tmp_path / "mosquitto.log", **ports)
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    if proc.stderr:
+        proc.stderr.close()

@@ -1,0 +1,292 @@
+"""Snapshot sync: install, persist, refuse bad snapshots by name, survive crashes, never stop serving."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync
+from storelens.protocol import SnapshotAnnouncement
+from storelens.snapshot import read_manifest_unverified, write_signed
+from tests.device.sync.snapbuild import MODEL_DIM, MODEL_ID, Built, archive, build_snapshot
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+class Harness:
+    def __init__(self, root: Path, key: Ed25519PrivateKey) -> None:
+        self.swaps: list[ActiveSnapshot] = []
+        self.refused: list[tuple[str, str]] = []
+        self.store = SnapshotStore(root)
+        self.sync = SnapshotSync(
+            self.store,
+            [key.public_key()],
+            store_id="store1",
+            model_id=MODEL_ID,
+            model_dim=MODEL_DIM,
+            on_swap=self.swaps.append,
+            on_refused=lambda r, d: self.refused.append((r, d)),
+            download_timeout_s=10,
+        )
+
+    @property
+    def reasons(self) -> list[str]:
+        return [r for r, _ in self.refused]
+
+
+def _top1(snap: ActiveSnapshot, built: Built, i: int) -> str:
+    return snap.search(built.vectors[i : i + 1], 3)[0][0].sku
+
+
+def test_install_swaps_persists_and_reloads(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """Guards: an installed snapshot not surviving a restart (pointer not persisted) or not searchable."""
+    built = build_snapshot(tmp_path / "src", key, version=1)
+    h = Harness(tmp_path / "root", key)
+    snap = h.sync.install(archive(built, tmp_path / "v1.tar"))
+    assert h.swaps == [snap] and snap.version == 1 and snap.index.ef == 50
+    assert all(_top1(snap, built, i) == built.skus[i] for i in range(len(built.skus)))
+    hits = snap.search(built.vectors[:2], 5)
+    assert len(hits) == 2 and len(hits[0]) == 5 and hits[0][0].score == pytest.approx(1.0, abs=1e-4)
+    assert (
+        hits[0][0].thumbnail is not None
+        and hits[0][0].thumbnail.is_file()
+        and hits[0][0].thumbnail.is_absolute()
+    )
+    assert snap.items()["sku-001"].thumbnail is None and snap.items()["sku-001"].price == "1.99"
+    again = Harness(tmp_path / "root", key)
+    loaded = again.sync.load_active()
+    assert loaded is not None and loaded.version == 1 and loaded.manifest == snap.manifest
+    assert again.store.highest_seen == (1, built.manifest_sha256)
+
+
+def test_projection_is_applied_to_queries(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """Guards: model-space queries searched in a projected index without the projection."""
+    built = build_snapshot(tmp_path / "src", key, version=1, projection_dim=8)
+    h = Harness(tmp_path / "root", key)
+    snap = h.sync.install(built.directory)
+    assert snap.index.dim == 8
+    right = sum(_top1(snap, built, i) == built.skus[i] for i in range(len(built.skus)))
+    assert right == len(built.skus)
+
+
+def _forged(tmp_path: Path, key: Ed25519PrivateKey) -> Path:
+    d = build_snapshot(tmp_path / "bad", key, version=5).directory
+    write_signed(d, read_manifest_unverified(d), Ed25519PrivateKey.generate())
+    return d
+
+
+def _truncated(tmp_path: Path, key: Ed25519PrivateKey) -> Path:
+    d = build_snapshot(tmp_path / "bad", key, version=5).directory
+    data = (d / "index.bin").read_bytes()
+    (d / "index.bin").write_bytes(data[: len(data) // 2])
+    return d
+
+
+def _tampered(tmp_path: Path, key: Ed25519PrivateKey) -> Path:
+    d = build_snapshot(tmp_path / "bad", key, version=5).directory
+    (d / "items.jsonl").write_text((d / "items.jsonl").read_text().replace("Item 1", "Item X"))
+    return d
+
+
+CASES: dict[str, Callable[[Path, Ed25519PrivateKey], Path]] = {
+    "bad_signature": _forged,
+    "size_mismatch": _truncated,
+    "hash_mismatch": _tampered,
+    "model_mismatch": lambda p, k: (
+        build_snapshot(p / "bad", k, version=5, model_id=hashlib.sha256(b"other").hexdigest()).directory
+    ),
+    "wrong_store": lambda p, k: build_snapshot(p / "bad", k, version=5, store="store2").directory,
+    "version_replay": lambda p, k: build_snapshot(p / "bad", k, version=1, seed=7).directory,
+    "canary_failed": lambda p, k: build_snapshot(p / "bad", k, version=5, wrong_canary=True).directory,
+}
+
+
+@pytest.mark.parametrize("reason", sorted(CASES))
+def test_bad_snapshots_are_refused_and_the_active_keeps_serving(
+    tmp_path: Path, key: Ed25519PrivateKey, reason: str
+) -> None:
+    """Guards: a forged/truncated/foreign/replayed/broken snapshot replacing a good one."""
+    good = build_snapshot(tmp_path / "good", key, version=2)
+    h = Harness(tmp_path / "root", key)
+    h.sync.install(good.directory)
+    bad = CASES[reason](tmp_path, key)
+    with pytest.raises(SnapshotRefused) as info:
+        h.sync.install(archive_or_dir := bad)
+    assert info.value.reason == reason, info.value.detail
+    assert archive_or_dir.exists()
+    assert h.sync.active is not None and h.sync.active.version == 2 and len(h.swaps) == 1
+    assert _top1(h.sync.active, good, 3) == good.skus[3]
+    assert h.store.highest_seen == (2, good.manifest_sha256)
+    assert sorted(p.name for p in h.store.snapshots.iterdir()) == [f"v2-{good.manifest_sha256[:12]}"]
+    assert not any(h.store.staging.iterdir())
+
+
+def test_crash_leftovers_are_ignored_and_cleaned(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """Guards: half-written dirs from a power cut being loaded, or piling up on disk."""
+    built = build_snapshot(tmp_path / "src", key, version=1)
+    root = tmp_path / "root"
+    Harness(root, key).sync.install(built.directory)
+    (root / "staging" / "install-0").mkdir()
+    (root / "staging" / "install-0" / "index.bin").write_bytes(b"half")
+    (root / "downloads" / "v9.tar.partial").write_bytes(b"half")
+    (root / "snapshots" / ".v9-abc.partial").mkdir()
+    (root / "snapshots" / "v9-deadbeef0000").mkdir()  # renamed in, pointer never written
+    (root / ".active.json.x1.tmp").write_text("{")
+    h = Harness(root, key)
+    snap = h.sync.load_active()
+    assert snap is not None and snap.version == 1
+    assert list((root / "staging").iterdir()) == [] and list((root / "downloads").iterdir()) == []
+    assert [p.name for p in (root / "snapshots").iterdir()] == [f"v1-{built.manifest_sha256[:12]}"]
+    assert not list(root.glob(".*.tmp"))
+
+
+def test_broken_active_falls_back_to_previous(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """Guards: a kiosk with no catalog after its active snapshot was damaged on disk."""
+    v1 = build_snapshot(tmp_path / "a", key, version=1)
+    v2 = build_snapshot(tmp_path / "b", key, version=2, seed=3)
+    root = tmp_path / "root"
+    h = Harness(root, key)
+    h.sync.install(v1.directory)
+    h.sync.install(v2.directory)
+    (root / "snapshots" / f"v2-{v2.manifest_sha256[:12]}" / "index.bin").write_bytes(b"\0" * 10)
+    again = Harness(root, key)
+    snap = again.sync.load_active()
+    assert snap is not None and snap.version == 1
+    assert again.reasons == ["size_mismatch"]
+    assert again.store.pointer.active == f"v1-{v1.manifest_sha256[:12]}"
+    assert again.store.highest_seen == (2, v2.manifest_sha256), "rollback keeps replay protection"
+
+
+def test_rollback_swaps_back(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """Guards: no way back to the previous generation after a bad probation."""
+    v1 = build_snapshot(tmp_path / "a", key, version=1)
+    v2 = build_snapshot(tmp_path / "b", key, version=2, seed=3)
+    h = Harness(tmp_path / "root", key)
+    h.sync.install(v1.directory)
+    h.sync.install(v2.directory)
+    snap = h.sync.rollback()
+    assert snap.version == 1 and h.swaps[-1] is snap and h.sync.active is snap
+
+
+# ---- announcements through the worker thread ----
+
+
+@pytest.fixture
+def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined, assignment]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, name="test-http", daemon=True)
+    t.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    t.join(5)
+
+
+def _announce(built: Built, tar: Path, url: str, **over: object) -> bytes:
+    fields: dict[str, object] = dict(
+        store="store1",
+        version=read_manifest_unverified(built.directory).version,
+        model_id=MODEL_ID,
+        manifest_sha256=built.manifest_sha256,
+        size=tar.stat().st_size,
+        sha256=hashlib.sha256(tar.read_bytes()).hexdigest(),
+        url=url,
+    )
+    fields.update(over)
+    return SnapshotAnnouncement(**fields).to_bytes()  # type: ignore[arg-type]
+
+
+def test_announcements_install_over_http_and_file(
+    tmp_path: Path, key: Ed25519PrivateKey, http_dir: tuple[Path, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards: announcements not installing; retained re-delivery reinstalling; bad bytes accepted."""
+    caplog.set_level(logging.INFO, logger="device.sync")
+    www, base = http_dir
+    v1 = build_snapshot(tmp_path / "a", key, version=1)
+    v2 = build_snapshot(tmp_path / "b", key, version=2, seed=3)
+    tar1, tar2 = archive(v1, www / "v1.tar"), archive(v2, www / "v2.tar")
+    h = Harness(tmp_path / "root", key)
+    h.sync.start()
+    try:
+        h.sync.on_announcement("t", _announce(v1, tar1, f"{base}/v1.tar?X-Amz-Signature=secret"), True)
+        assert h.sync.idle.wait(10)
+        assert [s.version for s in h.swaps] == [1], h.refused
+        h.sync.on_announcement("t", _announce(v1, tar1, f"{base}/v1.tar"), True)  # retained, after reconnect
+        h.sync.on_announcement("t", _announce(v2, tar2, f"{base}/v2.tar", sha256="0" * 64), False)
+        assert h.sync.idle.wait(10)
+        h.sync.on_announcement("t", _announce(v2, tar2, f"{base}/missing.tar", version=3), False)
+        assert h.sync.idle.wait(10)
+        h.sync.on_announcement("t", _announce(v2, tar2, tar2.as_uri(), size=100), False)
+        assert h.sync.idle.wait(10)
+        h.sync.on_announcement("t", _announce(v2, tar2, tar2.as_uri()), False)
+        assert h.sync.idle.wait(10)
+    finally:
+        h.sync.stop()
+    assert [s.version for s in h.swaps] == [1, 2]
+    assert h.reasons == ["hash_mismatch", "download_failed", "too_large"], h.refused
+    assert all("secret" not in d for _, d in h.refused)
+    assert "secret" not in caplog.text and "<redacted>" in caplog.text
+    assert list(h.store.downloads.iterdir()) == []
+
+
+MALFORMED = {
+    "not_json": b"{nope",
+    "not_utf8": b"\xff\xfe\x00",
+    "array": b"[1,2,3]",
+    "wrong_type": b'{"type":"status"}',
+    "wrong_types": b'{"type":"snapshot","store":"store1","version":"x","model_id":1,"manifest_sha256":null,'
+    b'"size":-1,"sha256":"","url":3}',
+    "huge": b'{"type":"snapshot","pad":"' + b"x" * 200_000 + b'"}',
+    "deep": b"[" * 100_000 + b"]" * 100_000,
+    "empty": b"",
+}
+
+
+def test_malformed_announcements_are_refused_without_crashing(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """Guards: a hostile retained message killing the sync worker or the MQTT thread."""
+    built = build_snapshot(tmp_path / "src", key, version=1)
+    h = Harness(tmp_path / "root", key)
+    h.sync.install(built.directory)
+    h.sync.start()
+    try:
+        for payload in MALFORMED.values():
+            h.sync.on_announcement("t", payload, True)
+            assert h.sync.idle.wait(10)
+        tar = archive(built, tmp_path / "a.tar")
+        for bad in (
+            _announce(built, tar, "ftp://x/y", version=9),
+            _announce(built, tar, "file:///x", version=10, kind="delta", base_version=1),
+            _announce(built, tar, "file:///x", version=11, store="store2"),
+            _announce(built, tar, "file:///x", version=12, model_id="f" * 64),
+            _announce(built, tar, "file:///nonexistent", version=13),
+        ):
+            h.sync.on_announcement("t", bad, False)
+            assert h.sync.idle.wait(10)
+    finally:
+        h.sync.stop()
+    assert h.reasons[: len(MALFORMED)] == ["bad_announcement"] * len(MALFORMED)
+    assert h.reasons[len(MALFORMED) :] == [
+        "bad_url",
+        "delta_unsupported",
+        "wrong_store",
+        "model_mismatch",
+        "download_failed",
+    ]
+    assert h.sync.active is not None and h.sync.active.version == 1
+    assert h.sync.active.search(np.asarray(built.vectors[:1]), 1)[0][0].sku == built.skus[0]

@@ -1,0 +1,95 @@
+"""The composition root in-process: FakeEmbedder, in-memory transport, a generated clip as a video file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device.app import KioskApp
+from device.camera.synthetic import make_scene, render_items, write_video
+from device.comms import InMemoryTransport
+from device.config import parse_config
+from models.fake import FakeEmbedder
+from storelens.protocol import Alert, Health, KioskState, MatchEvent, Status, Topics, decode
+from tests.device.snapshots import make_snapshot
+
+
+def _config(tmp_path: Path, video: Path, pub: Path, initial: Path | None) -> Any:
+    snaps: dict[str, Any] = {"state_dir": "state", "public_keys": [str(pub)], "subscribe": True}
+    if initial is not None:
+        snaps["initial"] = str(initial)
+    return parse_config({
+        "kiosk": {"store_id": "s1", "kiosk_id": "k1"},
+        "camera": {"source": str(video)},
+        "model": {"kind": "fake", "fake_dim": 64},
+        "snapshots": snaps,
+        "broker": {"transport": "none"},
+        "screen": {"port": 0},
+        "outbox": {"path": "outbox.sqlite"},
+        "health": {"interval_s": 0.2},
+    }, base_dir=tmp_path)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path, Path, list[np.ndarray], Ed25519PrivateKey]:
+    items = render_items(3, seed=4)
+    video = write_video(make_scene(items, seed=4), tmp_path / "clip.avi")
+    key = Ed25519PrivateKey.generate()
+    pub = tmp_path / "catalog.pub"
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo))
+    emb = FakeEmbedder(64)
+    snap = make_snapshot(tmp_path / "v1", emb.embed(items), ["a", "b", "c"], key, model_id=emb.model_id,
+                         threshold=0.3, thumbs=items)
+    return video, pub, snap, items, key
+
+
+def test_kiosk_answers_each_item_once_and_reports(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
+    """The whole kiosk on a clip: one durable match event per held item, status and health published."""
+    video, pub, snap, _, _ = setup
+    transport = InMemoryTransport()
+    app = KioskApp(_config(tmp_path, video, pub, snap), transport=transport)
+    app.run(exit_at_eof=True)
+    topics = Topics("s1", "k1")
+    events = [decode(p, MatchEvent) for p in transport.messages(topics.match)]
+    assert [e.results[0].sku for e in events] == ["a", "b", "c"]
+    assert [e.seq for e in events] == [1, 2, 3]
+    assert all(e.matched and e.snapshot == 1 and e.model == app.model_id and e.boot_id == app.boot_id
+               for e in events)
+    assert all(e.results[0].thumbnail == "thumbs/a.jpg" for e in events[:1])
+    assert set(events[0].latency_ms) == {"capture", "detect", "embed", "search", "total"}
+    states = [decode(p, Status).state for p in transport.messages(topics.status)]
+    assert KioskState.ONLINE in states and states[-1] is KioskState.OFFLINE
+    health = [decode(p, Health) for p in transport.messages(topics.health)]
+    assert health and health[-1].snapshot == 1
+    assert app.pipeline.counters.frames_processed == app.grab.frames_in
+    assert app.grab.frames_dropped == 0
+
+
+def test_without_snapshot_the_kiosk_is_degraded_and_keeps_running(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
+    video, pub, _, _, _ = setup
+    transport = InMemoryTransport()
+    app = KioskApp(_config(tmp_path, video, pub, None), transport=transport)
+    app.run(exit_at_eof=True)
+    topics = Topics("s1", "k1")
+    statuses = [decode(p, Status) for p in transport.messages(topics.status)]
+    assert any(s.state is KioskState.DEGRADED and s.reason == "no snapshot" for s in statuses)
+    assert transport.messages(topics.match) == []
+    assert app.pipeline.counters.no_snapshot == 3
+
+
+def test_forged_initial_snapshot_is_refused_with_an_alert(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
+    video, pub, _, items, _ = setup
+    emb = FakeEmbedder(64)
+    forged = make_snapshot(tmp_path / "forged", emb.embed(items), ["a", "b", "c"], Ed25519PrivateKey.generate(),
+                           model_id=emb.model_id)
+    transport = InMemoryTransport()
+    app = KioskApp(_config(tmp_path, video, pub, forged), transport=transport)
+    app.run(exit_at_eof=True)
+    alerts = [decode(p, Alert) for p in transport.messages(Topics("s1", "k1").alert)]
+    assert any(a.kind == "snapshot_refused" and "bad_signature" in a.detail for a in alerts)

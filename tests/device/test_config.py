@@ -1,0 +1,55 @@
+"""The kiosk config: one strict tree; unknown keys and bad values are refused with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from device.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+MINIMAL = {
+    "kiosk": {"store_id": "s1", "kiosk_id": "k1"},
+    "model": {"bundle": "model"},
+    "snapshots": {"state_dir": "state", "public_keys": ["k.pub"]},
+    "outbox": {"path": "outbox.sqlite"},
+}
+
+
+def test_example_config_is_valid() -> None:
+    cfg = load_config(REPO / "deploy" / "kiosk.example.toml")
+    assert cfg.kiosk.kiosk_id == "kiosk-01"
+    assert cfg.broker.transport == "paho"
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    """A typo in the file must fail loudly, not fall back to a default silently."""
+    p = tmp_path / "kiosk.toml"
+    p.write_text('[kiosk]\nstore_id="s1"\nkiosk_id="k1"\n[camera]\nsourc="0"\n')
+    with pytest.raises(ConfigError, match=r"unknown key 'camera\.sourc'"):
+        load_config(p)
+
+
+def test_missing_and_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="missing key 'outbox'"):
+        parse_config({k: v for k, v in MINIMAL.items() if k != "outbox"})
+    with pytest.raises(ConfigError, match="kiosk.kiosk_id"):
+        parse_config({**MINIMAL, "kiosk": {"store_id": "s1", "kiosk_id": "k/#"}})
+    with pytest.raises(ConfigError, match="roi"):
+        parse_config({**MINIMAL, "detection": {"mode": "roi"}})
+    p = tmp_path / "bad.toml"
+    p.write_text("[kiosk\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(p)
+
+
+def test_relative_paths_resolve_against_the_file_and_secrets_come_from_env(tmp_path: Path) -> None:
+    cfg = parse_config(MINIMAL, base_dir=tmp_path)
+    assert cfg.model.bundle == tmp_path / "model"
+    assert cfg.snapshots.public_keys == [tmp_path / "k.pub"]
+    assert cfg.broker.password({"STORELENS_MQTT_PASSWORD": "s3cret"}) == "s3cret"
+    assert cfg.broker.password({}) is None
+    with pytest.raises(Exception, match="frozen"):
+        cfg.kiosk.store_id = "other"  # type: ignore[misc]

@@ -1,0 +1,137 @@
+"""The frame pipeline over a generated clip with FakeEmbedder and a real (tiny) index."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device.camera import BoundedQueue, Frame, GrabStage, OverflowPolicy
+from device.camera.sources import SyntheticSource
+from device.camera.synthetic import Scene, make_scene, render_items
+from device.config import DetectionConfig
+from device.detect import ForcedSteadyDetector, HeldItemDetector
+from device.pipeline import ItemResult, Pipeline, aggregate, as_async
+from device.sync.active import ActiveSnapshot
+from models.fake import FakeEmbedder
+from storelens.snapshot import verify_snapshot
+from tests.device.snapshots import make_snapshot
+
+N_ITEMS = 5
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[np.ndarray], FakeEmbedder, ActiveSnapshot,
+                                                               ActiveSnapshot]:
+    items = render_items(N_ITEMS, seed=1)
+    emb = FakeEmbedder(64)
+    key = Ed25519PrivateKey.generate()
+    skus = [f"sku{i}" for i in range(N_ITEMS)]
+    snaps = []
+    for version in (1, 2):
+        d = make_snapshot(tmp_path_factory.mktemp(f"snap{version}"), emb.embed(items), skus, key,
+                          model_id=emb.model_id, version=version, threshold=0.3, thumbs=items)
+        snaps.append(ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()])))
+    return items, emb, snaps[0], snaps[1]
+
+
+def _run(scene: Scene, emb: FakeEmbedder, snapshot: Callable[[], ActiveSnapshot | None],
+         on_result: Callable[[ItemResult], None], **kw: object) -> Pipeline:
+    q: BoundedQueue[Frame] = BoundedQueue(4, OverflowPolicy.WAIT)
+    grab = GrabStage(lambda: SyntheticSource(scene.frames), q)
+    pipe = Pipeline(q, HeldItemDetector(DetectionConfig()), as_async(emb), snapshot, on_result=on_result,
+                    **kw)  # type: ignore[arg-type]
+    stop = threading.Event()
+    t = threading.Thread(target=grab.run, args=(stop,), name="test-grab")
+    t.start()
+    pipe.start()
+    try:
+        assert pipe.wait(60.0), "pipeline did not reach the end of the clip"
+    finally:
+        stop.set()
+        t.join(5.0)
+        pipe.stop()
+    return pipe
+
+
+def test_one_result_per_held_item_with_the_right_sku(catalog: tuple) -> None:  # type: ignore[type-arg]
+    """Every held item must produce exactly one answer, in order, naming the item held."""
+    items, emb, snap, _ = catalog
+    scene = make_scene(items, order=[2, 0, 4, 1, 3], seed=5)
+    results: list[ItemResult] = []
+    pipe = _run(scene, emb, lambda: snap, results.append)
+    assert [r.hits[0].sku for r in results] == [f"sku{h.item}" for h in scene.schedule]
+    assert all(r.matched and r.frames == 3 and r.snapshot_version == 1 for r in results)
+    assert all(set(r.latency_ms) == {"capture", "detect", "embed", "search", "total"} for r in results)
+    assert pipe.counters.frames_processed == scene.n_frames  # file semantics: every frame processed
+    assert pipe.counters.results == N_ITEMS
+    assert set(pipe.stats.percentiles()) == {"capture", "detect", "embed", "search", "total"}
+
+
+def test_no_snapshot_means_no_answer_but_the_pipeline_keeps_going(catalog: tuple) -> None:  # type: ignore[type-arg]
+    items, emb, _, _ = catalog
+    scene = make_scene(items[:2])
+    results: list[ItemResult] = []
+    pipe = _run(scene, emb, lambda: None, results.append)
+    assert results == []
+    assert pipe.counters.no_snapshot == 2
+    assert pipe.counters.frames_processed == scene.n_frames
+
+
+def test_snapshot_swapped_between_items_without_losing_frames(catalog: tuple) -> None:  # type: ignore[type-arg]
+    """A swap is one reference assignment: later items use the new snapshot, no frame is skipped."""
+    items, emb, snap1, snap2 = catalog
+    scene = make_scene(items, seed=2)
+    active = [snap1]
+    results: list[ItemResult] = []
+
+    def on_result(r: ItemResult) -> None:
+        results.append(r)
+        if len(results) == 2:
+            active[0] = snap2
+
+    pipe = _run(scene, emb, lambda: active[0], on_result)
+    assert [r.snapshot_version for r in results] == [1, 1, 2, 2, 2]
+    assert [r.hits[0].sku for r in results] == [f"sku{i}" for i in range(N_ITEMS)]
+    assert pipe.counters.frames_processed == scene.n_frames
+
+
+def test_unknown_item_is_not_matched(catalog: tuple, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    """Below the snapshot's threshold the answer is "not found", not the nearest wrong product."""
+    items, emb, snap, _ = catalog
+    stranger = np.full_like(items[0], 255)
+    stranger[::8] = 0
+    results: list[ItemResult] = []
+    _run(make_scene([stranger]), emb, lambda: snap, results.append)
+    assert len(results) == 1
+    assert not results[0].matched
+
+
+def test_aggregate_votes_and_renormalises(catalog: tuple) -> None:  # type: ignore[type-arg]
+    items, emb, snap, _ = catalog
+    vecs = list(emb.embed([items[3], items[3], items[1]]))
+    hits, agreement = aggregate(vecs, snap, 3)
+    assert hits[0].sku == "sku3"
+    assert agreement == pytest.approx(2 / 3)
+    assert hits == sorted(hits, key=lambda h: -h.score)
+
+
+def test_forced_steady_embeds_every_frame(catalog: tuple) -> None:  # type: ignore[type-arg]
+    """The benchmark path: every frame embedded and searched, one result each."""
+    items, emb, snap, _ = catalog
+    frames = [np.ascontiguousarray(np.tile(items[i % N_ITEMS][:120, :120], (2, 2, 1))) for i in range(40)]
+    q: BoundedQueue[Frame] = BoundedQueue(4, OverflowPolicy.WAIT)
+    results: list[ItemResult] = []
+    pipe = Pipeline(q, ForcedSteadyDetector(), as_async(emb), lambda: snap, on_result=results.append,
+                    aggregate_frames=1)
+    pipe.start()
+    for i, f in enumerate(frames):
+        q.put(Frame(i, 0.0, f))
+    q.close()
+    assert pipe.wait(30.0)
+    pipe.stop()
+    assert len(results) == 40
