@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -154,6 +155,29 @@ def verify_bundle(bundle_dir: Path) -> BundleManifest:
     return manifest
 
 
+_ATTR = re.compile(r'( names?=")([^"]*)(")')
+_AUTO = re.compile(r"(?<![0-9A-Za-z])([A-Z][A-Za-z]*)_(\d+)(?![0-9])")
+
+
+def _canonical_names(xml: Path) -> None:
+    """Renumber OpenVINO's auto names (``Gather_542``: a process-wide counter) by order of appearance.
+
+    Only name attributes change, consistently, so the graph is the same; the point is that exporting the
+    same source twice gives the same model.xml bytes, hence the same model_id.
+    """
+    numbers: dict[str, str] = {}
+
+    def renumber(m: re.Match[str]) -> str:
+        new = numbers.setdefault(m.group(2), str(len(numbers)))
+        return f"{m.group(1)}_{new}"
+
+    def attr(m: re.Match[str]) -> str:
+        return m.group(1) + _AUTO.sub(renumber, m.group(2)) + m.group(3)
+
+    text = xml.read_text(encoding="utf-8")
+    xml.write_text(_ATTR.sub(attr, text), encoding="utf-8")
+
+
 def _output_dim(ov_model: Any) -> int:
     shape = ov_model.output(0).get_partial_shape()
     if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic:
@@ -189,6 +213,7 @@ def write_bundle(
         ov.save_model(ov_model, xml, compress_to_fp16=precision in ("fp16", "int8"))
     except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long messages
         raise ExportError(f"could not save the model to {out_dir}: {exc}") from exc
+    _canonical_names(xml)
     for p in (xml, bin_):
         with open(p, "rb+") as fh:
             os.fsync(fh.fileno())

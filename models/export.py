@@ -159,7 +159,7 @@ def export_model(
     subset_size: int = 300,
 ) -> BundleManifest:
     """Export ``source`` to a bundle in ``out_dir``; ExportError for anything the user can fix."""
-    from models.graph import add_preprocessing, cut_at_pool
+    from models.graph import add_preprocessing, cut_at_pool, stable_names, strip_fake_quantize
 
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -176,6 +176,10 @@ def export_model(
             _LOGGER.warning("re-exporting an int8 bundle as %s keeps its quantized weights", precision)
     else:
         try:
+            # A quantized source runs in float here; int8 below re-quantizes with NNCF on our data.
+            n_fq = strip_fake_quantize(stable_names(loaded.model))
+            if n_fq:
+                extra["source_fake_quantize"] = n_fq
             cut, cut_name = cut_at_pool(loaded.model, pool_node)
             prep = recipe(loaded.recipe)
             model = add_preprocessing(cut, prep)
@@ -193,7 +197,7 @@ def export_model(
                         loaded.name)  # fmt: skip
     return write_bundle(
         out_dir,
-        model,
+        stable_names(model),
         name=name or loaded.name,
         source_kind=loaded.kind,
         source_path=loaded.path,

@@ -103,6 +103,19 @@ def cut_at_pool(model: Any, pool_node: str | None = None) -> tuple[Any, str]:
     return cut, cut_name
 
 
+def stable_names(model: Any) -> Any:
+    """Rename auto-named nodes (``Type_1234``, from a process-wide counter) by graph order, in place.
+
+    Without this the same export gives a different model.xml, hence model_id, in every process.
+    """
+    for i, op in enumerate(model.get_ordered_ops()):
+        name = op.get_friendly_name()
+        prefix, _, suffix = name.rpartition("_")
+        if prefix == op.get_type_name() and suffix.isdigit():
+            op.set_friendly_name(f"{prefix}_{i}")
+    return model
+
+
 def strip_fake_quantize(model: Any) -> int:
     """Replace every FakeQuantize (in place) by its float map, clamp + affine; returns how many.
 

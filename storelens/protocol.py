@@ -237,3 +237,19 @@ def decode(payload: bytes, cls: type[M]) -> M:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ProtocolError(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from exc
+
+
+class DesiredRelease(_Message):
+    """Retained on ``cmd/storelens/{store}/{kiosk}/desired`` (and the IoT Job document): run this release.
+
+    A newer message replaces the old one; the kiosk abandons an update still running for the old one, and
+    gives up on any update by ``deadline_s`` after it started, so one hung update never blocks the next.
+    """
+
+    TYPE: ClassVar[str] = "desired"
+    release: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    sequence: int = Field(ge=1)
+    url: str = Field(min_length=1, max_length=4096)  # release.json
+    sig_url: str = Field(min_length=1, max_length=4096)  # release.sig
+    deadline_s: float = Field(default=1800.0, gt=0, le=7 * 24 * 3600)
+    probation_s: float | None = Field(default=None, ge=0, le=24 * 3600)  # None: the kiosk's own setting

@@ -39,8 +39,12 @@ def aggregate(
     mean = v.mean(axis=0)
     norm = float(np.linalg.norm(mean))
     mean = mean / norm if norm > 0 else v[0]
-    lists = snapshot.search(np.vstack([mean[None, :], v]).astype(np.float32), k)
-    mean_hits, frame_hits = lists[0], lists[1:]
+    if len(v) == 1:  # one frame: its own vector is the mean, one query answers both votes
+        lists = snapshot.search(v, k)
+        mean_hits, frame_hits = lists[0], lists
+    else:
+        lists = snapshot.search(np.vstack([mean[None, :], v]).astype(np.float32), k)
+        mean_hits, frame_hits = lists[0], lists[1:]
     by_sku: dict[str, Hit] = {}
     for hits in lists:
         for h in hits:

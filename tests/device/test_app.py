@@ -86,7 +86,8 @@ def test_without_snapshot_the_kiosk_is_degraded_and_keeps_running(tmp_path: Path
 def test_forged_initial_snapshot_is_refused_with_an_alert(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
     video, pub, _, items, _ = setup
     emb = FakeEmbedder(64)
-    forged = make_snapshot(tmp_path / "forged", emb.embed(items), ["a", "b", "c"], Ed25519PrivateKey.generate(),
+    other_key = Ed25519PrivateKey.generate()
+    forged = make_snapshot(tmp_path / "forged", emb.embed(items), ["a", "b", "c"], other_key,
                            model_id=emb.model_id)
     transport = InMemoryTransport()
     app = KioskApp(_config(tmp_path, video, pub, forged), transport=transport)

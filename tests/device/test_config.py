@@ -35,7 +35,7 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
 def test_missing_and_bad_values(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="missing key 'outbox'"):
         parse_config({k: v for k, v in MINIMAL.items() if k != "outbox"})
-    with pytest.raises(ConfigError, match="kiosk.kiosk_id"):
+    with pytest.raises(ConfigError, match=r"kiosk\.kiosk_id"):
         parse_config({**MINIMAL, "kiosk": {"store_id": "s1", "kiosk_id": "k/#"}})
     with pytest.raises(ConfigError, match="roi"):
         parse_config({**MINIMAL, "detection": {"mode": "roi"}})
@@ -53,3 +53,15 @@ def test_relative_paths_resolve_against_the_file_and_secrets_come_from_env(tmp_p
     assert cfg.broker.password({}) is None
     with pytest.raises(Exception, match="frozen"):
         cfg.kiosk.store_id = "other"  # type: ignore[misc]
+
+
+def test_cli_refuses_a_bad_config_with_exit_code_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from device.cli import kiosk_app
+
+    p = tmp_path / "kiosk.toml"
+    p.write_text('[kiosk]\nstore_id="s1"\nkiosk_id="k1"\nbogus=1\n')
+    result = CliRunner().invoke(kiosk_app, ["run", "--config", str(p)])
+    assert result.exit_code == 2
+    assert "unknown key 'kiosk.bogus'" in result.output

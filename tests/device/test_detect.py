@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -53,7 +55,7 @@ def test_result_shown_then_cooldown_then_idle() -> None:
     cycle = [DetectState.IDLE, DetectState.PRESENT, DetectState.STEADY, DetectState.RESULT_SHOWN,
              DetectState.COOLDOWN]
     assert states == [*cycle, *cycle, DetectState.IDLE]
-    for a, b in zip(states, states[1:], strict=False):
+    for a, b in itertools.pairwise(states):
         assert b in ALLOWED[a]
 
 

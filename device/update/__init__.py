@@ -1,0 +1,20 @@
+"""Model+snapshot updates on the kiosk: verified download, child-process compile, self-test, switch,
+probation and rollback, with one atomically replaced pointer file; and the AWS IoT Jobs client."""
+
+from device.update.child import CompileFailed
+from device.update.jobs import JobsBridge, JobsClient
+from device.update.pointer import Pair, PairStore, Pointer, PointerError
+from device.update.updater import LoadedPair, Updater, UpdateSettings
+
+__all__ = [
+    "CompileFailed",
+    "JobsBridge",
+    "JobsClient",
+    "LoadedPair",
+    "Pair",
+    "PairStore",
+    "Pointer",
+    "PointerError",
+    "UpdateSettings",
+    "Updater",
+]

@@ -1,0 +1,187 @@
+"""The active model+snapshot pair: one pointer file, atomically replaced, so a restart sees old or new.
+
+root/current.json     {"current": Pair, "previous": Pair|null, "state": "stable"|"probation",
+                       "probation_boots": n, "highest_sequence": n, "failed": [release ids]}
+root/bundles/<id12>/  verified bundles (never modified once placed)
+root/snapshots/<v>-<sha12>/  verified snapshot directories
+root/staging/         downloads and unpacking; junk after a crash, removed at start
+
+Every directory a pointer names is complete before the pointer is written (write temp, fsync, rename,
+fsync the directory); generations not named by current/previous are removed at start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from storelens.fsutil import atomic_write_json, fsync_dir, read_capped
+
+_LOGGER = logging.getLogger(__name__)
+
+POINTER = "current.json"
+MAX_FAILED_KEPT = 32  # release ids remembered as failed (a retained desired is not retried per reconnect)
+State = Literal["stable", "probation"]
+
+
+class PointerError(Exception):
+    """The pointer file is unreadable; the kiosk must be re-provisioned (never guess a pair)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """A model bundle and the snapshot built by it, as directories relative to the root."""
+
+    release: str
+    bundle: str
+    snapshot: str
+    model_id: str
+    snapshot_version: int
+    sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Pointer:
+    current: Pair | None = None
+    previous: Pair | None = None
+    state: State = "stable"
+    probation_boots: int = 0
+    highest_sequence: int = 0
+    failed: tuple[str, ...] = field(default_factory=tuple)
+
+
+class PairStore:
+    """Owns ``root``: the generations on disk and the one pointer naming the active pair."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.bundles = self.root / "bundles"
+        self.snapshots = self.root / "snapshots"
+        self.staging = self.root / "staging"
+        for d in (self.bundles, self.snapshots, self.staging):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._pointer = self._read()
+
+    @property
+    def pointer(self) -> Pointer:
+        return self._pointer
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def write(self, new: Pointer) -> Pointer:
+        """Replace the pointer atomically (the commit point of every switch and rollback)."""
+        with self._lock:
+            atomic_write_json(self.root / POINTER, _to_json(new))
+            self._pointer = new
+        return new
+
+    def boot(self, max_probation_boots: int) -> tuple[Pointer, bool]:
+        """At start: count a boot in probation; past ``max_probation_boots`` roll back. (pointer, rolled)."""
+        p = self._pointer
+        if p.state != "probation":
+            return p, False
+        if p.probation_boots + 1 > max_probation_boots and p.previous is not None and p.current is not None:
+            _LOGGER.error("crash loop in probation of %s: rolling back", p.current.release)
+            return self.write(rollback(p)), True
+        return self.write(replace(p, probation_boots=p.probation_boots + 1)), False
+
+    def place(self, staged: Path, kind: Literal["bundles", "snapshots"], name: str) -> str:
+        """Move a complete staged directory into place (idempotent); return its root-relative path."""
+        dest = self.root / kind / name
+        if dest.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+        else:
+            fsync_dir(staged)
+            staged.rename(dest)
+            fsync_dir(dest.parent)
+        return f"{kind}/{name}"
+
+    def new_staging(self, label: str) -> Path:
+        d = self.staging / label
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        return d
+
+    def cleanup(self) -> int:
+        """Remove staging leftovers and generations that neither current nor previous names."""
+        keep: set[str] = set()
+        for pair in (self._pointer.current, self._pointer.previous):
+            if pair is not None:
+                keep.update((pair.bundle, pair.snapshot))
+        removed = 0
+        for kind in (self.bundles, self.snapshots, self.staging):
+            for child in kind.iterdir():
+                rel = f"{kind.name}/{child.name}"
+                if kind is self.staging or rel not in keep:
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+                    removed += 1
+        return removed
+
+    def _read(self) -> Pointer:
+        path = self.root / POINTER
+        if not path.exists():
+            return Pointer()
+        try:
+            raw = json.loads(read_capped(path, 1 << 20))
+            return _from_json(raw)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PointerError(f"{path} is unreadable: {exc}") from exc
+
+
+def rollback(p: Pointer) -> Pointer:
+    """The pointer after abandoning ``current`` for ``previous`` (current's release marked failed)."""
+    assert p.current is not None and p.previous is not None
+    return replace(
+        p,
+        current=p.previous,
+        previous=None,
+        state="stable",
+        probation_boots=0,
+        failed=mark_failed(p.failed, p.current.release),
+    )
+
+
+def mark_failed(failed: tuple[str, ...], release: str) -> tuple[str, ...]:
+    return (*tuple(r for r in failed if r != release), release)[-MAX_FAILED_KEPT:]
+
+
+def _to_json(p: Pointer) -> dict[str, Any]:
+    d = asdict(p)
+    d["failed"] = list(p.failed)
+    return d
+
+
+def _pair(raw: Any) -> Pair | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise TypeError("pair is not an object")
+    pair = Pair(**raw)
+    for rel in (pair.bundle, pair.snapshot):
+        parts = Path(rel).parts
+        if len(parts) != 2 or parts[0] not in ("bundles", "snapshots") or ".." in parts:
+            raise ValueError(f"pair path {rel!r} outside the store")
+    return pair
+
+
+def _from_json(raw: Any) -> Pointer:
+    if not isinstance(raw, dict):
+        raise TypeError("pointer is not an object")
+    state = raw.get("state", "stable")
+    if state not in ("stable", "probation"):
+        raise ValueError(f"bad state {state!r}")
+    return Pointer(
+        current=_pair(raw.get("current")),
+        previous=_pair(raw.get("previous")),
+        state=state,
+        probation_boots=int(raw.get("probation_boots", 0)),
+        highest_sequence=int(raw.get("highest_sequence", 0)),
+        failed=tuple(str(r) for r in raw.get("failed", [])),
+    )

@@ -1,0 +1,225 @@
+"""The update's steps as plain functions: fetch a release, verify it, stage bundle+snapshot, self-test.
+
+Each raises UpdateFailed(step, reason, detail); nothing here touches the active pair or the pointer.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import shutil
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from device.sync.active import ActiveSnapshot, SnapshotLoadError
+from device.sync.download import DownloadError, fetch, redact_url
+from models.bundle import BundleManifest, verify_bundle
+from models.errors import ModelError
+from storelens.protocol import DesiredRelease
+from storelens.release import (
+    MAX_RELEASE_BYTES,
+    ReleaseManifest,
+    ReleaseRejected,
+    StoreSnapshotRef,
+    verify_release,
+)
+from storelens.snapshot import SnapshotManifest, SnapshotRejected, manifest_sha256, unpack, verify_snapshot
+
+_LOGGER = logging.getLogger(__name__)
+
+SOCKET_TIMEOUT_S = 30.0
+
+
+class UpdateFailed(Exception):
+    """One step failed; ``step`` is the UpdateProgress step it failed in."""
+
+    def __init__(self, step: str, reason: str, detail: str) -> None:
+        super().__init__(f"{step}/{reason}: {detail}")
+        self.step = step
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A verified bundle and snapshot in staging, not yet placed."""
+
+    release: ReleaseManifest
+    bundle_dir: Path
+    bundle: BundleManifest
+    snapshot_dir: Path
+    snapshot: SnapshotManifest
+    snapshot_sha256: str
+
+
+def read_url(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
+    """A small file (release.json / .sig) over file:// or http(s)://, capped at ``max_bytes``."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    try:
+        if scheme == "file":
+            with open(urllib.request.url2pathname(urllib.parse.urlsplit(url).path), "rb") as fh:
+                data = fh.read(max_bytes + 1)
+        elif scheme in ("http", "https"):
+            req = urllib.request.Request(url, headers={"User-Agent": "storelens-kiosk"})
+            with urllib.request.urlopen(req, timeout=min(timeout_s, SOCKET_TIMEOUT_S)) as resp:
+                data = resp.read(max_bytes + 1)
+        else:
+            raise UpdateFailed("download", "bad_url", f"unsupported url scheme {scheme!r}")
+    except OSError as exc:
+        raise UpdateFailed("download", "download_failed", f"{redact_url(url)}: {type(exc).__name__}") from exc
+    if len(data) > max_bytes:
+        raise UpdateFailed("download", "too_large", f"{redact_url(url)} is over {max_bytes} bytes")
+    return bytes(data)
+
+
+def fetch_release(
+    desired: DesiredRelease, keys: list[Ed25519PublicKey], *, timeout_s: float
+) -> ReleaseManifest:
+    """Download release.json + release.sig, verify the signature, and check it is the one asked for."""
+    data = read_url(desired.url, max_bytes=MAX_RELEASE_BYTES, timeout_s=timeout_s)
+    sig = read_url(desired.sig_url, max_bytes=1024, timeout_s=timeout_s)
+    try:
+        m = verify_release(data, sig, keys)
+    except ReleaseRejected as exc:
+        raise UpdateFailed("verify", exc.reason, exc.detail) from exc
+    if (m.release, m.sequence) != (desired.release, desired.sequence):
+        raise UpdateFailed("verify", "release_mismatch", f"release.json is {m.release}#{m.sequence}")
+    return m
+
+
+def download(
+    release: ReleaseManifest, store: str, staging: Path, *, deadline: float, stop: threading.Event
+) -> tuple[Path, Path, StoreSnapshotRef]:
+    """Fetch the bundle files and the store's snapshot archive into ``staging`` (sizes and hashes checked)."""
+    ref = release.stores.get(store)
+    if ref is None:
+        raise UpdateFailed(
+            "verify", "not_in_release", f"release {release.release} has no snapshot for {store}"
+        )
+    bundle_dir = staging / "bundle"
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(art, bundle_dir / name) for name, art in sorted(release.bundle.files.items())]
+    jobs.append((ref.archive, staging / "snapshot.tar"))
+    for art, dest in jobs:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpdateFailed("download", "deadline", "update deadline passed while downloading")
+        try:
+            fetch(art.url, dest, size=art.size, sha256=art.sha256, timeout_s=remaining, stop=stop)
+        except DownloadError as exc:
+            raise UpdateFailed("download", exc.reason, exc.detail) from exc
+    return bundle_dir, staging / "snapshot.tar", ref
+
+
+def verify_staged(
+    release: ReleaseManifest,
+    store: str,
+    bundle_dir: Path,
+    archive: Path,
+    ref: StoreSnapshotRef,
+    keys: list[Ed25519PublicKey],
+    *,
+    max_snapshot_bytes: int,
+) -> Staged:
+    """Bundle hashes = release, snapshot verified against the NEW model_id, manifest sha = release."""
+    try:
+        bm = verify_bundle(bundle_dir)
+    except ModelError as exc:
+        raise UpdateFailed("verify", "bad_bundle", str(exc)) from exc
+    if bm.model_id != release.bundle.model_id or bm.dim != release.bundle.dim:
+        raise UpdateFailed(
+            "verify",
+            "model_mismatch",
+            f"bundle is {bm.model_id[:12]}, release says {release.bundle.model_id[:12]}",
+        )
+    snap_dir = archive.parent / "snapshot"
+    try:
+        unpack(archive, snap_dir, max_total_bytes=max_snapshot_bytes)
+        sm = verify_snapshot(snap_dir, keys, model_id=bm.model_id, model_dim=bm.dim, store=store)
+    except SnapshotRejected as exc:
+        raise UpdateFailed("verify", exc.reason.value, exc.detail) from exc
+    finally:
+        archive.unlink(missing_ok=True)
+    digest = manifest_sha256(snap_dir)
+    if digest != ref.manifest_sha256 or sm.version != ref.version:
+        raise UpdateFailed("verify", "manifest_mismatch", "snapshot manifest differs from the release")
+    if sm.kind != "full":
+        raise UpdateFailed("verify", "delta_unsupported", "a release carries full snapshots only")
+    return Staged(release, bundle_dir, bm, snap_dir, sm, digest)
+
+
+def canary_images(
+    snapshot_dir: Path, manifest: SnapshotManifest
+) -> list[tuple[str, Path, npt.NDArray[np.float32]]]:
+    """(sku, image path, recorded embedding) of every canary that carries an image."""
+    out = []
+    for c in manifest.canary:
+        if c.image is None:
+            continue
+        rec = np.frombuffer(base64.b64decode(c.embedding), dtype="<f4").astype(np.float32)
+        out.append((c.sku, snapshot_dir / c.image, rec))
+    return out
+
+
+def load_snapshot(directory: Path, manifest: SnapshotManifest) -> ActiveSnapshot:
+    """Load a verified snapshot and check its recorded canaries (index and rows agree)."""
+    try:
+        snap = ActiveSnapshot.load(directory, manifest)
+        snap.check_canaries()
+    except SnapshotLoadError as exc:
+        raise UpdateFailed("selftest", exc.reason, exc.detail) from exc
+    return snap
+
+
+def selftest(
+    embedder: Any,
+    snap: ActiveSnapshot,
+    canaries: Sequence[tuple[str, Path, npt.NDArray[np.float32]]],
+    child_vectors: npt.NDArray[np.float32],
+    *,
+    min_cosine: float,
+    decode: Callable[[bytes], npt.NDArray[np.uint8]],
+) -> float:
+    """Canary images through the new model: right sku at top-1, close to the recorded embedding, and the
+    same vectors as the child computed. Returns the p50 embed latency in ms."""
+    if not canaries:
+        raise UpdateFailed("selftest", "no_canary_images", "the snapshot carries no canary images")
+    crops = [decode(path.read_bytes()) for _, path, _ in canaries]
+    times = []
+    vecs = []
+    for crop in crops:
+        t0 = time.perf_counter()
+        vecs.append(np.asarray(embedder.embed([crop]), dtype=np.float32)[0])
+        times.append((time.perf_counter() - t0) * 1000)
+    got = np.stack(vecs)
+    if not np.isfinite(got).all():
+        raise UpdateFailed("selftest", "non_finite", "the model returned non-finite embeddings")
+    for i, (sku, _, recorded) in enumerate(canaries):
+        if recorded.shape != got[i].shape:
+            raise UpdateFailed(
+                "selftest", "dim_mismatch", f"canary {sku}: dims {recorded.shape} vs {got[i].shape}"
+            )
+        cos = float(got[i] @ recorded / max(float(np.linalg.norm(recorded)), 1e-12))
+        if cos < min_cosine:
+            raise UpdateFailed("selftest", "canary_drift", f"canary {sku}: cosine {cos:.3f} < {min_cosine}")
+        if float(got[i] @ child_vectors[i]) < 0.999:
+            raise UpdateFailed("selftest", "unstable_model", f"canary {sku}: child and kiosk disagree")
+        hits = snap.search(got[i][None, :], 1)[0]
+        top = hits[0].sku if hits else None
+        if top != sku:
+            raise UpdateFailed("selftest", "canary_failed", f"canary {sku}: top-1 is {top!r}")
+    return float(np.median(times))
+
+
+def discard(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

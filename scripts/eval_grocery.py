@@ -1,0 +1,395 @@
+"""`make eval`: retrieval quality on ../shared/data/grocery, baseline against each improvement.
+
+Protocols: (A) catalog = the 81 iconic images; (B) catalog = train photos + iconic images; queries are
+always the val photos, which nothing is ever fitted on. Open set: a fixed, seeded 20% of the items is
+left out of the catalog (and out of everything fitted on it); their queries should get "no match" at
+the threshold calibrated from the catalog alone (cloud.retrieval.calibrate_threshold).
+
+Rows are cumulative. "Kiosk multi-frame proxy" rows average the embeddings of 5 views of each val
+photo (itself, a flip, two 80% centre crops, an 87.5% centre crop) to stand in for the steady frames a
+kiosk already embeds; they are not single-image results.
+
+Writes build/eval/grocery.json and build/eval/grocery.png; embeddings are cached under build/eval/cache
+keyed by (image sha256 [+ view tag], model_id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cloud.retrieval import (  # noqa: E402
+    Adapter,
+    Calibration,
+    aggregate_frames,
+    calibrate_threshold,
+    fit_lda_adapter,
+    item_scores,
+)
+from cloud.retrieval_augment import augmented_views  # noqa: E402
+
+_LOGGER = logging.getLogger("eval_grocery")
+
+SHARED = Path(os.environ.get("SHARED", REPO.parent / "shared")).resolve()
+DATA = SHARED / "data" / "grocery"
+SOURCE = SHARED / "models" / "coral" / "tf2_mobilenet_v2_1.0_224_ptq.tflite"
+OUT = REPO / "build" / "eval"
+N_ITEMS = 81
+ICONIC_VIEWS = 16  # augmented views per iconic image (the only image of an item in protocol A)
+PHOTO_VIEWS = 1  # per train photo: photos already vary; more views measured no better
+OPEN_SET_SEED = 6
+OPEN_SET_SHARE = 0.2
+QUERY_CROP = 0.875  # centre crop of the query before embedding: trims the scene around the held item
+Vec = np.ndarray
+
+
+# ---- data and embeddings ----
+
+
+@dataclass
+class Split:
+    paths: list[Path]
+    labels: np.ndarray
+
+
+def _read_split(name: str) -> Split:
+    paths, labels = [], []
+    for line in (DATA / f"{name}.txt").read_text().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 2 and parts[0]:
+            paths.append(DATA / parts[0])
+            labels.append(int(parts[1]))
+    return Split(paths, np.asarray(labels, np.int64))
+
+
+def _read_iconic() -> Split:
+    import csv
+
+    paths, labels = [], []
+    with open(DATA / "classes.csv", newline="", encoding="utf-8") as fh:
+        rows = csv.reader(fh)
+        next(rows)
+        for row in rows:
+            paths.append(DATA / row[4].lstrip("/"))
+            labels.append(int(row[1]))
+    return Split(paths, np.asarray(labels, np.int64))
+
+
+def _centre(img: np.ndarray, share: float) -> np.ndarray:
+    h, w = img.shape[:2]
+    ch, cw = max(1, round(h * share)), max(1, round(w * share))
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return np.ascontiguousarray(img[y : y + ch, x : x + cw])
+
+
+VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "orig": lambda im: im,
+    "flip": lambda im: np.ascontiguousarray(im[:, ::-1]),
+    "c80": lambda im: _centre(im, 0.8),
+    "c80flip": lambda im: np.ascontiguousarray(_centre(im, 0.8)[:, ::-1]),
+    "c875": lambda im: _centre(im, QUERY_CROP),
+}
+
+
+class Embeddings:
+    """Embeds images through the bundle, caching one .npy per (image sha256 + view tag, model_id)."""
+
+    def __init__(self, embedder: Any, cache_root: Path) -> None:
+        self.embedder = embedder
+        self.cache = cache_root / embedder.model_id[:16]
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.computed = 0
+
+    def get(self, paths: list[Path], make: Callable[[np.ndarray, str], list[np.ndarray]], tag: str,
+            per_image: int) -> np.ndarray:  # fmt: skip
+        """(len(paths) * per_image, dim): ``make(image, sha)`` yields ``per_image`` crops per path."""
+        from models.images import load_image
+
+        out = np.zeros((len(paths) * per_image, self.embedder.dim), np.float32)
+        todo: list[tuple[int, Path, str]] = []
+        for i, p in enumerate(paths):
+            sha = hashlib.sha256(p.read_bytes()).hexdigest()
+            f = self.cache / f"{sha}-{tag}.npy"
+            if f.exists():
+                out[i * per_image : (i + 1) * per_image] = np.load(f)
+            else:
+                todo.append((i, p, sha))
+        for start in range(0, len(todo), 32):
+            chunk = todo[start : start + 32]
+            crops: list[np.ndarray] = []
+            for _, p, sha in chunk:
+                crops.extend(make(load_image(p), sha))
+            vecs = self.embedder.embed(crops).reshape(len(chunk), per_image, -1)
+            for (i, _, sha), v in zip(chunk, vecs, strict=True):
+                np.save(self.cache / f"{sha}-{tag}.npy", v)
+                out[i * per_image : (i + 1) * per_image] = v
+            self.computed += len(crops)
+        return out
+
+
+def _seed(sha: str) -> int:
+    return int(sha[:8], 16)
+
+
+# ---- scoring ----
+
+
+@dataclass
+class Catalog:
+    vectors: np.ndarray  # model space, originals
+    labels: np.ndarray
+    aug: np.ndarray | None  # model space, augmented views
+    aug_source: np.ndarray | None  # row of ``vectors`` each view came from
+
+    def subset(self, keep_items: np.ndarray) -> Catalog:
+        rows = np.flatnonzero(np.isin(self.labels, keep_items))
+        if self.aug is None or self.aug_source is None:
+            return Catalog(self.vectors[rows], self.labels[rows], None, None)
+        remap = -np.ones(len(self.labels), np.int64)
+        remap[rows] = np.arange(len(rows))
+        use = np.isin(self.aug_source, rows)
+        return Catalog(self.vectors[rows], self.labels[rows], self.aug[use], remap[self.aug_source[use]])
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    adapter: bool
+    augment: bool
+    query: str  # key into the query sets
+    proxy: bool = False
+
+
+def _adapter(cat: Catalog, m: Method) -> Adapter:
+    if not m.adapter:
+        return Adapter.identity(cat.vectors.shape[1])
+    if m.augment and cat.aug is not None and cat.aug_source is not None:
+        x = np.vstack([cat.vectors, cat.aug])
+        y = np.concatenate([cat.labels, cat.labels[cat.aug_source]])
+        return fit_lda_adapter(x, y)
+    return fit_lda_adapter(cat.vectors, cat.labels)
+
+
+def _scores(adapter: Adapter, cat: Catalog, queries: np.ndarray) -> np.ndarray:
+    sims = adapter.apply(queries) @ adapter.apply(cat.vectors).T
+    return item_scores(sims, cat.labels, N_ITEMS)
+
+
+def _recall(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    top = np.argsort(-scores, axis=1)[:, :k]
+    return float(np.mean((top == labels[:, None]).any(axis=1)))
+
+
+def _open_set(cat: Catalog, m: Method, queries: np.ndarray, qy: np.ndarray) -> dict[str, Any]:
+    rng = np.random.default_rng(OPEN_SET_SEED)
+    unseen = np.sort(rng.choice(N_ITEMS, size=round(OPEN_SET_SHARE * N_ITEMS), replace=False))
+    known = np.setdiff1d(np.arange(N_ITEMS), unseen)
+    sub = cat.subset(known)
+    adapter = _adapter(sub, m)
+    cal: Calibration = calibrate_threshold(
+        sub.vectors, sub.labels, aug_vectors=sub.aug, aug_source=sub.aug_source,
+        fit_adapter=m.adapter, fit_with_aug=m.augment,
+    )  # fmt: skip
+    scores = _scores(adapter, sub, queries)
+    best = scores.max(1)
+    top1 = scores.argmax(1)
+    is_known = np.isin(qy, known)
+    grid = np.linspace(-0.2, 1.0, 121)
+    correct = top1[is_known] == qy[is_known]
+    return {
+        "unseen_items": unseen.tolist(),
+        "threshold": cal.threshold,
+        "calibration": {"known_kept": cal.known_kept, "unseen_rejected": cal.unseen_rejected,
+                        "known_correct": cal.known_correct, "unseen_total": cal.unseen_total},
+        "no_match_unseen": float(np.mean(best[~is_known] < cal.threshold)),
+        "known_r1_free": float(np.mean(correct)),
+        "known_r1_at_threshold": float(np.mean(correct & (best[is_known] >= cal.threshold))),
+        "known_false_no_match": float(np.mean(best[is_known] < cal.threshold)),
+        "curve": {
+            "threshold": grid.round(3).tolist(),
+            "known_r1": [float(np.mean(correct & (best[is_known] >= t))) for t in grid],
+            "unseen_no_match": [float(np.mean(best[~is_known] < t)) for t in grid],
+        },
+    }  # fmt: skip
+
+
+# ---- cost ----
+
+
+def _timings(embedder: Any, img: np.ndarray, cat_b: Catalog, adapter: Adapter) -> dict[str, float]:
+    """Median per-query times (ms): one embedding, baseline search, projection + projected search."""
+    def median_ms(fn: Callable[[], object], n: int) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1000.0 * float(np.median(times))
+
+    q = embedder.embed([img])
+    raw = cat_b.vectors
+    proj = adapter.apply(cat_b.vectors)
+    embed_ms = median_ms(lambda: embedder.embed_one(img), 30)
+    base_ms = median_ms(lambda: item_scores(q @ raw.T, cat_b.labels, N_ITEMS), 200)
+    adapted_ms = median_ms(lambda: item_scores(adapter.apply(q) @ proj.T, cat_b.labels, N_ITEMS), 200)
+    return {"embed_ms": embed_ms, "search_base_ms": base_ms, "search_adapter_ms": adapted_ms}
+
+
+# ---- main ----
+
+
+def _bundle() -> Path:
+    bundle = OUT / "bundle"
+    if not (bundle / "model.xml").exists():
+        from models.export import export_model
+
+        _LOGGER.info("exporting %s to %s", SOURCE.name, bundle)
+        export_model(str(SOURCE), bundle)
+    return bundle
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, proto in zip(axes, ("A", "B"), strict=True):
+        for name, style in (("baseline", "--"), (results["best"], "-")):
+            o = results["protocols"][proto][name]["open_set"]
+            c = o["curve"]
+            ax.plot(c["threshold"], c["known_r1"], style, color="tab:blue", label=f"{name}: in-catalog R@1")
+            ax.plot(c["threshold"], c["unseen_no_match"], style, color="tab:red",
+                    label=f"{name}: unseen no match")  # fmt: skip
+            ax.axvline(o["threshold"], linestyle=style, color="gray")
+        ax.set_title(f"protocol {proto}: open set ({round(OPEN_SET_SHARE * 100)}% of items left out)")
+        ax.set_xlabel("similarity threshold (vertical lines: calibrated from the catalog)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="center left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not DATA.is_dir() or not SOURCE.is_file():
+        print(f"make eval needs ../shared (looked for {DATA} and {SOURCE}); set SHARED=/path/to/shared")
+        return 2
+    from models.embedder import Embedder
+    from models.images import load_image
+
+    t0 = time.perf_counter()
+    OUT.mkdir(parents=True, exist_ok=True)
+    embedder = Embedder(_bundle(), mode="throughput")
+    emb = Embeddings(embedder, OUT / "cache")
+    iconic, train, val = _read_iconic(), _read_split("train"), _read_split("val")
+    one = lambda tag: (lambda im, sha: [VIEWS[tag](im)])  # noqa: E731
+    ic_v = emb.get(iconic.paths, one("orig"), "orig", 1)
+    ic_aug = emb.get(iconic.paths, lambda im, sha: augmented_views(im, ICONIC_VIEWS, _seed(sha)),
+                     f"aug{ICONIC_VIEWS}", ICONIC_VIEWS)  # fmt: skip
+    tr_v = emb.get(train.paths, one("orig"), "orig", 1)
+    tr_aug = emb.get(train.paths, lambda im, sha: augmented_views(im, PHOTO_VIEWS, _seed(sha)),
+                     f"aug{PHOTO_VIEWS}", PHOTO_VIEWS)  # fmt: skip
+    qv = {tag: emb.get(val.paths, one(tag), tag, 1) for tag in VIEWS}
+    queries = {
+        "orig": qv["orig"],
+        "c875": qv["c875"],
+        "frames": np.stack(
+            [aggregate_frames(np.stack([qv[t][i] for t in VIEWS])) for i in range(len(val.paths))]
+        ),
+    }
+    embed_s = time.perf_counter() - t0
+
+    n_ic = len(iconic.paths)
+    cat_a = Catalog(ic_v, iconic.labels, ic_aug, np.repeat(np.arange(n_ic), ICONIC_VIEWS))
+    cat_b = Catalog(
+        np.vstack([tr_v, ic_v]), np.concatenate([train.labels, iconic.labels]),
+        np.vstack([tr_aug, ic_aug]),
+        np.concatenate([np.repeat(np.arange(len(tr_v)), PHOTO_VIEWS),
+                        len(tr_v) + np.repeat(np.arange(n_ic), ICONIC_VIEWS)]),
+    )  # fmt: skip
+    methods = [
+        Method("baseline", adapter=False, augment=False, query="orig"),
+        Method("+ LDA adapter", adapter=True, augment=False, query="orig"),
+        Method("+ augmented views in fit", adapter=True, augment=True, query="orig"),
+        Method("+ query centre crop", adapter=True, augment=True, query="c875"),
+        Method("baseline, multi-frame proxy", adapter=False, augment=False, query="frames", proxy=True),
+        Method("full, multi-frame proxy", adapter=True, augment=True, query="frames", proxy=True),
+    ]
+    results: dict[str, Any] = {"protocols": {}, "best": "+ query centre crop"}
+    for proto, cat in (("A", cat_a), ("B", cat_b)):
+        rows: dict[str, Any] = {}
+        for m in methods:
+            adapter = _adapter(cat, m)
+            scores = _scores(adapter, cat, queries[m.query])
+            rows[m.name] = {
+                "r1": _recall(scores, val.labels, 1), "r5": _recall(scores, val.labels, 5),
+                "dim": adapter.out_dim, "multi_frame_proxy": m.proxy,
+                "open_set": _open_set(cat, m, queries[m.query], val.labels),
+            }  # fmt: skip
+        results["protocols"][proto] = rows
+
+    probe = load_image(val.paths[0])
+    timing = _timings(embedder, probe, cat_b, _adapter(cat_b, methods[2]))
+    base_cost = timing["embed_ms"] + timing["search_base_ms"]
+    adapted_cost = timing["embed_ms"] + timing["search_adapter_ms"]
+    results["timing_ms"] = timing
+    cost = {"baseline": 1.0}
+    for m in methods[1:]:
+        cost[m.name] = adapted_cost / base_cost if m.adapter else 1.0
+    results["relative_kiosk_cost"] = cost
+    results["embedded_now"] = emb.computed
+    results["embed_s"] = embed_s
+    results["model_id"] = embedder.model_id
+    results["total_s"] = time.perf_counter() - t0
+
+    (OUT / "grocery.json").write_text(json.dumps(results, indent=1) + "\n")
+    _plot(results, OUT / "grocery.png")
+    _print_table(results, methods)
+    return 0
+
+
+def _print_table(results: dict[str, Any], methods: list[Method]) -> None:
+    head = (f"{'method (cumulative)':32} {'A R@1':>6} {'A R@5':>6} {'A noM':>6} {'A in@t':>12} "
+            f"{'B R@1':>6} {'B R@5':>6} {'B noM':>6} {'B in@t':>12} {'cost':>5}")  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    for m in methods:
+        if m.proxy and not methods[methods.index(m) - 1].proxy:
+            print("kiosk multi-frame proxy (not single-image results):")
+        cells = [f"{m.name:32}"]
+        for proto in ("A", "B"):
+            r = results["protocols"][proto][m.name]
+            o = r["open_set"]
+            cells.append(f"{r['r1']:6.3f} {r['r5']:6.3f} {o['no_match_unseen']:6.3f} "
+                         f"{o['known_r1_at_threshold']:.3f}/{o['known_r1_free']:.3f}")  # fmt: skip
+        cells.append(f"{results['relative_kiosk_cost'][m.name]:5.3f}")
+        print(" ".join(cells))
+    t = results["timing_ms"]
+    print(
+        f"\nnoM: share of unseen-item queries answered 'no match' at the catalog-calibrated threshold "
+        f"({round(OPEN_SET_SHARE * 100)}% of items left out, seed {OPEN_SET_SEED}); in@t: in-catalog R@1 at "
+        f"that threshold / threshold-free. cost: per-query kiosk time relative to baseline (embed "
+        f"{t['embed_ms']:.2f} ms, search {t['search_base_ms']:.3f} -> {t['search_adapter_ms']:.3f} ms)."
+    )
+    print(f"R@k is item-level (distinct items). Wrote {OUT / 'grocery.json'} and {OUT / 'grocery.png'} "
+          f"in {results['total_s']:.0f} s ({results['embedded_now']} images embedded now).")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The catalog CLI: keys, build, verify (OK or a named reason, exit 2), publish; bad input is one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from cloud.cli import catalog_app, keys_app
+from tests.cloud.conftest import CatalogFiles
+
+runner = CliRunner()
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.add_typer(catalog_app, name="catalog")
+    app.add_typer(keys_app, name="keys")
+    return app
+
+
+def test_keys_generate_makes_private_0600(tmp_path: Path) -> None:
+    """The private key must not be world-readable; a second generate must not overwrite it."""
+    r = runner.invoke(_app(), ["keys", "generate", "--out", str(tmp_path / "k")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "k" / "private.pem").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "k" / "public.pem").is_file()
+    r = runner.invoke(_app(), ["keys", "generate", "--out", str(tmp_path / "k")])
+    assert r.exit_code == 2 and "refusing to overwrite" in r.output and "Traceback" not in r.output
+
+
+def test_verify_reports_ok_or_the_reason(catalog: CatalogFiles, tmp_path: Path) -> None:
+    """verify prints OK with a summary, or REJECTED <reason> and exit 2 (directory and archive)."""
+    from cloud.build import build_snapshot
+    from storelens import signing
+    from storelens.snapshot import pack
+    from tests.cloud.conftest import CountingEmbedder
+
+    runner.invoke(_app(), ["keys", "generate", "--out", str(tmp_path / "k")])
+    key = signing.load_private_key(tmp_path / "k" / "private.pem")
+    snap = build_snapshot(catalog.path, "s1", tmp_path / "snap", key, embedder=CountingEmbedder(),
+                          progress=False).out_dir
+    pack(snap, tmp_path / "snap.tar")
+    pub = str(tmp_path / "k" / "public.pem")
+    for target in (snap, tmp_path / "snap.tar"):
+        r = runner.invoke(_app(), ["catalog", "verify", str(target), "--public-key", pub])
+        assert r.exit_code == 0 and r.output.startswith("OK full snapshot v1 of s1: 12 items, 36 vectors"), r.output
+    data = bytearray((snap / "index.bin").read_bytes())
+    data[-3] ^= 0xFF
+    (snap / "index.bin").write_bytes(bytes(data))
+    r = runner.invoke(_app(), ["catalog", "verify", str(snap), "--public-key", pub])
+    assert r.exit_code == 2 and "REJECTED hash_mismatch" in r.output
+    r = runner.invoke(_app(), ["catalog", "verify", str(tmp_path / "nope"), "--public-key", pub])
+    assert r.exit_code == 2 and "No such file" in r.output and r.output.count("\n") == 1
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
+    """Missing catalog, bad key, bad store id: one error line, exit 2, no traceback."""
+    (tmp_path / "k.pem").write_text("not a key")
+    (tmp_path / "c.jsonl").write_text("")
+    cases = [
+        ["--catalog", str(tmp_path / "none.csv"), "--key", str(tmp_path / "k.pem"), "--store", "s1"],
+        ["--catalog", str(tmp_path / "c.jsonl"), "--key", str(tmp_path / "k.pem"), "--store", "s1"],
+        ["--catalog", str(tmp_path / "c.jsonl"), "--key", str(tmp_path / "k.pem"), "--store", "a/b"],
+    ]
+    for args in cases:
+        r = runner.invoke(_app(), ["catalog", "build", "--bundle", str(tmp_path), "--out", str(tmp_path / "o"),
+                                   *args])
+        assert r.exit_code == 2, r.output
+        assert r.output.count("\n") == 1 and r.output.startswith("error: ") and "Traceback" not in r.output

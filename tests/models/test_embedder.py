@@ -1,0 +1,136 @@
+"""Embedder runtime: in-graph preprocessing equals the numpy/cv2 reference, bad crops, async == sync."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from models.bundle import read_manifest
+from models.embedder import Embedder
+from models.errors import BadImage, ModelError
+from models.export import load_source
+from models.fake import FakeEmbedder
+from models.graph import cut_at_pool
+from models.port import EmbedderPort
+
+
+def _crops(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sizes = [(64, 64), (1, 1), (480, 640), (33, 500), (300, 200)]
+    return [
+        cv2.GaussianBlur(rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8), (5, 5), 0)
+        for i in range(n)
+    ]
+
+
+def test_in_graph_preprocessing_matches_reference(tiny_bundle: Path) -> None:
+    """u8 resize -> RGB -> mean/std in the graph must equal cv2.resize + numpy feeding the bare backbone."""
+    import openvino as ov
+
+    prep = read_manifest(tiny_bundle).preprocessing
+    backbone, _ = cut_at_pool(load_source("tiny").model)
+    bare = ov.Core().compile_model(backbone, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    h, w = prep["size"]
+    with Embedder(tiny_bundle) as embedder:
+        for crop in _crops(5):
+            x = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
+            x = cv2.cvtColor(x, cv2.COLOR_BGR2RGB).astype(np.float32)
+            x = (x - np.array(prep["mean"], np.float32)) / np.array(prep["scale"], np.float32)
+            want = bare(x.transpose(2, 0, 1)[None])[0][0]
+            got = embedder.embed_one(crop)
+            # In-graph resize rounds to u8 (off by at most 1 level from cv2), hence not exact.
+            assert float(got @ want) > 0.999, crop.shape
+
+
+def test_unit_norm_and_order(tiny_bundle: Path) -> None:
+    """embed must return (n, dim) float32 unit rows in input order, for any crop size."""
+    crops = _crops(10)
+    with Embedder(tiny_bundle, mode="throughput") as embedder:
+        out = embedder.embed(crops)
+        assert out.shape == (10, 64) and out.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+        reversed_out = embedder.embed(crops[::-1])[::-1]
+        np.testing.assert_allclose(out, reversed_out, atol=1e-6)
+        assert embedder.embed([]).shape == (0, 64)
+
+
+def test_async_equals_sync(tiny_bundle: Path) -> None:
+    """submit()'s callbacks and embed() must give embed_one()'s vectors, each to its own userdata."""
+    crops = _crops(12)
+    got: dict[object, np.ndarray] = {}
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def on_vector(vec: np.ndarray, key: object) -> None:
+        with lock:
+            got[key] = vec
+            if len(got) == len(crops):
+                done.set()
+
+    with Embedder(tiny_bundle, mode="throughput", num_requests=3) as embedder:
+        sync = np.stack([embedder.embed_one(c) for c in crops])
+        batched = embedder.embed(crops)
+        for i, crop in enumerate(crops):
+            embedder.submit(crop, on_vector, i)
+            crop[:] = 0  # the caller may reuse its buffer at once
+        embedder.wait()
+        assert done.wait(timeout=10)
+    np.testing.assert_allclose(batched, sync, atol=1e-6)
+    for i in range(len(crops)):
+        np.testing.assert_allclose(got[i], sync[i], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "crop",
+    [
+        np.zeros((0, 10, 3), np.uint8),
+        np.zeros((10, 0, 3), np.uint8),
+        np.zeros((10, 10, 3), np.float32),
+        np.zeros((10, 10), np.uint8),
+        np.zeros((10, 10, 4), np.uint8),
+        b"not an array",
+    ],
+    ids=["empty-h", "empty-w", "float", "gray", "bgra", "bytes"],
+)
+def test_bad_crops_raise_bad_image(tiny_bundle: Path, crop: object) -> None:
+    """Empty, mistyped or misshapen crops must raise BadImage before reaching OpenVINO."""
+    with Embedder(tiny_bundle) as embedder:
+        with pytest.raises(BadImage):
+            embedder.embed_one(crop)  # type: ignore[arg-type]
+        with pytest.raises(BadImage):
+            embedder.embed([np.zeros((5, 5, 3), np.uint8), crop])  # type: ignore[list-item]
+
+
+def test_non_contiguous_crop_is_accepted(tiny_bundle: Path) -> None:
+    """A strided view (a crop of a frame) must embed the same as its contiguous copy."""
+    frame = _crops(1)[0]
+    frame = np.ascontiguousarray(np.broadcast_to(frame[:1, :1], (100, 100, 3)))
+    frame[10:60, 20:90] = 200
+    view = frame[10:60:2, 20:90:3]
+    with Embedder(tiny_bundle) as embedder:
+        np.testing.assert_allclose(embedder.embed_one(view), embedder.embed_one(view.copy()), atol=1e-6)
+
+
+def test_closed_embedder_refuses(tiny_bundle: Path) -> None:
+    """Using an embedder after close must raise ModelError, not crash in OpenVINO."""
+    embedder = Embedder(tiny_bundle, cache_dir=tiny_bundle.parent / "cache")
+    embedder.close()
+    embedder.close()
+    with pytest.raises(ModelError):
+        embedder.embed_one(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_ports(tiny_bundle: Path) -> None:
+    """Embedder and FakeEmbedder must both fit EmbedderPort; the fake is deterministic and unit-norm."""
+    fake = FakeEmbedder(dim=32)
+    assert isinstance(fake, EmbedderPort)
+    crops = _crops(4)
+    a, b = fake.embed(crops), FakeEmbedder(dim=32).embed(crops)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    with Embedder(tiny_bundle) as embedder:
+        assert isinstance(embedder, EmbedderPort)

@@ -1,0 +1,100 @@
+"""decode_image / load_image: bad bytes become BadImage, good ones uint8 HxWx3 BGR."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.errors import BadImage
+from models.images import decode_image, load_image
+
+
+def _photo(h: int = 40, w: int = 50) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (5, 5), 0)
+
+
+def _encode(img: np.ndarray, ext: str) -> bytes:
+    ok, buf = cv2.imencode(ext, img)
+    assert ok
+    return bytes(buf.tobytes())
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def test_decodes_jpeg_and_png_to_bgr() -> None:
+    """A colour photo must come back BGR and the right size."""
+    img = _photo()
+    out = decode_image(_encode(img, ".png"))
+    assert out.dtype == np.uint8 and out.shape == (40, 50, 3) and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, img)
+    assert decode_image(_encode(img, ".jpg")).shape == (40, 50, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_gray_alpha_palette_become_bgr(mode: str) -> None:
+    """Gray, alpha and palette images must still give 3 channels, not crash the embedder."""
+    buf = io.BytesIO()
+    Image.fromarray(_photo()[:, :, ::-1]).convert(mode).save(buf, "PNG")
+    assert decode_image(buf.getvalue()).shape == (40, 50, 3)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 30], ids=["empty", "text", "junk-png"]
+)
+def test_non_images_raise_bad_image(data: bytes) -> None:
+    """Empty and non-image bytes must raise the typed BadImage, not return None or crash."""
+    with pytest.raises(BadImage):
+        decode_image(data)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_truncated_images_raise(ext: str) -> None:
+    """A half-uploaded file must be refused, not decoded into a gray half-image."""
+    data = _encode(_photo(200, 200), ext)
+    with pytest.raises(BadImage):
+        decode_image(data[: len(data) // 2])
+
+
+def test_decompression_bomb_rejected_fast() -> None:
+    """A 100-byte PNG claiming 65535x65535 pixels must be refused from its header, without allocating."""
+    ihdr = struct.pack(">IIBBBBB", 65535, 65535, 8, 2, 0, 0, 0)
+    bomb = (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + _png_chunk(b"IEND", b"")
+    )
+    start = time.perf_counter()
+    with pytest.raises(BadImage, match="pixels|bomb"):
+        decode_image(bomb)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_limits_are_enforced() -> None:
+    """max_pixels and max_bytes must refuse images just over them."""
+    data = _encode(_photo(), ".png")
+    with pytest.raises(BadImage, match="pixels"):
+        decode_image(data, max_pixels=40 * 50 - 1)
+    with pytest.raises(BadImage, match="bytes"):
+        decode_image(data, max_bytes=len(data) - 1)
+
+
+def test_load_image_names_the_path(tmp_path: Path) -> None:
+    """A bad file's error must say which file, so a catalog build can report it."""
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(BadImage, match="broken.jpg"):
+        load_image(bad)
+    with pytest.raises(BadImage, match="missing.jpg"):
+        load_image(tmp_path / "missing.jpg")
