@@ -40,7 +40,9 @@ def clustered(n: int, dim: int, seed: int = 0) -> npt.NDArray[np.float32]:
 
 def _queries(x: npt.NDArray[np.float32], seed: int = 1) -> npt.NDArray[np.float32]:
     rng = np.random.default_rng(seed)
-    q = x[rng.integers(0, len(x), QUERIES)] + 0.3 * rng.standard_normal((QUERIES, x.shape[1]), dtype=np.float32)
+    q = x[rng.integers(0, len(x), QUERIES)] + 0.3 * rng.standard_normal(
+        (QUERIES, x.shape[1]), dtype=np.float32
+    )
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -73,14 +75,24 @@ def bench_size(n: int, dim: int, out_dir: Path) -> dict[str, Any]:
             labels, _ = raw.knn_query(q[i : i + 1], k=K, num_threads=1)
             lat.append((time.perf_counter() - s) * 1e3)
             found[i] = labels[0]
-        sweep.append({
-            "ef": ef, "recall@10": round(_recall(found, truth), 4),
-            "p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3),
-        })
+        sweep.append(
+            {
+                "ef": ef,
+                "recall@10": round(_recall(found, truth), 4),
+                "p50_ms": round(float(np.percentile(lat, 50)), 3),
+                "p99_ms": round(float(np.percentile(lat, 99)), 3),
+            }
+        )
     chosen = next((s for s in sweep if s["recall@10"] >= RECALL_TARGET), sweep[-1])
     return {
-        "n": n, "dim": dim, "build_s": round(build_s, 1), "exact_batch_ms_per_query": round(exact_ms, 3),
-        "file_bytes": size, "bytes_per_vector": round(size / n), "sweep": sweep, "chosen": chosen,
+        "n": n,
+        "dim": dim,
+        "build_s": round(build_s, 1),
+        "exact_batch_ms_per_query": round(exact_ms, 3),
+        "file_bytes": size,
+        "bytes_per_vector": round(size / n),
+        "sweep": sweep,
+        "chosen": chosen,
     }
 
 
@@ -99,7 +111,9 @@ def pca_bytes(n: int = 10_000, dim: int = 2048, out_dim: int = 256) -> dict[str,
 
     found, _ = vindex.exact_search(proj(x), proj(q), K)
     return {
-        "raw_bytes_per_vector": dim * 4, "pca_bytes_per_vector": out_dim * 4, "out_dim": out_dim,
+        "raw_bytes_per_vector": dim * 4,
+        "pca_bytes_per_vector": out_dim * 4,
+        "out_dim": out_dim,
         "recall@10_vs_raw_exact": round(_recall(found, truth), 4),
     }
 

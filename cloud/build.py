@@ -26,6 +26,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud import delta as d
+from cloud import retrieval
 from cloud.catalog import Catalog, load_catalog
 from cloud.featurize import EmbedderLike, EmbeddingCache, Features, featurize, preprocessing_hash
 from storelens import vindex
@@ -33,6 +34,7 @@ from storelens.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 from storelens.snapshot import (
     Canary,
     HnswParams,
+    Projection,
     SnapshotManifest,
     describe_files,
     read_manifest_unverified,
@@ -47,6 +49,8 @@ DEFAULT_EF = 100  # query ef recorded for kiosks: recall ~1.0 on catalogs up to 
 CANARIES = 8  # enough to catch a wrong model/index pairing; each costs dim*4 bytes in the manifest
 POS_PASS = 0.95  # share of same-item matches that must clear the threshold
 EXPIRES_DAYS = 30  # a kiosk flags its catalog stale after this (reliability A5)
+PROJECTION = "projection.bin"
+MIN_ADAPTER_ITEMS = 3  # LDA needs a few items to find directions that separate them
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -163,6 +167,7 @@ def build_snapshot(
     progress: bool = True,
     delta_max_fraction: float = DELTA_MAX_FRACTION,
     s3_client: Any = None,
+    adapter: Literal["lda", "none"] = "lda",
 ) -> BuildResult:
     """Build, sign and write a snapshot for ``store``; a report JSON lands beside ``out_dir``."""
     t0 = time.monotonic()
@@ -191,7 +196,6 @@ def build_snapshot(
         raise BuildError("no catalog image could be embedded")
     item_rows = _item_rows(catalog, store, feats)
     skus = [r.sku for r in feats.rows]
-    threshold, tstats = calibrate_threshold(feats.vectors, skus)
     base_m = read_manifest_unverified(base) if base is not None else None
     if version is None:
         version = base_m.version + 1 if base_m else 1
@@ -210,16 +214,39 @@ def build_snapshot(
         "cache_hits": feats.cache_hits,
         "vectors": len(skus),
         "items": len(item_rows),
-        "threshold": threshold,
-        "threshold_stats": tstats,
     }
+    vec_rows = [{"label": i, "sku": r.sku, "image": r.image_sha256} for i, r in enumerate(feats.rows)]
+    plan, reason = None, None
+    if base is not None and base_m is not None:
+        reason = _delta_blocker(base, base_m, model_id, feats.dim)
+        if reason is None:
+            plan = d.plan_delta(
+                d.read_rows(base / d.ITEMS), d.read_rows(base / d.VECTORS), item_rows, vec_rows
+            )
+            if plan.fraction > delta_max_fraction:
+                reason, plan = f"{plan.fraction:.0%} of vectors changed (> {delta_max_fraction:.0%})", None
+        report["delta_fallback"] = reason
+    kind: Literal["full", "delta"] = "delta" if plan is not None else "full"
+    # A delta keeps its base's projection (its vectors must live in the same space); a full build refits.
+    if plan is not None and base is not None and base_m is not None:
+        proj = _read_projection(base, base_m)
+        threshold = base_m.threshold
+        tstats = {"method": "inherited", "from_version": base_m.version}
+    else:
+        proj, tstats = _fit_projection(feats.vectors, skus, adapter)
+        threshold = float(tstats["threshold"])  # type: ignore[arg-type]
+    index_vectors = proj.apply(feats.vectors) if proj is not None else feats.vectors
+    report.update(threshold=threshold, threshold_stats=tstats, adapter=adapter if proj else "none")
     common: dict[str, Any] = {
         "store": store,
         "version": version,
         "model_id": model_id,
         "preprocessing_hash": pre_hash,
         "model_dim": feats.dim,
-        "dim": feats.dim,
+        "dim": proj.out_dim if proj is not None else feats.dim,
+        "projection": (
+            None if proj is None else Projection(file=PROJECTION, in_dim=proj.in_dim, out_dim=proj.out_dim)
+        ),
         "item_count": len(item_rows),
         "vector_count": len(skus),
         "hnsw": HnswParams(M=M, ef_construction=ef_construction, ef=ef),
@@ -231,24 +258,14 @@ def build_snapshot(
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / d.THUMBS).mkdir(parents=True)
-    vec_rows = [{"label": i, "sku": r.sku, "image": r.image_sha256} for i, r in enumerate(feats.rows)]
-    kind: Literal["full", "delta"] = "full"
     extra: dict[str, Any] = {"threshold": tstats}
-    if base is not None and base_m is not None:
-        reason = _delta_blocker(base, base_m, model_id, feats.dim)
-        if reason is None:
-            plan = d.plan_delta(
-                d.read_rows(base / d.ITEMS), d.read_rows(base / d.VECTORS), item_rows, vec_rows
-            )
-            if plan.fraction > delta_max_fraction:
-                reason = f"{plan.fraction:.0%} of vectors changed (> {delta_max_fraction:.0%})"
-            else:
-                kind = "delta"
-                extra["delta"] = _write_delta(tmp, base, plan, item_rows, vec_rows, feats)
-                common.update(base_version=base_m.version, base_manifest_sha256=d.snapshot_identity(base)[1])
-        report["delta_fallback"] = reason
-    if kind == "full":
-        _write_full(tmp, item_rows, vec_rows, feats, M, ef_construction, ef)
+    if proj is not None:
+        atomic_write_bytes(tmp / PROJECTION, proj.to_bytes())
+    if plan is not None and base is not None and base_m is not None:
+        extra["delta"] = _write_delta(tmp, base, plan, item_rows, vec_rows, feats, index_vectors)
+        common.update(base_version=base_m.version, base_manifest_sha256=d.snapshot_identity(base)[1])
+    else:
+        _write_full(tmp, item_rows, vec_rows, feats, index_vectors, M, ef_construction, ef)
     report["kind"] = kind
     extra["build"] = {k: report[k] for k in ("images_embedded", "cache_hits", "vectors", "items")}
     names = [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]
@@ -265,10 +282,32 @@ def build_snapshot(
     return BuildResult(out_dir, read_manifest_unverified(out_dir), report, report_path)
 
 
+def _fit_projection(
+    vectors: npt.NDArray[np.float32], skus: list[str], adapter: str
+) -> tuple[retrieval.Adapter | None, dict[str, Any]]:
+    """Fit the catalog's LDA adapter and a cross-fitted threshold; or no projection and the plain one."""
+    ids = np.unique(np.asarray(skus), return_inverse=True)[1]
+    if adapter == "lda" and ids.max(initial=0) + 1 >= MIN_ADAPTER_ITEMS:
+        proj = retrieval.fit_lda_adapter(vectors, ids)
+        cal = retrieval.calibrate_threshold(vectors, ids, fit_adapter=True)
+        stats = {"method": "cross_fitted_lda", "threshold": round(cal.threshold, 4),
+                 "known_kept": round(cal.known_kept, 4), "unseen_rejected": round(cal.unseen_rejected, 4)}
+        return proj, stats
+    t, stats = calibrate_threshold(vectors, skus)
+    return None, {**stats, "threshold": t}
+
+
+def _read_projection(base: Path, base_m: SnapshotManifest) -> retrieval.Adapter | None:
+    if base_m.projection is None:
+        return None
+    p = base_m.projection
+    return retrieval.Adapter.from_bytes((base / p.file).read_bytes(), p.in_dim, p.out_dim)
+
+
 def _delta_blocker(base: Path, base_m: SnapshotManifest, model_id: str, dim: int) -> str | None:
     if base_m.kind != "full":
         return "base is a delta: build against its applied (full-equivalent) directory"
-    if base_m.model_id != model_id or base_m.dim != dim:
+    if base_m.model_id != model_id or base_m.model_dim != dim:
         return "model changed since the base"
     if not (base / d.ITEMS).is_file() or not (base / d.VECTORS).is_file():
         return "base lacks items/vectors rows"
@@ -286,12 +325,13 @@ def _write_full(
     item_rows: list[dict[str, Any]],
     vec_rows: list[dict[str, Any]],
     feats: Features,
+    index_vectors: npt.NDArray[np.float32],
     M: int,
     ef_construction: int,
     ef: int,
 ) -> None:
     index = vindex.build(
-        feats.vectors, np.arange(len(vec_rows), dtype=np.int64), M=M, ef_construction=ef_construction, ef=ef
+        index_vectors, np.arange(len(vec_rows), dtype=np.int64), M=M, ef_construction=ef_construction, ef=ef
     )
     index.save(tmp / d.INDEX)
     atomic_write_bytes(tmp / d.ITEMS, d.rows_bytes(item_rows))
@@ -306,9 +346,10 @@ def _write_delta(
     item_rows: list[dict[str, Any]],
     vec_rows: list[dict[str, Any]],
     feats: Features,
+    index_vectors: npt.NDArray[np.float32],
 ) -> dict[str, Any]:
     added_rows = [{**vec_rows[i], "label": lbl} for i, lbl in zip(plan.added, plan.added_labels, strict=True)]
-    atomic_write_bytes(tmp / d.ADDED_VECTORS, feats.vectors[plan.added].astype("<f4").tobytes())
+    atomic_write_bytes(tmp / d.ADDED_VECTORS, index_vectors[plan.added].astype("<f4").tobytes())
     atomic_write_bytes(tmp / d.ADDED_ROWS, d.rows_bytes(added_rows))
     atomic_write_bytes(
         tmp / d.REMOVED,

@@ -21,6 +21,20 @@ dashboard_app = typer.Typer(add_completion=False, help="Staff dashboard (store s
 fleet_app = typer.Typer(add_completion=False, help="Fleet rollout of model + snapshot releases.")
 
 
+def _register_subapps() -> None:
+    from cloud.dashboard.serve import register as register_dashboard
+
+    register_dashboard(dashboard_app)
+    try:
+        from cloud.fleet.cli import register as register_fleet
+    except ImportError:  # fleet commands land with the rollout work
+        return
+    register_fleet(fleet_app)
+
+
+_register_subapps()
+
+
 def _fail(msg: str) -> NoReturn:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)

@@ -204,6 +204,8 @@ def apply_delta(base_dir: Path, delta_dir: Path, out_dir: Path) -> SnapshotManif
     for label in deleted:
         hnsw.mark_deleted(label)
     index.save(tmp / INDEX)
+    if delta_m.projection is not None:  # the delta's vectors live in its (the base's) projected space
+        shutil.copyfile(delta_dir / delta_m.projection.file, tmp / delta_m.projection.file)
     atomic_write_bytes(tmp / ITEMS, items_b)
     atomic_write_bytes(tmp / VECTORS, vectors_b)
     for r in items:

@@ -16,6 +16,7 @@ import numpy.typing as npt
 from cloud import delta as d
 from cloud.catalog import FetchError, fetch_image_bytes
 from cloud.featurize import DECODE_WORKERS, EmbedderLike, model_fingerprint
+from cloud.retrieval import Adapter
 from storelens import vindex
 from storelens.snapshot import read_manifest_unverified
 
@@ -69,6 +70,10 @@ def evaluate(
         raise EvalError("evaluate a full (or applied) snapshot, not a delta")
     label_sku = {int(r["label"]): str(r["sku"]) for r in d.read_rows(snapshot / d.VECTORS)}
     index = vindex.load(snapshot / d.INDEX, dim=m.dim, ef=max(m.hnsw.ef, EVAL_EF))
+    adapter = None
+    if m.projection is not None:  # queries go through the snapshot's catalog-fitted projection, as on a kiosk
+        p = m.projection
+        adapter = Adapter.from_bytes((snapshot / p.file).read_bytes(), p.in_dim, p.out_dim)
     rows = load_queries(queries)
     if not rows:
         raise EvalError(f"{queries} holds no queries")
@@ -84,6 +89,8 @@ def evaluate(
             if not good:
                 continue
             vecs = np.asarray(embedder.embed([g[0] for g in good]), np.float32)
+            if adapter is not None:
+                vecs = adapter.apply(vecs)
             labels, sims = index.search(vecs, VECTOR_K)
             for lab_row, sim_row, (_, sku) in zip(labels, sims, good, strict=True):
                 ranked.append(_collapse(lab_row, sim_row, label_sku))

@@ -163,9 +163,7 @@ class Calibration:
     notes: dict[str, float] = field(default_factory=dict)
 
 
-def _split_round(
-    labels: I64, aug_source: I64 | None, rng: np.random.Generator
-) -> tuple[I64, I64, I64, I64]:
+def _split_round(labels: I64, aug_source: I64 | None, rng: np.random.Generator) -> tuple[I64, I64, I64, I64]:
     """One simulation round: (fit originals, known-query originals, known-query aug views, unseen items)."""
     items = np.unique(labels)
     n_unseen = max(1, round(HOLDOUT_FRACTION * len(items)))
@@ -269,3 +267,209 @@ def calibrate_threshold(
     )  # fmt: skip
     return cal
 
+
+# ---- open set: "no match" from a calibrated rule on item scores ----
+
+OPEN_SET_KIND = "top1+margin/1"
+# Weight of the top-1 minus top-2 item margin added to the top-1 similarity: measured best of top-1,
+# margin, ratio, per-item LOO-normalised, kNN-fraction and Mahalanobis scores (scripts/eval_grocery.py).
+DEFAULT_MARGIN_WEIGHT = 1.0
+# Catalog images removed around each held-out one in calibration: store photos come from other sessions
+# than the catalog, so a held-out image's near-duplicates must not stay behind to answer it.
+DEFAULT_HOLDOUT_NEIGHBOURS = 8
+
+
+def open_set_score(scores: npt.ArrayLike, margin_weight: float = DEFAULT_MARGIN_WEIGHT) -> F32:
+    """Per-query confidence from (q, n_items) or (n_items,) item scores: top1 + w * (top1 - top2).
+
+    With fewer than two finite item scores the margin term is 0 (nothing to be confused with).
+    """
+    s = np.asarray(scores, dtype=np.float32)
+    rows = s[None, :] if s.ndim == 1 else s
+    if rows.shape[1] == 0:
+        raise ValueError("no items to score")
+    if rows.shape[1] == 1:
+        top1 = rows[:, 0]
+        top2 = np.full_like(top1, -np.inf)
+    else:
+        part = -np.partition(-rows, 1, axis=1)
+        top1, top2 = part[:, 0], part[:, 1]
+    margin = np.where(np.isfinite(top2), top1 - top2, 0.0).astype(np.float32)
+    out: F32 = (top1 + np.float32(margin_weight) * margin).astype(np.float32)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSetRule:
+    """When the kiosk answers "no match": ``open_set_score(item scores) < threshold``.
+
+    ``to_dict`` is what a snapshot ships (manifest ``extra["open_set"]``); the kiosk needs only
+    ``threshold`` and ``margin_weight``; the rest records the catalog-only simulation it came from.
+    """
+
+    threshold: float
+    margin_weight: float = DEFAULT_MARGIN_WEIGHT
+    max_known_loss: float = DEFAULT_MAX_KNOWN_LOSS
+    sim_known_kept: float = float("nan")  # share of correct held-out answers kept, in the simulation
+    sim_unseen_rejected: float = float("nan")  # share of unseen-item queries rejected, in the simulation
+    sim_known_correct: int = 0
+    sim_unseen_total: int = 0
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """A small JSON-ready dict (floats rounded to 6 places)."""
+        return {
+            "kind": OPEN_SET_KIND,
+            "threshold": round(self.threshold, 6),
+            "margin_weight": round(self.margin_weight, 6),
+            "max_known_loss": round(self.max_known_loss, 6),
+            "sim_known_kept": round(self.sim_known_kept, 4),
+            "sim_unseen_rejected": round(self.sim_unseen_rejected, 4),
+            "sim_known_correct": self.sim_known_correct,
+            "sim_unseen_total": self.sim_unseen_total,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> OpenSetRule:
+        """Parse ``to_dict`` output; ValueError on another kind or a missing/non-finite threshold."""
+        if d.get("kind") != OPEN_SET_KIND:
+            raise ValueError(f"open-set rule kind {d.get('kind')!r} is not {OPEN_SET_KIND!r}")
+
+        def num(key: str, default: float) -> float:
+            v = d.get(key, default)
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                raise ValueError(f"open-set rule field {key!r} is {v!r}, not a number")
+            return float(v)
+
+        threshold = num("threshold", float("nan"))
+        weight = num("margin_weight", DEFAULT_MARGIN_WEIGHT)
+        if not (np.isfinite(threshold) and np.isfinite(weight)):
+            raise ValueError("open-set rule needs a finite threshold and margin_weight")
+        return cls(
+            threshold=threshold, margin_weight=weight,
+            max_known_loss=num("max_known_loss", DEFAULT_MAX_KNOWN_LOSS),
+            sim_known_kept=num("sim_known_kept", float("nan")),
+            sim_unseen_rejected=num("sim_unseen_rejected", float("nan")),
+            sim_known_correct=int(num("sim_known_correct", 0)),
+            sim_unseen_total=int(num("sim_unseen_total", 0)),
+        )  # fmt: skip
+
+
+def is_match(rule: OpenSetRule, item_scores_row: npt.ArrayLike) -> bool:
+    """True to answer with the top item of one query's (n_items,) item scores, False for "no match"."""
+    row = np.asarray(item_scores_row, dtype=np.float32)
+    if row.ndim != 1:
+        raise ValueError(f"is_match takes one query's item scores, got shape {row.shape}")
+    return bool(open_set_score(row, rule.margin_weight)[0] >= rule.threshold)
+
+
+def _open_set_round(
+    x: F32, y: I64, aug_source: I64 | None, neighbours: int, rng: np.random.Generator
+) -> tuple[I64, I64, I64, I64]:
+    """Like ``_split_round``, but each held-out image also takes its ``neighbours`` nearest same-item
+    images (cosine in model space) out of the catalog, leaving at least one image of the item behind."""
+    items = np.unique(y)
+    unseen = rng.choice(items, size=max(1, round(HOLDOUT_FRACTION * len(items))), replace=False)
+    fit: list[int] = []
+    known_orig: list[int] = []
+    known_aug: list[int] = []
+    for item in np.setdiff1d(items, unseen):
+        idx = np.flatnonzero(y == item)
+        if len(idx) >= 2:
+            held = int(rng.choice(idx))
+            rest = idx[idx != held]
+            drop = min(neighbours, len(rest) - 1)
+            if drop > 0:
+                sims = x[rest] @ x[held]
+                rest = rest[np.argsort(-sims, kind="stable")[drop:]]
+            known_orig.append(held)
+            fit.extend(int(i) for i in rest)
+        else:
+            fit.append(int(idx[0]))
+            if aug_source is not None:
+                known_aug.extend(int(a) for a in np.flatnonzero(aug_source == idx[0]))
+    return (np.asarray(sorted(fit), np.int64), np.asarray(known_orig, np.int64),
+            np.asarray(known_aug, np.int64), unseen.astype(np.int64))  # fmt: skip
+
+
+def calibrate_open_set(
+    vectors: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    *,
+    aug_vectors: npt.ArrayLike | None = None,
+    aug_source: npt.ArrayLike | None = None,
+    fit_adapter: bool = True,
+    fit_with_aug: bool = True,
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    max_known_loss: float = DEFAULT_MAX_KNOWN_LOSS,
+    margin_weight: float = DEFAULT_MARGIN_WEIGHT,
+    holdout_neighbours: int = DEFAULT_HOLDOUT_NEIGHBOURS,
+    rounds: int = CALIBRATION_ROUNDS,
+    seed: int = 0,
+) -> OpenSetRule:
+    """The snapshot's "no match" rule, from the catalog alone (model-space vectors, item labels).
+
+    Each round hides 20% of the items (their images and views become unseen-item queries) and, per
+    remaining item, one image together with its ``holdout_neighbours`` nearest same-item images (the
+    held image is the known query; single-image items use their augmented views instead), refits the
+    adapter on the rest as the build does, and scores every query with ``open_set_score``. The threshold
+    keeps all but ``max_known_loss`` of the correctly answered known queries.
+    """
+    if not 0.0 <= max_known_loss < 1.0:
+        raise ValueError(f"max_known_loss must be in [0, 1), got {max_known_loss}")
+    x = normalize_rows(vectors)
+    y = np.asarray(labels, dtype=np.int64)
+    xa = None if aug_vectors is None else np.asarray(aug_vectors, dtype=np.float32)
+    src = None if aug_source is None else np.asarray(aug_source, dtype=np.int64)
+    if (xa is None) != (src is None):
+        raise ValueError("aug_vectors and aug_source go together")
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} vectors but {len(y)} labels")
+    items = np.unique(y)
+    rng = np.random.default_rng(seed)
+    known_scores: list[F32] = []
+    unseen_scores: list[F32] = []
+    for _ in range(rounds):
+        fit, known_orig, known_aug, unseen = _open_set_round(x, y, src, holdout_neighbours, rng)
+        fit_x, fit_y = x[fit], y[fit]
+        if xa is not None and src is not None and fit_with_aug:
+            use = np.isin(src, fit)
+            fit_x, fit_y = np.vstack([fit_x, xa[use]]), np.concatenate([fit_y, y[src[use]]])
+        adapter = (
+            fit_lda_adapter(fit_x, fit_y, shrinkage=shrinkage)
+            if fit_adapter
+            else Adapter.identity(x.shape[1])
+        )
+        catalog = adapter.apply(x[fit])
+        q_parts, q_labels = [x[known_orig]], [y[known_orig]]
+        if xa is not None and src is not None and len(known_aug):
+            q_parts.append(xa[known_aug])
+            q_labels.append(y[src[known_aug]])
+        unseen_rows = np.flatnonzero(np.isin(y, unseen))
+        q_parts.append(x[unseen_rows])
+        if xa is not None and src is not None:
+            q_parts.append(xa[np.isin(src, unseen_rows)])
+        n_known = sum(len(p) for p in q_labels)
+        # Item columns are the catalog's items in sorted order (absent ones are simply not columns).
+        kept_items = np.unique(y[fit])
+        col = np.searchsorted(kept_items, y[fit])
+        scores = item_scores(adapter.apply(np.vstack(q_parts)) @ catalog.T, col, len(kept_items))
+        conf = open_set_score(scores, margin_weight)
+        right = kept_items[scores[:n_known].argmax(1)] == np.concatenate(q_labels)
+        known_scores.append(conf[:n_known][right])
+        unseen_scores.append(conf[n_known:])
+    ok = np.concatenate(known_scores)
+    if not len(ok):
+        raise ValueError("calibration found no correct in-catalog answers; is the catalog labelled?")
+    threshold = float(np.quantile(ok, max_known_loss))
+    un = np.concatenate(unseen_scores)
+    rule = OpenSetRule(
+        threshold=threshold, margin_weight=float(margin_weight), max_known_loss=float(max_known_loss),
+        sim_known_kept=float(np.mean(ok >= threshold)),
+        sim_unseen_rejected=float(np.mean(un < threshold)) if len(un) else float("nan"),
+        sim_known_correct=len(ok), sim_unseen_total=len(un),
+    )  # fmt: skip
+    _LOGGER.info(
+        "open-set rule over %d items: threshold %.4f keeps %.3f of %d correct, rejects %.3f of %d unseen",
+        len(items), threshold, rule.sim_known_kept, len(ok), rule.sim_unseen_rejected, len(un),
+    )  # fmt: skip
+    return rule

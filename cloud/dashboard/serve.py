@@ -47,9 +47,7 @@ class PageConfig:
 class _Handler(SimpleHTTPRequestHandler):
     """Static files from ``directory``; /config.json from memory; /snapshots/ from a second root."""
 
-    def __init__(
-        self, *args: Any, config_json: bytes, snapshots_dir: Path | None, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, config_json: bytes, snapshots_dir: Path | None, **kwargs: Any) -> None:
         self._config_json = config_json
         self._snapshots_dir = snapshots_dir
         super().__init__(*args, **kwargs)
@@ -73,7 +71,7 @@ class _Handler(SimpleHTTPRequestHandler):
     def translate_path(self, path: str) -> str:
         if self._snapshots_dir is not None and path.startswith(_SNAPSHOTS_PREFIX):
             # Same normalisation as the base class ('..' and absolute parts dropped), other root.
-            rel = super().translate_path("/" + path[len(_SNAPSHOTS_PREFIX):])
+            rel = super().translate_path("/" + path[len(_SNAPSHOTS_PREFIX) :])
             return str(self._snapshots_dir / os.path.relpath(rel, self.directory))
         return super().translate_path(path)
 
@@ -144,7 +142,10 @@ def serve(
     from storelens.protocol import check_id
 
     config = PageConfig(
-        broker_ws_url=broker_ws_url, store=check_id(store, "store id"), username=username, password=password,
+        broker_ws_url=broker_ws_url,
+        store=check_id(store, "store id"),
+        username=username,
+        password=password,
         thumbnail_base=_SNAPSHOTS_PREFIX.lstrip("/") + "{snapshot}/" if snapshots_dir is not None else None,
     )
     server = DashboardServer(host, port, config, static_dir=static_dir, snapshots_dir=snapshots_dir)
@@ -180,8 +181,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve the staff dashboard (static page + config.json) and print its URL."""
         try:
-            serve(host, port, broker_ws_url, username, password, store, static_dir=static_dir,
-                  snapshots_dir=snapshots_dir)
+            serve(
+                host,
+                port,
+                broker_ws_url,
+                username,
+                password,
+                store,
+                static_dir=static_dir,
+                snapshots_dir=snapshots_dir,
+            )
         except DashboardError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc

@@ -3,8 +3,9 @@ probation and rollback, with one atomically replaced pointer file; and the AWS I
 
 from device.update.child import CompileFailed
 from device.update.jobs import JobsBridge, JobsClient
+from device.update.pairs import LoadedPair, UpdateSettings
 from device.update.pointer import Pair, PairStore, Pointer, PointerError
-from device.update.updater import LoadedPair, Updater, UpdateSettings
+from device.update.updater import Updater
 
 __all__ = [
     "CompileFailed",

@@ -118,14 +118,15 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.monotonic()
     cache = Path(spec["cache_dir"]) if spec.get("cache_dir") else None
-    with Embedder(Path(spec["bundle"]), mode="latency", cache_dir=cache) as emb:
-        compile_ms = (time.monotonic() - t0) * 1000
-        crops = [decode_image(Path(p).read_bytes()) for p in spec["images"]]
-        vecs = emb.embed(crops) if crops else np.empty((0, emb.dim), np.float32)
-        if not np.isfinite(vecs).all():
-            return {"ok": False, "error": "model produced non-finite embeddings"}
-        Path(spec["out"]).write_bytes(vecs.astype("<f4").tobytes())
-        return {"ok": True, "model_id": emb.model_id, "dim": emb.dim, "compile_ms": round(compile_ms, 1)}
+    # Never closed: the process exits right after (Embedder.close after AsyncInferQueue use can hang).
+    emb = Embedder(Path(spec["bundle"]), mode="latency", cache_dir=cache)
+    compile_ms = (time.monotonic() - t0) * 1000
+    crops = [decode_image(Path(p).read_bytes()) for p in spec["images"]]
+    vecs = np.stack([emb.embed_one(c) for c in crops]) if crops else np.empty((0, emb.dim), np.float32)
+    if not np.isfinite(vecs).all():
+        return {"ok": False, "error": "model produced non-finite embeddings"}
+    Path(spec["out"]).write_bytes(vecs.astype("<f4").tobytes())
+    return {"ok": True, "model_id": emb.model_id, "dim": emb.dim, "compile_ms": round(compile_ms, 1)}
 
 
 def main() -> int:
@@ -142,7 +143,8 @@ def main() -> int:
         reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     sys.stdout.write(json.dumps(reply) + "\n")
     sys.stdout.flush()
-    return 0
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown of OpenVINO objects: nothing left to save
 
 
 if __name__ == "__main__":

@@ -30,12 +30,18 @@ _TERMINAL = {"done": "SUCCEEDED", "failed": "FAILED", "rolled_back": "FAILED"}
 
 
 class JobsClient:
-    """The Jobs MQTT API for one thing; ``on_job(job_id, document)`` runs on the transport thread."""
+    """The Jobs MQTT API for one thing. Work a message triggers (start-next, ``on_job``) goes to ``defer``:
+    transport callbacks must not block, and a publish waits for its PUBACK on that very thread."""
 
     def __init__(
-        self, transport: Transport, thing: str, on_job: Callable[[str, dict[str, Any]], None]
+        self,
+        transport: Transport,
+        thing: str,
+        on_job: Callable[[str, dict[str, Any]], None],
+        defer: Callable[[Callable[[], None]], None],
     ) -> None:
         self._t = transport
+        self._defer = defer
         self.thing = thing
         self.base = f"$aws/things/{thing}/jobs"
         self._on_job = on_job
@@ -94,17 +100,15 @@ class JobsClient:
     def _on_notify(self, topic: str, payload: bytes, retained: bool) -> None:
         msg = _json(payload)
         if isinstance(msg.get("execution"), dict):
-            self.start_next()
+            self._defer(self.start_next)
 
     def _on_started(self, topic: str, payload: bytes, retained: bool) -> None:
         self._on_response(topic, payload, retained)
         ex = _json(payload).get("execution")
         if not isinstance(ex, dict) or not isinstance(ex.get("jobId"), str):
             return  # no job queued
-        try:
-            self._on_job(ex["jobId"], ex.get("jobDocument") or {})
-        except Exception:
-            _LOGGER.exception("job %s handler failed", ex.get("jobId"))
+        job_id, doc = ex["jobId"], ex.get("jobDocument") or {}
+        self._defer(lambda: self._on_job(job_id, doc))
 
     def _on_response(self, topic: str, payload: bytes, retained: bool) -> None:
         msg = _json(payload)
@@ -123,10 +127,10 @@ class JobsBridge:
     """Job -> Updater.submit; Updater progress -> execution updates, sent from the bridge's own thread."""
 
     def __init__(self, transport: Transport, thing: str, updater: Updater) -> None:
-        self.jobs = JobsClient(transport, thing, self._on_job)
+        self.jobs = JobsClient(transport, thing, self._on_job, self._q_put)
         self._updater = updater
         self._job: tuple[str, str] | None = None  # (job id, release)
-        self._q: queue.Queue[tuple[str, str, dict[str, str]] | None] = queue.Queue()
+        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.sent: list[tuple[str, str, bool]] = []  # (job id, status, accepted): for health and tests
 
@@ -151,7 +155,7 @@ class JobsBridge:
         try:
             desired = desired_from_job(doc, store=t.store, kiosk=t.kiosk)
         except ValueError as exc:
-            self._q.put((job_id, "REJECTED", {"step": "verify", "error": str(exc)[:200]}))
+            self._send(job_id, "REJECTED", {"step": "verify", "error": str(exc)[:200]})
             return
         self._job = (job_id, desired.release)
         self._updater.submit(desired)
@@ -164,17 +168,25 @@ class JobsBridge:
         details = {"step": p.step, "release": p.release, "ok": str(p.ok).lower()}
         if p.detail:
             details["detail"] = p.detail[:200]
-        self._q.put((job[0], status, details))
+        self._q_put(lambda: self._send(job[0], status, details))
         if status != "IN_PROGRESS":
             self._job = None
 
+    def _q_put(self, fn: Callable[[], None]) -> None:
+        self._q.put(fn)
+
+    def _send(self, job_id: str, status: str, details: dict[str, str]) -> None:
+        ok = self.jobs.update(job_id, status, details)
+        self.sent.append((job_id, status, ok))
+        if status != "IN_PROGRESS":
+            self.jobs.start_next()  # the next queued execution, if any
+
     def _run(self) -> None:
-        while (item := self._q.get()) is not None:
-            job_id, status, details = item
-            ok = self.jobs.update(job_id, status, details)
-            self.sent.append((job_id, status, ok))
-            if status != "IN_PROGRESS":
-                self.jobs.start_next()  # the next queued execution, if any
+        while (fn := self._q.get()) is not None:
+            try:
+                fn()
+            except Exception:
+                _LOGGER.exception("jobs bridge task failed")
 
 
 def _json(payload: bytes) -> dict[str, Any]:

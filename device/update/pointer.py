@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from storelens.fsutil import atomic_write_json, fsync_dir, read_capped
+from storelens.fsutil import atomic_write_json, clean_stale_temps, fsync_dir, read_capped
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class PairStore:
         self.staging = self.root / "staging"
         for d in (self.bundles, self.snapshots, self.staging):
             d.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(self.root)  # a pointer write cut before its rename
         self._lock = threading.Lock()
         self._pointer = self._read()
 

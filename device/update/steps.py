@@ -181,6 +181,11 @@ def load_snapshot(directory: Path, manifest: SnapshotManifest) -> ActiveSnapshot
     return snap
 
 
+def _embed_one(embedder: Any, crop: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    one = getattr(embedder, "embed_one", None)  # the sync request: no async queue to drain later
+    return np.asarray(one(crop) if callable(one) else embedder.embed([crop])[0], dtype=np.float32)
+
+
 def selftest(
     embedder: Any,
     snap: ActiveSnapshot,
@@ -189,19 +194,13 @@ def selftest(
     *,
     min_cosine: float,
     decode: Callable[[bytes], npt.NDArray[np.uint8]],
-) -> float:
+) -> list[npt.NDArray[np.uint8]]:
     """Canary images through the new model: right sku at top-1, close to the recorded embedding, and the
-    same vectors as the child computed. Returns the p50 embed latency in ms."""
+    same vectors as the child computed. Returns the decoded canary crops (for the latency check)."""
     if not canaries:
         raise UpdateFailed("selftest", "no_canary_images", "the snapshot carries no canary images")
     crops = [decode(path.read_bytes()) for _, path, _ in canaries]
-    times = []
-    vecs = []
-    for crop in crops:
-        t0 = time.perf_counter()
-        vecs.append(np.asarray(embedder.embed([crop]), dtype=np.float32)[0])
-        times.append((time.perf_counter() - t0) * 1000)
-    got = np.stack(vecs)
+    got = np.stack([_embed_one(embedder, crop) for crop in crops])
     if not np.isfinite(got).all():
         raise UpdateFailed("selftest", "non_finite", "the model returned non-finite embeddings")
     for i, (sku, _, recorded) in enumerate(canaries):
@@ -218,7 +217,21 @@ def selftest(
         top = hits[0].sku if hits else None
         if top != sku:
             raise UpdateFailed("selftest", "canary_failed", f"canary {sku}: top-1 is {top!r}")
-    return float(np.median(times))
+    return crops
+
+
+def compare_latency(
+    old: Any, new: Any, crops: Sequence[npt.NDArray[np.uint8]], *, rounds: int = 3
+) -> tuple[float, float]:
+    """(old p50 ms, new p50 ms), measured interleaved on the same crops so load on the kiosk hits both."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(rounds):
+        for crop in crops:
+            for i, emb in enumerate((old, new)):
+                t0 = time.perf_counter()
+                _embed_one(emb, crop)
+                times[i].append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def discard(path: Path) -> None:

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,9 +22,16 @@ from device.comms.port import Transport
 from device.sync.active import ActiveSnapshot
 from device.update import steps
 from device.update.child import CompileFailed, compile_in_child
+from device.update.pairs import (
+    LoadedPair,
+    UpdateSettings,
+    close_embedder,
+    default_decoder,
+    default_loader,
+    open_pair,
+)
 from device.update.pointer import Pair, PairStore, Pointer, mark_failed, rollback
 from storelens.protocol import DesiredRelease, ProtocolError, Topics, UpdateProgress, decode
-from storelens.snapshot import verify_snapshot
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,44 +50,11 @@ Step = Literal[
 OnSwitch = Callable[[Any, ActiveSnapshot], None]
 Probe = Callable[[], str | None]  # None: healthy; else the reason to roll back
 PUBLISH_TIMEOUT_S = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class UpdateSettings:
-    root: Path
-    probation_s: float = 300.0  # long enough to see a crash loop and a latency trend, short for the fleet
-    probe_interval_s: float = 5.0
-    max_probation_boots: int = 2  # restarts tolerated in probation before the old pair comes back
-    compile_timeout_s: float = 120.0
-    compile_mem_bytes: int = 2 << 30  # tiny/resnet compile in < 1 GiB; a runaway model stops here
-    max_snapshot_bytes: int = 4 << 30
-    min_canary_cosine: float = 0.98
-    max_latency_factor: float = 3.0  # new model slower than this x old on the canaries: refused
-    cache_dir: Path | None = None
-
-
-@dataclass(slots=True)
-class LoadedPair:
-    pair: Pair
-    embedder: Any
-    snapshot: ActiveSnapshot
-    latency_ms: float | None = None
+LATENCY_SLACK_MS = 2.0  # absolute slack: sub-ms models would fail on scheduler noise alone
 
 
 class _Abandon(Exception):
     pass
-
-
-def _default_loader(bundle: Path, cache_dir: Path | None) -> Any:
-    from models.embedder import Embedder
-
-    return Embedder(bundle, mode="latency", cache_dir=cache_dir)
-
-
-def _default_decoder(data: bytes) -> Any:
-    from models.images import decode_image
-
-    return decode_image(data)
 
 
 class Updater:
@@ -97,7 +70,7 @@ class Updater:
         on_switch: OnSwitch,
         on_alert: Callable[[str, str], None] | None = None,
         probe: Probe | None = None,
-        load_embedder: Callable[[Path, Path | None], Any] = _default_loader,
+        load_embedder: Callable[[Path, Path | None], Any] = default_loader,
     ) -> None:
         if not public_keys:
             raise ValueError("at least one pinned public key is required")
@@ -133,7 +106,7 @@ class Updater:
             if pair is None:
                 continue
             try:
-                loaded = self._open(pair)
+                loaded = open_pair(self.store, self._keys, self._load, self.settings.cache_dir, pair)
             except Exception:
                 _LOGGER.exception("stored pair %s unusable", pair.release)
                 continue
@@ -188,21 +161,27 @@ class Updater:
         self.submit(desired)
 
     def submit(self, desired: DesiredRelease) -> None:
-        """Queue ``desired``; an update already running for another release is abandoned."""
+        """Queue ``desired`` (never blocks: safe on a transport thread); a running update is abandoned."""
+        with self._cond:
+            self._pending = desired
+            self.idle.clear()
+            cur = self.store.pointer.current
+            if cur is None or cur.release != desired.release:
+                self._cancel.set()  # the same release again (retained re-delivery) does not restart it
+            self._cond.notify_all()
+
+    def _skip(self, desired: DesiredRelease) -> bool:
+        """True (and reported) when ``desired`` is already running here or failed here before."""
         p = self.store.pointer
         cur = p.current
         if cur is not None and cur.release == desired.release:
             if p.state == "stable":
                 self._report(desired.release, "done", detail="already running this release")
-            return  # in probation: the worker reports done or rolled_back
+            return True
         if desired.release in p.failed:
             self._report(desired.release, "failed", ok=False, detail="this release failed here before")
-            return
-        with self._cond:
-            self._pending = desired
-            self.idle.clear()
-            self._cancel.set()
-            self._cond.notify_all()
+            return True
+        return False
 
     # -- worker --
     def run(self, stop: threading.Event) -> None:
@@ -216,7 +195,7 @@ class Updater:
                     self._cond.wait(1.0)
                 desired, self._pending = self._pending, None
                 self._cancel.clear()
-            if desired is None:
+            if desired is None or self._skip(desired):
                 continue
             try:
                 self._apply(desired, stop)
@@ -287,15 +266,15 @@ class Updater:
             snap = steps.load_snapshot(self.store.path(s_rel), staged.snapshot)
             new = LoadedPair(pair, embedder, snap)
             self._report(rel, "selftest", model=pair.model_id, snapshot=pair.snapshot_version)
-            new.latency_ms = steps.selftest(
+            crops = steps.selftest(
                 embedder,
                 snap,
                 canaries,
                 child.vectors,
                 min_cosine=s.min_canary_cosine,
-                decode=_default_decoder,
+                decode=default_decoder,
             )
-            self._check_latency(new)
+            self._check_latency(new, crops)
             self._check(deadline, stop)
             self._switch(new)
             new = None  # owned by self.active now
@@ -308,20 +287,22 @@ class Updater:
             return
         finally:
             if new is not None:
-                _close(new.embedder)
+                close_embedder(new.embedder)
             steps.discard(staging)
             if self.active is None or self.active.pair.release != rel:
                 self.store.cleanup()
         self._probation(rel, stop, probation_s=desired.probation_s)
 
-    def _check_latency(self, new: LoadedPair) -> None:
+    def _check_latency(self, new: LoadedPair, crops: list[Any]) -> None:
         old = self.active
-        if old is None or old.latency_ms is None or new.latency_ms is None:
+        if old is None or not crops:
             return
-        budget = old.latency_ms * self.settings.max_latency_factor + 1.0  # +1 ms: timer noise on tiny models
-        if new.latency_ms > budget:
+        old_ms, new_ms = steps.compare_latency(old.embedder, new.embedder, crops)
+        new.latency_ms = new_ms
+        budget_ms = old_ms * self.settings.max_latency_factor + LATENCY_SLACK_MS
+        if new_ms > budget_ms:
             raise steps.UpdateFailed(
-                "selftest", "latency_regression", f"{new.latency_ms:.1f} ms vs {old.latency_ms:.1f} ms"
+                "selftest", "latency_regression", f"p50 {new_ms:.1f} ms vs {old_ms:.1f} ms"
             )
 
     def _switch(self, new: LoadedPair) -> None:
@@ -360,7 +341,7 @@ class Updater:
         p = self.store.pointer
         self.store.write(dataclasses.replace(p, state="stable", probation_boots=0))
         if self._previous is not None:
-            _close(self._previous.embedder)
+            close_embedder(self._previous.embedder)
             self._previous = None
         self.store.cleanup()
         self._report(rel, "done", model=self.active.pair.model_id, snapshot=self.active.pair.snapshot_version)
@@ -370,7 +351,7 @@ class Updater:
         old, new = self._previous, self.active
         if old is None and p.previous is not None:  # probation resumed after a restart: load it now
             try:
-                old = self._open(p.previous)
+                old = open_pair(self.store, self._keys, self._load, self.settings.cache_dir, p.previous)
             except Exception:
                 _LOGGER.exception("previous pair %s unusable", p.previous.release)
         if p.previous is None or old is None or new is None:
@@ -380,7 +361,7 @@ class Updater:
         self.store.write(rollback(p))
         self.active, self._previous = old, None
         self._on_switch(old.embedder, old.snapshot)
-        _close(new.embedder)
+        close_embedder(new.embedder)
         self.store.cleanup()
         self._report(
             rel,
@@ -411,20 +392,6 @@ class Updater:
         )
 
     # -- loading --
-    def _open(self, pair: Pair) -> LoadedPair:
-        snap_dir = self.store.path(pair.snapshot)
-        manifest = verify_snapshot(snap_dir, self._keys, model_id=pair.model_id, check_index=True)
-        embedder = self._load(self.store.path(pair.bundle), self.settings.cache_dir)
-        if str(embedder.model_id) != pair.model_id:
-            _close(embedder)
-            raise steps.UpdateFailed("verify", "model_mismatch", f"{pair.bundle} is not {pair.model_id[:12]}")
-        try:
-            snap = steps.load_snapshot(snap_dir, manifest)
-        except steps.UpdateFailed:
-            _close(embedder)
-            raise
-        return LoadedPair(pair, embedder, snap)
-
     # -- reporting --
     def _report(
         self,
@@ -473,12 +440,3 @@ class Updater:
                 self._on_alert(kind, detail)
             except Exception:
                 _LOGGER.exception("alert callback failed")
-
-
-def _close(embedder: Any) -> None:
-    close = getattr(embedder, "close", None)
-    if callable(close):
-        try:
-            close()
-        except Exception:
-            _LOGGER.exception("closing an embedder failed")

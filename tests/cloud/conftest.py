@@ -67,8 +67,15 @@ def make_catalog(root: Path, n_items: int = 12, per_item: int = 3) -> CatalogFil
             str(write_jpeg(root / "img" / f"item{i}_{v}.jpg", item_image(i, v)).relative_to(root))
             for v in range(per_item)
         ]
-        rows.append({"sku": f"SKU-{i:03d}", "title": f"Item {i}", "price": f"{1 + i}.50",
-                     "location": f"Aisle {i % 4}", "images": imgs})
+        rows.append(
+            {
+                "sku": f"SKU-{i:03d}",
+                "title": f"Item {i}",
+                "price": f"{1 + i}.50",
+                "location": f"Aisle {i % 4}",
+                "images": imgs,
+            }
+        )
     cat = CatalogFiles(root, root / "catalog.jsonl", rows)
     cat.write()
     return cat

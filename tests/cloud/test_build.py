@@ -21,12 +21,17 @@ from tests.cloud.conftest import CatalogFiles, CountingEmbedder, item_image, wri
 
 def _bomb_png() -> bytes:
     """A tiny PNG whose header claims 65535 x 65535 pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", 65535, 65535, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(
-        b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_bad_rows_are_reported_with_row_numbers(tmp_path: Path) -> None:
@@ -63,27 +68,44 @@ def test_build_survives_bad_images_and_rows(
     (bad / "trunc.jpg").write_bytes(good[: len(good) // 2])
     (bad / "text.jpg").write_text("not an image at all")
     (bad / "bomb.png").write_bytes(_bomb_png())
-    catalog.rows[0]["images"] += ["bad/empty.jpg", "bad/trunc.jpg", "bad/text.jpg", "bad/bomb.png", "bad/nope.jpg"]
+    catalog.rows[0]["images"] += [
+        "bad/empty.jpg",
+        "bad/trunc.jpg",
+        "bad/text.jpg",
+        "bad/bomb.png",
+        "bad/nope.jpg",
+    ]
     catalog.rows.append({"sku": "ONLY-BAD", "title": "Broken", "images": ["bad/text.jpg"]})
     catalog.rows.append({"title": "no sku", "images": ["img/item0_0.jpg"]})
     catalog.write()
-    res = build_snapshot(catalog.path, "store1", tmp_path / "snap", signing_key, embedder=embedder, progress=False)
+    res = build_snapshot(
+        catalog.path, "store1", tmp_path / "snap", signing_key, embedder=embedder, progress=False
+    )
     r = json.loads(res.report_path.read_text()) if res.report_path else {}
     assert {b["source"] for b in r["bad_images"]} == {
-        "bad/empty.jpg", "bad/trunc.jpg", "bad/text.jpg", "bad/bomb.png", "bad/nope.jpg"}
+        "bad/empty.jpg",
+        "bad/trunc.jpg",
+        "bad/text.jpg",
+        "bad/bomb.png",
+        "bad/nope.jpg",
+    }
     assert r["items_without_images"] == ["ONLY-BAD"]
     assert r["bad_rows"][0]["row"] == 14 and "sku" in r["bad_rows"][0]["error"]
     m = verify_snapshot(res.out_dir, [signing_key.public_key()], model_id=embedder.model_id, store="store1")
     assert (m.item_count, m.vector_count) == (12, 36)
     assert m.hnsw.ef == 100 and -1 <= m.threshold <= 1 and len(m.canary) == 8
-    assert m.extra["threshold"]["method"] == "youden_capped_pos_p05"
-    # canaries find their own item
+    assert m.extra["threshold"]["method"] == "cross_fitted_lda" and m.projection is not None
+    assert m.dim == m.projection.out_dim < m.model_dim
+    # canaries (model space) find their own item once projected as a kiosk would
+    from cloud.retrieval import Adapter
+
+    proj = Adapter.from_bytes((res.out_dir / "projection.bin").read_bytes(), m.model_dim, m.dim)
     idx = vindex.load(res.out_dir / "index.bin", dim=m.dim, ef=m.hnsw.ef)
     sku_of = {int(r["label"]): r["sku"] for r in read_rows(res.out_dir / VECTORS)}
     import base64
 
     for c in m.canary:
-        labels, _ = idx.search(np.frombuffer(base64.b64decode(c.embedding), "<f4"), 1)
+        labels, _ = idx.search(proj.apply(np.frombuffer(base64.b64decode(c.embedding), "<f4")[None]), 1)
         assert sku_of[int(labels[0, 0])] == c.sku
 
 
@@ -93,7 +115,9 @@ def test_cache_embeds_only_changed_images(
     """A rebuild after one image changes must run the model on that image only."""
     cache = tmp_path / "cache"
     first = CountingEmbedder()
-    build_snapshot(catalog.path, "s", tmp_path / "a", signing_key, embedder=first, cache_dir=cache, progress=False)
+    build_snapshot(
+        catalog.path, "s", tmp_path / "a", signing_key, embedder=first, cache_dir=cache, progress=False
+    )
     assert first.calls == 36
     write_jpeg(catalog.dir / "img" / "item3_1.jpg", item_image(3, 7))
     second = CountingEmbedder()
@@ -103,8 +127,9 @@ def test_cache_embeds_only_changed_images(
     assert second.calls == 1
     assert res.report["cache_hits"] == 35 and res.report["images_embedded"] == 1
     other_model = CountingEmbedder(seed=5)
-    build_snapshot(catalog.path, "s", tmp_path / "c", signing_key, embedder=other_model, cache_dir=cache,
-                   progress=False)
+    build_snapshot(
+        catalog.path, "s", tmp_path / "c", signing_key, embedder=other_model, cache_dir=cache, progress=False
+    )
     assert other_model.calls == 36  # the cache is keyed by model: no cross-model reuse
 
 
@@ -125,5 +150,5 @@ def test_threshold_separates_items() -> None:
     t, stats = calibrate_threshold(vecs, [f"s{i // 3}" for i in range(60)])
     assert stats["pos_mean"] > t > stats["neg_mean"]
     assert stats["pos_pass"] >= 0.95
-    t1, stats1 = calibrate_threshold(vecs[::3].copy(), [f"s{i}" for i in range(20)])
+    _, stats1 = calibrate_threshold(vecs[::3].copy(), [f"s{i}" for i in range(20)])
     assert stats1["method"] == "neg_p10"

@@ -39,13 +39,16 @@ def test_verify_reports_ok_or_the_reason(catalog: CatalogFiles, tmp_path: Path) 
 
     runner.invoke(_app(), ["keys", "generate", "--out", str(tmp_path / "k")])
     key = signing.load_private_key(tmp_path / "k" / "private.pem")
-    snap = build_snapshot(catalog.path, "s1", tmp_path / "snap", key, embedder=CountingEmbedder(),
-                          progress=False).out_dir
+    snap = build_snapshot(
+        catalog.path, "s1", tmp_path / "snap", key, embedder=CountingEmbedder(), progress=False
+    ).out_dir
     pack(snap, tmp_path / "snap.tar")
     pub = str(tmp_path / "k" / "public.pem")
     for target in (snap, tmp_path / "snap.tar"):
         r = runner.invoke(_app(), ["catalog", "verify", str(target), "--public-key", pub])
-        assert r.exit_code == 0 and r.output.startswith("OK full snapshot v1 of s1: 12 items, 36 vectors"), r.output
+        assert r.exit_code == 0 and r.output.startswith("OK full snapshot v1 of s1: 12 items, 36 vectors"), (
+            r.output
+        )
     data = bytearray((snap / "index.bin").read_bytes())
     data[-3] ^= 0xFF
     (snap / "index.bin").write_bytes(bytes(data))
@@ -65,7 +68,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
         ["--catalog", str(tmp_path / "c.jsonl"), "--key", str(tmp_path / "k.pem"), "--store", "a/b"],
     ]
     for args in cases:
-        r = runner.invoke(_app(), ["catalog", "build", "--bundle", str(tmp_path), "--out", str(tmp_path / "o"),
-                                   *args])
+        r = runner.invoke(
+            _app(), ["catalog", "build", "--bundle", str(tmp_path), "--out", str(tmp_path / "o"), *args]
+        )
         assert r.exit_code == 2, r.output
         assert r.output.count("\n") == 1 and r.output.startswith("error: ") and "Traceback" not in r.output

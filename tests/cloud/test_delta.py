@@ -32,6 +32,9 @@ def _top_items(snapshot: Path, queries: np.ndarray, k: int = 5) -> list[list[tup
 
 
 def _build(cat: CatalogFiles, out: Path, key: Ed25519PrivateKey, **kw: object) -> Path:
+    # Exact equality with a full rebuild needs the same vector space: no catalog-fitted adapter here
+    # (a full build refits it; a delta keeps its base's, see test_delta_keeps_base_projection).
+    kw.setdefault("adapter", "none")
     res = build_snapshot(cat.path, "s1", out, key, embedder=CountingEmbedder(), progress=False, **kw)  # type: ignore[arg-type]
     return res.out_dir
 
@@ -46,8 +49,15 @@ def test_delta_chain_equals_full_rebuild(
     write_jpeg(catalog.dir / "img" / "item3_1.jpg", item_image(3, 9))
     del catalog.rows[5]
     catalog.rows[6]["price"] = "9.99"
-    catalog.rows.append({"sku": "SKU-NEW", "title": "New", "images": [
-        str(write_jpeg(catalog.dir / "img" / "new_0.jpg", item_image(50, 0)).relative_to(catalog.dir))]})
+    catalog.rows.append(
+        {
+            "sku": "SKU-NEW",
+            "title": "New",
+            "images": [
+                str(write_jpeg(catalog.dir / "img" / "new_0.jpg", item_image(50, 0)).relative_to(catalog.dir))
+            ],
+        }
+    )
     catalog.write()
     v2 = _build(catalog, tmp_path / "v2", signing_key, base=v1)
     m2 = verify_snapshot(v2, keys, base=(1, manifest_sha256(v1)))
@@ -58,8 +68,17 @@ def test_delta_chain_equals_full_rebuild(
     d.apply_delta(v1, v2, applied2)
     # v3 chains to the applied v2: another image dropped, another item added
     catalog.rows[0]["images"] = catalog.rows[0]["images"][:2]
-    catalog.rows.append({"sku": "SKU-NEW2", "title": "New 2", "images": [
-        str(write_jpeg(catalog.dir / "img" / "new2_0.jpg", item_image(51, 0)).relative_to(catalog.dir))]})
+    catalog.rows.append(
+        {
+            "sku": "SKU-NEW2",
+            "title": "New 2",
+            "images": [
+                str(
+                    write_jpeg(catalog.dir / "img" / "new2_0.jpg", item_image(51, 0)).relative_to(catalog.dir)
+                )
+            ],
+        }
+    )
     catalog.write()
     v3 = _build(catalog, tmp_path / "v3", signing_key, base=applied2)
     m3 = verify_snapshot(v3, keys, base=d.snapshot_identity(applied2))
@@ -70,7 +89,8 @@ def test_delta_chain_equals_full_rebuild(
     assert (applied3 / d.ITEMS).read_bytes() == (full3 / d.ITEMS).read_bytes()
     assert result.vector_count == json.loads((full3 / "manifest.json").read_text())["vector_count"]
     assert sorted(p.name for p in (applied3 / "thumbs").iterdir()) == sorted(
-        p.name for p in (full3 / "thumbs").iterdir())
+        p.name for p in (full3 / "thumbs").iterdir()
+    )
     rng = np.random.default_rng(1)
     emb = CountingEmbedder()
     photos = [item_image(i, v) for i in (0, 1, 3, 6, 7, 11, 50, 51) for v in (0, 4)]
@@ -79,19 +99,24 @@ def test_delta_chain_equals_full_rebuild(
     assert _top_items(applied3, queries) == _top_items(full3, queries)
 
 
-def test_big_change_falls_back_to_full(catalog: CatalogFiles, signing_key: Ed25519PrivateKey, tmp_path: Path) -> None:
+def test_big_change_falls_back_to_full(
+    catalog: CatalogFiles, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
     """When more than the set fraction changed the build is full, and the report says why."""
     v1 = _build(catalog, tmp_path / "v1", signing_key)
     for r in catalog.rows[:6]:
         r["images"] = r["images"][:1]
     catalog.write()
-    res = build_snapshot(catalog.path, "s1", tmp_path / "v2", signing_key, embedder=CountingEmbedder(),
-                         base=v1, progress=False)
+    res = build_snapshot(
+        catalog.path, "s1", tmp_path / "v2", signing_key, embedder=CountingEmbedder(), base=v1, progress=False
+    )
     assert res.manifest.kind == "full" and res.manifest.version == 2
     assert "changed" in res.report["delta_fallback"]
 
 
-def test_delta_on_wrong_base_is_refused(catalog: CatalogFiles, signing_key: Ed25519PrivateKey, tmp_path: Path) -> None:
+def test_delta_on_wrong_base_is_refused(
+    catalog: CatalogFiles, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
     """A delta applied to a base it does not chain to is refused before anything is written."""
     v1 = _build(catalog, tmp_path / "v1", signing_key)
     other = _build(catalog, tmp_path / "other", signing_key, version=1)  # same content, other manifest
@@ -121,3 +146,28 @@ def test_tampered_delta_rows_are_refused(
     with pytest.raises(SnapshotRejected) as exc:
         d.apply_delta(base, v2, tmp_path / "out")
     assert exc.value.reason == RejectReason.HASH_MISMATCH
+
+
+def test_delta_keeps_base_projection(
+    catalog: CatalogFiles, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """A delta's added vectors must be projected with the base's adapter, and the applied result keeps it."""
+    keys = [signing_key.public_key()]
+    v1 = _build(catalog, tmp_path / "v1", signing_key, adapter="lda")
+    catalog.rows[6]["price"] = "9.99"
+    catalog.rows.append(
+        {
+            "sku": "SKU-NEW",
+            "title": "New",
+            "images": [
+                str(write_jpeg(catalog.dir / "img" / "new_0.jpg", item_image(50, 0)).relative_to(catalog.dir))
+            ],
+        }
+    )
+    catalog.write()
+    v2 = _build(catalog, tmp_path / "v2", signing_key, base=v1, adapter="lda")
+    m1, m2 = verify_snapshot(v1, keys), verify_snapshot(v2, keys, base=(1, manifest_sha256(v1)))
+    assert m2.kind == "delta" and m1.projection is not None and m2.projection == m1.projection
+    assert (v2 / "projection.bin").read_bytes() == (v1 / "projection.bin").read_bytes()
+    applied = d.apply_delta(v1, v2, tmp_path / "applied")
+    assert applied.projection == m1.projection and (tmp_path / "applied" / "projection.bin").is_file()

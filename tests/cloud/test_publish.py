@@ -42,8 +42,9 @@ def read_retained(broker: Mosquitto, topic: str, timeout_s: float = 5.0) -> byte
 
 @pytest.fixture
 def snapshot(catalog: CatalogFiles, signing_key: Ed25519PrivateKey, tmp_path: Path) -> Path:
-    return build_snapshot(catalog.path, "store7", tmp_path / "snap", signing_key, embedder=CountingEmbedder(),
-                          progress=False).out_dir
+    return build_snapshot(
+        catalog.path, "store7", tmp_path / "snap", signing_key, embedder=CountingEmbedder(), progress=False
+    ).out_dir
 
 
 def test_file_publish_announces_retained_and_is_idempotent(
@@ -52,14 +53,22 @@ def test_file_publish_announces_retained_and_is_idempotent(
     """The retained announcement names the uploaded archive; publishing again changes nothing but ts."""
     to = (tmp_path / "artifacts").as_uri()
     first = publish_snapshot(snapshot, to, broker.url)
-    ann = protocol.decode(read_retained(broker, protocol.snapshot_topic("store7")), protocol.SnapshotAnnouncement)
+    ann = protocol.decode(
+        read_retained(broker, protocol.snapshot_topic("store7")), protocol.SnapshotAnnouncement
+    )
     assert ann == first.announcement
     archive = tmp_path / "artifacts" / "store7" / "v1" / "snapshot.tar"
-    assert ann.url == archive.as_uri() and ann.sha256 == sha256_file(archive) and ann.size == archive.stat().st_size
+    assert (
+        ann.url == archive.as_uri()
+        and ann.sha256 == sha256_file(archive)
+        and ann.size == archive.stat().st_size
+    )
     assert ann.manifest_sha256 == manifest_sha256(snapshot) and ann.version == 1 and ann.kind == "full"
     again = publish_snapshot(snapshot, to, broker.url)
     assert not again.uploaded and first.uploaded
-    ann2 = protocol.decode(read_retained(broker, protocol.snapshot_topic("store7")), protocol.SnapshotAnnouncement)
+    ann2 = protocol.decode(
+        read_retained(broker, protocol.snapshot_topic("store7")), protocol.SnapshotAnnouncement
+    )
     assert ann2.model_dump(exclude={"ts"}) == ann.model_dump(exclude={"ts"})
 
 
@@ -69,15 +78,29 @@ def test_publishing_an_older_version_is_refused(
     """Versions per store only go up: v1 after v2, or another v2, is refused before any upload."""
     to = (tmp_path / "artifacts").as_uri()
     snaps = {
-        v: build_snapshot(catalog.path, "s", tmp_path / f"v{v}", signing_key, embedder=CountingEmbedder(),
-                          version=v, progress=False).out_dir
+        v: build_snapshot(
+            catalog.path,
+            "s",
+            tmp_path / f"v{v}",
+            signing_key,
+            embedder=CountingEmbedder(),
+            version=v,
+            progress=False,
+        ).out_dir
         for v in (1, 2)
     }
     publish_snapshot(snaps[2], to, None)
     with pytest.raises(PublishError, match="<= published v2"):
         publish_snapshot(snaps[1], to, None)
-    other2 = build_snapshot(catalog.path, "s", tmp_path / "o2", signing_key, embedder=CountingEmbedder(),
-                            version=2, progress=False).out_dir
+    other2 = build_snapshot(
+        catalog.path,
+        "s",
+        tmp_path / "o2",
+        signing_key,
+        embedder=CountingEmbedder(),
+        version=2,
+        progress=False,
+    ).out_dir
     with pytest.raises(PublishError):
         publish_snapshot(other2, to, None)
     assert not (tmp_path / "artifacts" / "s" / "v1").exists()
@@ -96,7 +119,11 @@ def s3_server() -> Iterator[str]:
     """A moto S3 server on a free loopback port, with fake credentials in the environment."""
     moto_server = pytest.importorskip("moto.server")
     mp = pytest.MonkeyPatch()
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         mp.setenv(k, v)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -116,7 +143,9 @@ def test_s3_publish_presigned_url_downloads_the_archive(
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="snaps")
     first = publish_snapshot(snapshot, "s3://snaps/stores", broker.url, s3_endpoint=s3_server)
-    ann = protocol.decode(read_retained(broker, protocol.snapshot_topic("store7")), protocol.SnapshotAnnouncement)
+    ann = protocol.decode(
+        read_retained(broker, protocol.snapshot_topic("store7")), protocol.SnapshotAnnouncement
+    )
     assert "X-Amz-Expires=604800" in ann.url and ann.url.startswith(s3_server)
     with urllib.request.urlopen(ann.url, timeout=10) as resp:
         body = resp.read()

@@ -34,7 +34,12 @@ def built(tmp_path_factory: pytest.TempPathFactory, signing_key: Ed25519PrivateK
     out = {}
     for name, seed, version in (("a1", 0, 1), ("a2", 0, 2), ("b1", 5, 1)):
         out[name] = build_snapshot(
-            cat.path, "s1", root / name, signing_key, embedder=CountingEmbedder(seed=seed), version=version,
+            cat.path,
+            "s1",
+            root / name,
+            signing_key,
+            embedder=CountingEmbedder(seed=seed),
+            version=version,
             progress=False,
         ).out_dir
     return out
@@ -74,15 +79,31 @@ def test_untouched_snapshot_verifies(snap: Path, signing_key: Ed25519PrivateKey)
         (lambda d: _flip(d / "items.jsonl", 10), RejectReason.HASH_MISMATCH),
         (lambda d: _flip(d / "vectors.jsonl", 30), RejectReason.HASH_MISMATCH),
         (lambda d: _flip(next((d / "thumbs").iterdir()), 100), RejectReason.HASH_MISMATCH),
-        (lambda d: (d / "index.bin").write_bytes((d / "index.bin").read_bytes()[:-100]), RejectReason.SIZE_MISMATCH),
+        (
+            lambda d: (d / "index.bin").write_bytes((d / "index.bin").read_bytes()[:-100]),
+            RejectReason.SIZE_MISMATCH,
+        ),
         (lambda d: (d / "index.bin").write_bytes(b""), RejectReason.SIZE_MISMATCH),
         (lambda d: (d / "items.jsonl").unlink(), RejectReason.MISSING_FILE),
         (lambda d: (d / "extra.bin").write_bytes(b"x"), RejectReason.UNEXPECTED_FILE),
         (lambda d: (d / "thumbs" / "evil.jpg").write_bytes(b"x"), RejectReason.UNEXPECTED_FILE),
     ],
-    ids=["manifest-byte", "sig-byte", "no-sig", "no-manifest", "index-byte", "index-tail", "items-byte",
-         "vectors-byte", "thumb-byte", "index-truncated", "index-empty", "items-missing", "extra-file",
-         "extra-thumb"],
+    ids=[
+        "manifest-byte",
+        "sig-byte",
+        "no-sig",
+        "no-manifest",
+        "index-byte",
+        "index-tail",
+        "items-byte",
+        "vectors-byte",
+        "thumb-byte",
+        "index-truncated",
+        "index-empty",
+        "items-missing",
+        "extra-file",
+        "extra-thumb",
+    ],
 )
 def test_tampering_is_refused(
     snap: Path, signing_key: Ed25519PrivateKey, edit: Callable[[Path], object], reason: RejectReason
@@ -106,7 +127,9 @@ def test_other_models_snapshot_is_refused(built: dict[str, Path], signing_key: E
     assert _refused(built["a1"], signing_key, store="other") == RejectReason.WRONG_STORE
 
 
-def test_mix_and_match_files_are_refused(built: dict[str, Path], tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+def test_mix_and_match_files_are_refused(
+    built: dict[str, Path], tmp_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
     """A's signed manifest with B's index (or B's manifest over A's files) fails the per-file hashes."""
     a = Path(shutil.copytree(built["a1"], tmp_path / "a"))
     shutil.copyfile(built["b1"] / "index.bin", a / "index.bin")
@@ -125,13 +148,17 @@ def test_replayed_older_version_is_refused(built: dict[str, Path], signing_key: 
     assert _refused(built["b1"], signing_key, seen=(1, manifest_sha256(built["a1"]))) == RejectReason.REPLAY
 
 
-def test_corrupt_index_header_signed_by_the_builder_is_refused(snap: Path, signing_key: Ed25519PrivateKey) -> None:
+def test_corrupt_index_header_signed_by_the_builder_is_refused(
+    snap: Path, signing_key: Ed25519PrivateKey
+) -> None:
     """Even a correctly signed index whose header lies (hnswlib#673: count > max_elements) never loads."""
     data = bytearray((snap / "index.bin").read_bytes())
     data[8:16] = (1).to_bytes(8, "little")  # max_elements = 1 < cur_element_count
     (snap / "index.bin").write_bytes(bytes(data))
     m = read_manifest_unverified(snap)
-    names = [str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file() and not p.name.startswith("manifest")]
+    names = [
+        str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file() and not p.name.startswith("manifest")
+    ]
     write_signed(snap, m.model_copy(update={"files": describe_files(snap, names)}), signing_key)
     assert _refused(snap, signing_key) == RejectReason.BAD_INDEX
 
@@ -170,7 +197,9 @@ def test_unsafe_archive_members_are_refused(
     assert not (tmp_path / "out").exists() and not (tmp_path.parent / "escape.bin").exists()
 
 
-def test_archive_round_trip_and_truncation(snap: Path, tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+def test_archive_round_trip_and_truncation(
+    snap: Path, tmp_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
     """The archive of a snapshot verifies after unpacking; a truncated archive never yields a snapshot
     that verifies with content missing (cutting only tar's zero padding leaves the content whole)."""
     pack(snap, tmp_path / "s.tar")
@@ -188,5 +217,11 @@ def test_archive_round_trip_and_truncation(snap: Path, tmp_path: Path, signing_k
             outcomes.add(exc.reason)
             continue
         assert cut >= content_end, f"archive cut at {cut} of {len(data)} still verified"
-    assert outcomes <= {RejectReason.BAD_ARCHIVE, RejectReason.MISSING_FILE, RejectReason.MISSING_MANIFEST,
-                        RejectReason.UNSIGNED, RejectReason.SIZE_MISMATCH, RejectReason.HASH_MISMATCH}
+    assert outcomes <= {
+        RejectReason.BAD_ARCHIVE,
+        RejectReason.MISSING_FILE,
+        RejectReason.MISSING_MANIFEST,
+        RejectReason.UNSIGNED,
+        RejectReason.SIZE_MISMATCH,
+        RejectReason.HASH_MISMATCH,
+    }

@@ -33,8 +33,10 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
     b = export_tiny(root / "b", seed=2)
     c = export_tiny(root / "c", constant=True)
     return Releases(
-        key, root, catalog,
+        key,
+        root,
+        catalog,
         make_release(root, a, catalog, STORES, key, sequence=10),
         make_release(root, b, catalog, STORES, key, sequence=20),
         make_release(root, c, catalog, STORES, key, sequence=30),
-    )  # fmt: skip
+    )

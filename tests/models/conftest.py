@@ -23,6 +23,12 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _export_once_per_session(tiny_bundle: Path) -> None:
+    """The first export in a process starts a library ThreadPoolExecutor that lives for the process;
+    starting it here, before any test, keeps the leaked-thread guard about our threads."""
+
+
 @pytest.fixture(scope="session")
 def calib_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of 12 smooth random photos (PNG and JPEG) for int8 calibration."""

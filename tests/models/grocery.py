@@ -1,4 +1,4 @@
-"""The Grocery Store Dataset's retrieval protocol B (catalog = train photos + iconic images, queries = val)."""
+"""Grocery Store Dataset retrieval, protocol B: catalog = train photos + iconic images, queries = val."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ def load_iconic(root: Path) -> Split:
     return Split(images, np.array(labels, dtype=np.int64))
 
 
-def recall_at_1(queries: np.ndarray, q_labels: np.ndarray, catalog: np.ndarray, c_labels: np.ndarray) -> float:
-    """Brute-force cosine (rows are unit vectors): the fraction of queries whose nearest item shares the class."""
+def recall_at_1(
+    queries: np.ndarray, q_labels: np.ndarray, catalog: np.ndarray, c_labels: np.ndarray
+) -> float:
+    """Brute-force cosine on unit rows: the fraction of queries whose nearest item has their class."""
     nearest = np.argmax(queries @ catalog.T, axis=1)
     return float(np.mean(c_labels[nearest] == q_labels))

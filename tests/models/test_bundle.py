@@ -83,7 +83,8 @@ def test_onnx_squeezenet_fp16_input(tmp_path: Path) -> None:
     """SqueezeNet (float16 input, classifier conv before the pool) must cut at fire9's 512 features."""
     source = shared_path("models", "winml", "SqueezeNet_fp16.onnx")
     manifest = export_model(str(source), tmp_path / "sq", precision="fp16")
-    assert manifest.preprocessing["color"] == "BGR" and manifest.preprocessing["mean"] == [104.0, 117.0, 123.0]
+    assert manifest.preprocessing["color"] == "BGR"
+    assert manifest.preprocessing["mean"] == [104.0, 117.0, 123.0]
     assert "fire9" in manifest.extra["cut"]
     _check_bundle(tmp_path / "sq", 512)
 

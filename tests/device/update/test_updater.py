@@ -26,7 +26,9 @@ WAIT_S = 60.0
 class Kiosk:
     """An Updater with the callbacks a kiosk app would give it, recording what it was told."""
 
-    def __init__(self, root: Path, releases: Releases, *, probation_s: float = 0.2, probe: Any = None) -> None:
+    def __init__(
+        self, root: Path, releases: Releases, *, probation_s: float = 0.2, probe: Any = None
+    ) -> None:
         self.transport = InMemoryTransport()
         self.transport.connect(will=None, timeout_s=1.0)
         self.topics = Topics("s1", "k1")
@@ -34,10 +36,13 @@ class Kiosk:
         self.alerts: list[tuple[str, str]] = []
         self.updater = Updater(
             UpdateSettings(root, probation_s=probation_s, probe_interval_s=0.02, compile_timeout_s=60),
-            self.topics, [releases.key.public_key()], transport=self.transport,
+            self.topics,
+            [releases.key.public_key()],
+            transport=self.transport,
             on_switch=lambda emb, snap: self.switches.append((emb.model_id, snap.version)),
-            on_alert=lambda kind, detail: self.alerts.append((kind, detail)), probe=probe,
-        )  # fmt: skip
+            on_alert=lambda kind, detail: self.alerts.append((kind, detail)),
+            probe=probe,
+        )
 
     def progress(self) -> list[UpdateProgress]:
         return [decode(p, UpdateProgress) for p in self.transport.messages(self.topics.update)]
@@ -47,6 +52,8 @@ class Kiosk:
             return any(p.release == release and p.step in steps for p in self.progress())
 
         assert self.transport.wait_for(done, WAIT_S), [(p.release, p.step, p.detail) for p in self.progress()]
+        if steps[0] in ("done", "failed", "rolled_back"):
+            assert self.updater.idle.wait(WAIT_S)  # the worker has finished cleaning up
         return next(p for p in self.progress() if p.release == release and p.step in steps)
 
 
@@ -80,27 +87,31 @@ def test_model_failing_selftest_rolls_back_by_itself(kiosk: Kiosk, releases: Rel
     kiosk.updater.submit(desired(releases.good1, "s1", "k1"))
     kiosk.wait_step("rel10", ("done",))
     kiosk.updater.submit(desired(releases.bad, "s1", "k1"))
-    final = kiosk.wait_step("rel30", ("done", "failed", "rolled_back"))
+    final = kiosk.wait_step("rel30", ("rolled_back", "failed", "done"))
     assert final.step == "rolled_back" and not final.ok
     assert "selftest" in final.detail
     assert len(kiosk.switches) == 1  # never switched to the bad pair
     p = kiosk.updater.store.pointer
     assert p.current is not None and p.current.release == "rel10" and "rel30" in p.failed
-    assert ("rolled_back", ) == tuple(k for k, _ in kiosk.alerts[-1:])
+    assert ("rolled_back",) == tuple(k for k, _ in kiosk.alerts[-1:])
     assert sorted(x.name for x in kiosk.updater.store.bundles.iterdir()) == [
         releases.good1.manifest.bundle.model_id[:16]
     ]  # the refused bundle was removed
     # the retained desired arriving again (reconnect) is not retried
+    n = len(kiosk.progress())
     kiosk.updater.submit(desired(releases.bad, "s1", "k1"))
-    assert kiosk.progress()[-1].step == "failed"
+    assert kiosk.transport.wait_for(lambda: len(kiosk.progress()) > n, WAIT_S)
+    assert kiosk.progress()[-1].step == "failed" and "before" in kiosk.progress()[-1].detail
+    assert len(kiosk.switches) == 1
 
 
 def test_unhealthy_probation_rolls_back_to_the_old_pair(tmp_path: Path, releases: Releases) -> None:
     """Health regressing after the switch must put the last known good pair back, in memory and on disk."""
     healthy = threading.Event()
     healthy.set()
-    k = Kiosk(tmp_path / "k", releases, probation_s=30.0,
-              probe=lambda: None if healthy.is_set() else "errors 5 > 0")  # fmt: skip
+    k = Kiosk(
+        tmp_path / "k", releases, probation_s=30.0, probe=lambda: None if healthy.is_set() else "errors 5 > 0"
+    )
     k.updater.boot()
     k.updater.start()
     try:
@@ -109,7 +120,7 @@ def test_unhealthy_probation_rolls_back_to_the_old_pair(tmp_path: Path, releases
         k.updater.submit(desired(releases.good2, "s1", "k1"))
         k.wait_step("rel20", ("probation",))
         healthy.clear()
-        final = k.wait_step("rel20", ("done", "rolled_back", "failed"))
+        final = k.wait_step("rel20", ("rolled_back", "done", "failed"))
     finally:
         k.updater.stop()
     assert final.step == "rolled_back" and "errors" in final.detail
@@ -131,7 +142,9 @@ def test_tampered_artifact_and_replay_are_refused(kiosk: Kiosk, releases: Releas
     src = Path(releases.bad.url.removeprefix("file://")).parent
     manifest = json.loads((src / "release.json").read_text())
     evil = tmp_path / "evil.bin"
-    data = bytearray(Path(manifest["bundle"]["files"]["model.bin"]["url"].removeprefix("file://")).read_bytes())
+    data = bytearray(
+        Path(manifest["bundle"]["files"]["model.bin"]["url"].removeprefix("file://")).read_bytes()
+    )
     data[100] ^= 0xFF
     evil.write_bytes(bytes(data))
     forged = src.parent / "forged"
@@ -140,22 +153,29 @@ def test_tampered_artifact_and_replay_are_refused(kiosk: Kiosk, releases: Releas
     (forged / "release.json").write_text(json.dumps(manifest))  # signature no longer matches
     (forged / "release.sig").write_bytes((src / "release.sig").read_bytes())
     d = desired(releases.bad, "s1", "k1").model_copy(
-        update={"release": "rel30", "url": (forged / "release.json").as_uri(),
-                "sig_url": (forged / "release.sig").as_uri()})  # fmt: skip
+        update={
+            "release": "rel30",
+            "url": (forged / "release.json").as_uri(),
+            "sig_url": (forged / "release.sig").as_uri(),
+        }
+    )
     kiosk.updater.submit(d)
     final = kiosk.wait_step("rel30", ("failed",))
     assert "bad_signature" in final.detail
     assert [s[1] for s in kiosk.switches] == [20]
 
 
-def test_hung_update_is_abandoned_by_deadline_and_next_release_installs(kiosk: Kiosk, releases: Releases) -> None:
+def test_hung_update_is_abandoned_by_deadline_and_next_release_installs(
+    kiosk: Kiosk, releases: Releases
+) -> None:
     """A release whose server never answers must give up by its deadline and not block the next one."""
     with socket.socket() as srv:  # accepts connections (backlog) and never answers
         srv.bind(("127.0.0.1", 0))
         srv.listen(8)
         port = srv.getsockname()[1]
         hung = desired(releases.good1, "s1", "k1", deadline_s=1.0).model_copy(
-            update={"url": f"http://127.0.0.1:{port}/release.json", "sig_url": f"http://127.0.0.1:{port}/s"})
+            update={"url": f"http://127.0.0.1:{port}/release.json", "sig_url": f"http://127.0.0.1:{port}/s"}
+        )
         kiosk.updater.submit(hung)
         kiosk.wait_step("rel10", ("download",))
         final = kiosk.wait_step("rel10", ("failed",))
@@ -182,7 +202,9 @@ def test_crash_loop_in_probation_rolls_back_at_boot(tmp_path: Path, releases: Re
         models.append(loaded.pair.release)
     assert models == ["rel20", "rel20", "rel10"]  # max_probation_boots=2, then back
     p = PairStore(tmp_path / "k").pointer
-    assert p.state == "stable" and p.current is not None and p.current.release == "rel10" and "rel20" in p.failed
+    assert (
+        p.state == "stable" and p.current is not None and p.current.release == "rel10" and "rel20" in p.failed
+    )
 
 
 def test_compile_child_limits(tmp_path: Path, releases: Releases) -> None:

@@ -1,0 +1,135 @@
+"""Model bench: our Embedder against OpenVINO's benchmark_app on the same IR, as ratios (ours / reference).
+
+``run(out_dir)`` exports resnet50 fp16 and int8 (untrained: speed does not depend on weight values) and the
+Coral MobileNetV2 (when ../shared is present), then measures throughput (THROUGHPUT hint, ``embed`` over
+pre-decoded crops of the model's input size) and latency (LATENCY hint, ``embed_one`` p50/p99), and the
+same with benchmark_app (``-infer_precision f32``, ``-shape [1,H,W,3]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.embedder import Embedder
+from models.export import export_model
+
+_LOGGER = logging.getLogger(__name__)
+
+BENCH_S = 8  # per benchmark_app run: long enough for a stable median on 2 cores, keeps the bench < 3 min
+OURS_THROUGHPUT_S = 8.0
+LATENCY_RUNS = 150
+
+
+def _shared() -> Path:
+    return Path(os.environ.get("SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def _benchmark_app(xml: Path, hint: str, size: tuple[int, int]) -> dict[str, float]:
+    """Run benchmark_app on the bundle's IR; its throughput (FPS) and median latency (ms)."""
+    exe = Path(sys.executable).with_name("benchmark_app")
+    shape = f"[1,{size[0]},{size[1]},3]"
+    cmd = [str(exe), "-m", str(xml), "-d", "CPU", "-hint", hint, "-t", str(BENCH_S),
+           "-infer_precision", "f32", "-shape", shape]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BENCH_S * 10, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark_app failed: {proc.stderr[-500:] or proc.stdout[-500:]}")
+    fps = re.search(r"Throughput:\s+([\d.]+)\s+FPS", proc.stdout)
+    median = re.search(r"Median:\s+([\d.]+)\s+ms", proc.stdout)
+    if fps is None or median is None:
+        raise RuntimeError(f"cannot parse benchmark_app output: {proc.stdout[-500:]}")
+    return {"fps": float(fps.group(1)), "median_ms": float(median.group(1))}
+
+
+def _ours(bundle: Path, size: tuple[int, int]) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8) for _ in range(32)]
+    with Embedder(bundle, mode="throughput") as embedder:
+        embedder.embed(crops[:8])  # warm-up
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < OURS_THROUGHPUT_S:
+            embedder.embed(crops)
+            n += len(crops)
+        fps = n / (time.perf_counter() - start)
+        requests = embedder.num_requests
+    with Embedder(bundle, mode="latency") as embedder:
+        for crop in crops[:10]:
+            embedder.embed_one(crop)
+        times_ms = []
+        for i in range(LATENCY_RUNS):
+            t0 = time.perf_counter()
+            embedder.embed_one(crops[i % len(crops)])
+            times_ms.append((time.perf_counter() - t0) * 1000)
+    return {
+        "fps": fps,
+        "throughput_requests": requests,
+        "p50_ms": float(np.percentile(times_ms, 50)),
+        "p99_ms": float(np.percentile(times_ms, 99)),
+    }
+
+
+def _measure(bundle: Path) -> dict[str, Any]:
+    from models.bundle import read_manifest
+
+    manifest = read_manifest(bundle)
+    size = (int(manifest.preprocessing["size"][0]), int(manifest.preprocessing["size"][1]))
+    ours = _ours(bundle, size)
+    ref_tp = _benchmark_app(bundle / "model.xml", "throughput", size)
+    ref_lat = _benchmark_app(bundle / "model.xml", "latency", size)
+    return {
+        "model": manifest.name,
+        "precision": manifest.precision,
+        "crop": list(size),
+        "ours_fps": round(ours["fps"], 1),
+        "ours_p50_ms": round(ours["p50_ms"], 2),
+        "ours_p99_ms": round(ours["p99_ms"], 2),
+        "ours_throughput_requests": ours["throughput_requests"],
+        "benchmark_app_fps": ref_tp["fps"],
+        "benchmark_app_latency_median_ms": ref_lat["median_ms"],
+        "throughput_ratio": round(ours["fps"] / ref_tp["fps"], 3),
+        # ours / reference on latency: below 1 is faster than benchmark_app.
+        "latency_ratio": round(ours["p50_ms"] / ref_lat["median_ms"], 3),
+    }
+
+
+def run(out_dir: Path) -> dict[str, Any]:
+    """Export the bench bundles under ``out_dir`` and measure them; a JSON-ready dict."""
+    out_dir = Path(out_dir)
+    calib = out_dir / "calibration"
+    grocery_train = _shared() / "data" / "grocery" / "train"
+    if grocery_train.is_dir():
+        calib = grocery_train
+    else:
+        calib.mkdir(parents=True, exist_ok=True)
+        import cv2
+
+        rng = np.random.default_rng(0)
+        for i in range(32):
+            cv2.imwrite(str(calib / f"{i}.png"), rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    # (key, source, precision); calibration for int8 is the train photos (or the generated folder).
+    plan: list[tuple[str, str, str]] = [
+        ("resnet50_fp16", "resnet50", "fp16"),
+        ("resnet50_int8", "resnet50", "int8"),
+    ]
+    mobilenet = _shared() / "models" / "coral" / "tf2_mobilenet_v2_1.0_224_ptq.tflite"
+    if mobilenet.is_file():
+        plan.append(("mobilenet_v2_fp16", str(mobilenet), "fp16"))
+    results: dict[str, Any] = {"cpu_count": os.cpu_count()}
+    for key, source, precision in plan:
+        path = out_dir / key
+        t0 = time.perf_counter()
+        # 64 calibration images: quantization speed is what is measured here, not its accuracy.
+        export_model(source, path, precision=precision, calibration=calib if precision == "int8" else None,
+                     subset_size=64)  # fmt: skip
+        export_s = time.perf_counter() - t0
+        results[key] = _measure(path) | {"export_s": round(export_s, 1)}
+        _LOGGER.info("bench %s: %s", key, results[key])
+    return results

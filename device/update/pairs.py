@@ -1,0 +1,99 @@
+"""The update's data: settings, a loaded (embedder, snapshot) pair, and how pairs are opened and closed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from device.sync.active import ActiveSnapshot
+from device.update import steps
+from device.update.pointer import Pair, PairStore
+from storelens.snapshot import verify_snapshot
+
+_LOGGER = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateSettings:
+    root: Path
+    probation_s: float = 300.0  # long enough to see a crash loop and a latency trend, short for the fleet
+    probe_interval_s: float = 5.0
+    max_probation_boots: int = 2  # restarts tolerated in probation before the old pair comes back
+    compile_timeout_s: float = 120.0
+    compile_mem_bytes: int = 2 << 30  # tiny/resnet compile in < 1 GiB; a runaway model stops here
+    max_snapshot_bytes: int = 4 << 30
+    min_canary_cosine: float = 0.98
+    max_latency_factor: float = 3.0  # new model slower than this x old on the canaries: refused
+    cache_dir: Path | None = None
+
+
+@dataclass(slots=True)
+class LoadedPair:
+    pair: Pair
+    embedder: Any
+    snapshot: ActiveSnapshot
+    latency_ms: float | None = None
+
+
+def default_loader(bundle: Path, cache_dir: Path | None) -> Any:
+    from models.embedder import Embedder
+
+    return Embedder(bundle, mode="latency", cache_dir=cache_dir)
+
+
+def default_decoder(data: bytes) -> Any:
+    from models.images import decode_image
+
+    return decode_image(data)
+
+
+def open_pair(
+    store: PairStore,
+    keys: list[Ed25519PublicKey],
+    load: Callable[[Path, Path | None], Any],
+    cache_dir: Path | None,
+    pair: Pair,
+) -> LoadedPair:
+    """Re-verify a stored pair (snapshot against the pair's model) and load both."""
+    snap_dir = store.path(pair.snapshot)
+    manifest = verify_snapshot(snap_dir, keys, model_id=pair.model_id, check_index=True)
+    embedder = load(store.path(pair.bundle), cache_dir)
+    if str(embedder.model_id) != pair.model_id:
+        close_embedder(embedder)
+        raise steps.UpdateFailed("verify", "model_mismatch", f"{pair.bundle} is not {pair.model_id[:12]}")
+    try:
+        snap = steps.load_snapshot(snap_dir, manifest)
+    except steps.UpdateFailed:
+        close_embedder(embedder)
+        raise
+    return LoadedPair(pair, embedder, snap)
+
+
+def close_embedder(embedder: Any) -> None:
+    """Close an embedder no longer served, on a helper thread with a bounded wait (OpenVINO's
+    AsyncInferQueue.wait_all has been seen to hang at close; the updater must never block on it)."""
+    close = getattr(embedder, "close", None)
+    if not callable(close):
+        return
+
+    def run() -> None:
+        try:
+            close()
+        except Exception:
+            _LOGGER.exception("closing an embedder failed")
+
+    t = threading.Thread(target=run, name="embedder-close", daemon=True)
+    t.start()
+    t.join(CLOSE_TIMEOUT_S)
+    if t.is_alive():
+        _LOGGER.error(
+            "embedder close still blocked after %.0f s (left to finish on its own)", CLOSE_TIMEOUT_S
+        )
