@@ -259,6 +259,10 @@ def build_snapshot(
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / d.THUMBS).mkdir(parents=True)
     extra: dict[str, Any] = {"threshold": tstats}
+    if isinstance(tstats.get("open_set"), dict):
+        extra["open_set"] = tstats["open_set"]
+    elif plan is not None and base_m is not None and "open_set" in base_m.extra:
+        extra["open_set"] = base_m.extra["open_set"]
     if proj is not None:
         atomic_write_bytes(tmp / PROJECTION, proj.to_bytes())
     if plan is not None and base is not None and base_m is not None:
@@ -289,10 +293,10 @@ def _fit_projection(
     ids = np.unique(np.asarray(skus), return_inverse=True)[1]
     if adapter == "lda" and ids.max(initial=0) + 1 >= MIN_ADAPTER_ITEMS:
         proj = retrieval.fit_lda_adapter(vectors, ids)
-        cal = retrieval.calibrate_threshold(vectors, ids, fit_adapter=True)
-        stats = {"method": "cross_fitted_lda", "threshold": round(cal.threshold, 4),
-                 "known_kept": round(cal.known_kept, 4), "unseen_rejected": round(cal.unseen_rejected, 4)}
-        return proj, stats
+        rule = retrieval.calibrate_open_set(vectors, ids, fit_adapter=True)
+        # The kiosk decides with storelens.matching.MatchRule (top1 + margin), see extra["open_set"].
+        return proj, {"method": "cross_fitted_lda_open_set", "threshold": round(rule.threshold, 4),
+                      "open_set": rule.to_dict()}
     t, stats = calibrate_threshold(vectors, skus)
     return None, {**stats, "threshold": t}
 

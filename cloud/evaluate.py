@@ -18,6 +18,7 @@ from cloud.catalog import FetchError, fetch_image_bytes
 from cloud.featurize import DECODE_WORKERS, EmbedderLike, model_fingerprint
 from cloud.retrieval import Adapter
 from storelens import vindex
+from storelens.matching import MatchRule
 from storelens.snapshot import read_manifest_unverified
 
 VECTOR_K = 50  # vectors fetched per query before collapsing to items; several images per item share hits
@@ -95,7 +96,8 @@ def evaluate(
             for lab_row, sim_row, (_, sku) in zip(labels, sims, good, strict=True):
                 ranked.append(_collapse(lab_row, sim_row, label_sku))
                 truths.append(sku)
-    return _metrics(ranked, truths, skipped, m.threshold, top_confused) | {
+    rule = MatchRule.from_manifest(m.threshold, m.extra)
+    return _metrics(ranked, truths, skipped, rule, top_confused) | {
         "snapshot_version": m.version,
         "store": m.store,
         "model": model_fingerprint(embedder)[:12],
@@ -117,7 +119,7 @@ def _collapse(
 
 
 def _metrics(
-    ranked: list[list[tuple[str, float]]], truths: list[str], skipped: int, threshold: float, top: int
+    ranked: list[list[tuple[str, float]]], truths: list[str], skipped: int, rule: MatchRule, top: int
 ) -> dict[str, Any]:
     n = len(truths)
     if n == 0:
@@ -127,6 +129,10 @@ def _metrics(
     at5 = [t in [s for s, _ in r[:5]] for t, r in zip(truths, ranked, strict=True)]
     right = [p[1] for p, ok in zip(top1, correct, strict=True) if ok]
     wrong = [p[1] for p, ok in zip(top1, correct, strict=True) if not ok]
+    # What the kiosk would answer: the snapshot's rule over each query's ranked item scores.
+    conf = [rule.confidence([sc for _, sc in r]) for r in ranked]
+    right_c = [c for c, ok in zip(conf, correct, strict=True) if ok]
+    wrong_c = [c for c, ok in zip(conf, correct, strict=True) if not ok]
     confused = Counter((t, p[0]) for t, p, ok in zip(truths, top1, correct, strict=True) if not ok)
     return {
         "queries": n,
@@ -135,10 +141,11 @@ def _metrics(
         "recall@5": round(float(np.mean(at5)), 4),
         "mean_sim_correct": round(float(np.mean(right)), 4) if right else None,
         "mean_sim_wrong": round(float(np.mean(wrong)), 4) if wrong else None,
-        "threshold": threshold,
-        "correct_above_threshold": round(float(np.mean([s >= threshold for s in right])), 4)
-        if right
+        "threshold": rule.threshold,
+        "margin_weight": rule.margin_weight,
+        "correct_kept": round(float(np.mean([c >= rule.threshold for c in right_c])), 4) if right_c else None,
+        "wrong_rejected": round(float(np.mean([c < rule.threshold for c in wrong_c])), 4)
+        if wrong_c
         else None,
-        "wrong_below_threshold": round(float(np.mean([s < threshold for s in wrong])), 4) if wrong else None,
         "confused": [{"true": t, "predicted": p, "count": c} for (t, p), c in confused.most_common(top)],
     }

@@ -270,7 +270,7 @@ class KioskApp:
             before = self._state
             status = self._status()
             changed = self._state != before
-        if self._started and changed:
+        if self._started and changed and not self.stop_event.is_set():
             _LOGGER.info("kiosk %s%s", status.state.value, f" ({status.reason})" if status.reason else "")
             self.comms.set_status(status)
         if self.screen is not None:

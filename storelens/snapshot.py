@@ -116,7 +116,8 @@ class SnapshotManifest(_Strict):
     item_count: int = Field(ge=0)
     vector_count: int = Field(ge=0)
     hnsw: HnswParams
-    threshold: float = Field(ge=-1.0, le=1.0)  # below this top-1 similarity the kiosk says "no match"
+    # "no match" below this: top-1 similarity, or top1 + w*(top1-top2) with extra["open_set"] (matching.py)
+    threshold: float = Field(ge=-3.0, le=3.0)
     files: dict[str, FileEntry]
     canary: list[Canary] = Field(default_factory=list)
     created_at: str

@@ -93,8 +93,8 @@ def test_build_survives_bad_images_and_rows(
     assert r["bad_rows"][0]["row"] == 14 and "sku" in r["bad_rows"][0]["error"]
     m = verify_snapshot(res.out_dir, [signing_key.public_key()], model_id=embedder.model_id, store="store1")
     assert (m.item_count, m.vector_count) == (12, 36)
-    assert m.hnsw.ef == 100 and -1 <= m.threshold <= 1 and len(m.canary) == 8
-    assert m.extra["threshold"]["method"] == "cross_fitted_lda" and m.projection is not None
+    assert m.hnsw.ef == 100 and -3 <= m.threshold <= 3 and len(m.canary) == 8
+    assert m.extra["threshold"]["method"] == "cross_fitted_lda_open_set" and m.projection is not None
     assert m.dim == m.projection.out_dim < m.model_dim
     # canaries (model space) find their own item once projected as a kiosk would
     from cloud.retrieval import Adapter

@@ -29,7 +29,9 @@ from tests.device.comms.helpers import Collector
 from tests.device.snapshots import make_snapshot
 from tests.support.mosquitto import Mosquitto, free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
+# The thread method dumps every thread's stack and ends the run if a test hangs inside C code (OpenVINO,
+# paho), where the signal method cannot interrupt it.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180, method="thread")]
 
 N_ITEMS = 4
 SKUS = [f"sku-{i}" for i in range(N_ITEMS)]
