@@ -1,5 +1,8 @@
 """The kiosk's composition root: builds every component from the config, starts them in dependency order
-(comms, snapshots, screen, pipeline, camera, health) and stops them in reverse."""
+(model pair, comms, snapshots, updater, screen, pipeline, camera, health) and stops them in reverse.
+
+The model and the snapshot it built are one reference (a ModelPair): the pipeline reads it once per held
+item, the snapshot sync swaps its snapshot, the updater swaps both; nothing is mutated in place."""
 
 from __future__ import annotations
 
@@ -8,21 +11,36 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
+from device.app_build import default_synthetic, make_embedder, make_transport, relative_to
+from device.app_update import ConnectTasks, HookedTransport, SwitchProbe, sync_dir, update_settings
 from device.camera.buffer import BoundedQueue, Frame, OverflowPolicy
 from device.camera.grab import HEALTHY, CameraState, GrabStage
 from device.camera.port import Image
 from device.camera.sources import open_source_factory, source_is_live
-from device.comms import Comms, InMemoryTransport, Outbox, Transport
+from device.comms import Comms, Outbox, Transport
 from device.config import KioskConfig
 from device.detect.detector import Detection, HeldItemDetector
-from device.pipeline import ItemResult, Pipeline, as_async
+from device.pipeline import ItemResult, ModelPair, Pipeline, as_async
 from device.screen import ScreenServer
 from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync
+from device.update import JobsBridge, Updater
+from device.update.pairs import close_embedder
 from storelens import __version__
-from storelens.protocol import Alert, Health, KioskState, MatchEvent, MatchItem, Status, Topics
+from storelens.ha_discovery import HaDiscovery
+from storelens.protocol import (
+    Alert,
+    Health,
+    KioskState,
+    MatchEvent,
+    MatchItem,
+    Status,
+    Topics,
+    UpdateProgress,
+)
 from storelens.signing import load_public_key
 from storelens.snapshot import utc_now_iso
 
@@ -30,6 +48,7 @@ _LOGGER = logging.getLogger(__name__)
 
 _STATUS_TICK_S: Final = 0.5  # how often status is re-evaluated (camera, snapshot, updates)
 _DRAIN_AT_EOF_S: Final = 10.0  # --exit-at-eof: wait this long for the outbox to empty before stopping
+_DEFERRED_PUBLISH_TIMEOUT_S: Final = 5.0  # HA discovery / update progress re-sent after a reconnect
 
 
 class KioskApp:
@@ -49,81 +68,90 @@ class KioskApp:
         self.boot_id = uuid.uuid4().hex
         self.stop_event = threading.Event()  # the one stop event; set by signals, EOF or stop()
         self._app_version = app_version
-        self._owns_embedder = embedder is None
-        self._embedder = embedder if embedder is not None else self._make_embedder()
-        self.model_id: str = str(getattr(self._embedder, "model_id"))  # noqa: B009 (port attribute)
-        model_dim = int(getattr(self._embedder, "dim"))  # noqa: B009
-        self._snapshot: ActiveSnapshot | None = None
+        self._injected = embedder
+        self._base_embedder: object | None = None  # the configured bundle's, when this app loaded it
+        self._pair: ModelPair | None = None  # THE reference: (embedder, snapshot), replaced whole
+        self._pair_lock = threading.Lock()  # writers only (sync and updater); readers take the reference
+        self._released = False  # serving a pair from the updater (not the configured bundle)
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._t_start = time.monotonic()
         self._state: tuple[KioskState, str | None] | None = None
+        self._status_key: tuple[object, ...] | None = None  # what a status change is judged on
         self._since = utc_now_iso()
         self._threads: list[threading.Thread] = []
         self._started = False
         self._camera_down = False
         self._status_lock = threading.Lock()
+        self._keys = [load_public_key(p) for p in cfg.snapshots.public_keys]
+        # Embedders no longer served, closed at stop: closing one at run time (OpenVINO AsyncInferQueue)
+        # was seen to make the process die with SIGSEGV at its next SIGTERM. One model each per switch.
+        self._retired: list[object] = []
 
         self.outbox = Outbox(cfg.outbox.path, max_rows=cfg.outbox.max_rows, max_age_s=cfg.outbox.max_age_s)
-        self.comms = Comms(
-            transport or self._make_transport(), self.outbox, self.topics, app_version=app_version
-        )
-        self.store = SnapshotStore(cfg.snapshots.state_dir)
-        self.sync = SnapshotSync(
-            self.store, [load_public_key(p) for p in cfg.snapshots.public_keys], store_id=cfg.kiosk.store_id,
-            model_id=self.model_id, model_dim=model_dim, on_swap=self._on_swap, on_refused=self._on_refused,
-        )
+        inner = transport or make_transport(cfg.broker, cfg.kiosk.kiosk_id)
+        self.transport = HookedTransport(inner, lambda: self.connect_tasks.on_connected())
+        self.connect_tasks = ConnectTasks(self.transport, self.topics, app_version=app_version,
+                                          health_interval_s=cfg.health.interval_s)
+        self.comms = Comms(self.transport, self.outbox, self.topics, app_version=app_version)
+        self.sync: SnapshotSync | None = None  # made in start() for the running model, remade on a switch
         self.screen: ScreenServer | None = (
             ScreenServer(cfg.screen, thumbs_dir=self._thumbs_dir) if cfg.screen.enabled else None
         )
         cam = cfg.camera
         live = source_is_live(cam.source)
+        drop = cam.overflow == "drop_oldest" or (cam.overflow == "auto" and live)
         frames: BoundedQueue[Frame] = BoundedQueue(
-            cam.queue_size, OverflowPolicy.DROP_OLDEST if live else OverflowPolicy.WAIT, "frames"
+            cam.queue_size, OverflowPolicy.DROP_OLDEST if drop else OverflowPolicy.WAIT, "frames"
         )
         factory = open_source_factory(
             cam.source, open_timeout_ms=cam.open_timeout_ms, read_timeout_ms=cam.read_timeout_ms,
-            width=cam.width, height=cam.height, fps=cam.fps, synthetic=synthetic or _default_synthetic,
+            width=cam.width, height=cam.height, fps=cam.fps, synthetic=synthetic or default_synthetic,
         )
         self.grab = GrabStage(
             factory, frames, stall_s=cam.stall_s, backoff_min_s=cam.backoff_min_s,
             backoff_max_s=cam.backoff_max_s, loop=cam.loop, on_state=self._on_camera_state,
         )
         det = cfg.detection
-        self.pipeline = Pipeline(
-            frames, HeldItemDetector(det), as_async(self._embedder), lambda: self._snapshot,
-            on_result=self._on_result, on_frame=self._on_frame, aggregate_frames=det.aggregate_frames,
-            top_k=det.top_k, max_inflight=cfg.model.max_inflight,
+        self.pipeline = Pipeline.of_pairs(
+            frames, HeldItemDetector(det), self._current_pair, on_result=self._on_result,
+            on_frame=self._on_frame, aggregate_frames=det.aggregate_frames, top_k=det.top_k,
+            max_inflight=cfg.model.max_inflight,
         )
+        u = cfg.update
+        self.probe = SwitchProbe(
+            self.pipeline.counters, factor=u.probe_latency_factor if u else 2.0,
+            slack_ms=u.probe_latency_slack_ms if u else 20.0,
+        )
+        settings = update_settings(cfg)
+        self.updater: Updater | None = None if settings is None else Updater(
+            settings, self.topics, self._keys, transport=self.transport, on_switch=self._on_switch_pair,
+            on_alert=self._alert, probe=self.probe, retire=self._retired.append,
+        )
+        self.jobs: JobsBridge | None = None
+
+    @property
+    def model_id(self) -> str:
+        """The model serving now (empty before start)."""
+        pair = self._pair
+        return pair.model_id if pair is not None else ""
+
+    @property
+    def _snapshot(self) -> ActiveSnapshot | None:
+        pair = self._pair
+        return pair.snapshot if pair is not None else None
+
+    def _current_pair(self) -> ModelPair:
+        pair = self._pair
+        assert pair is not None, "the pipeline runs only after start() loaded a model"
+        return pair
 
     # -- construction helpers --
-    def _make_embedder(self) -> object:
-        m = self.cfg.model
-        if m.kind == "fake":
-            from models.fake import FakeEmbedder
-
-            return FakeEmbedder(m.fake_dim)
-        from models.embedder import Embedder
-
-        assert m.bundle is not None
-        return Embedder(m.bundle, mode=m.mode, cache_dir=m.cache_dir)
-
-    def _make_transport(self) -> Transport:
-        b = self.cfg.broker
-        client_id = b.client_id or self.cfg.kiosk.kiosk_id
-        if b.transport == "none":
-            return InMemoryTransport(online=False)
-        if b.transport == "aws":
-            from device.comms.aws_transport import AwsIotTransport
-
-            assert b.endpoint and b.cert and b.key
-            return AwsIotTransport(b.endpoint, 8883, client_id, b.cert, b.key, b.ca)
-        from device.comms.paho_transport import PahoTransport
-
-        return PahoTransport(
-            b.url, client_id, username=b.username, password=b.password(),
-            ca=str(b.ca) if b.ca else None, cert=str(b.cert) if b.cert else None,
-            key=str(b.key) if b.key else None,
+    def _new_sync(self, model_id: str, dim: int, *, configured: bool) -> SnapshotSync:
+        state = sync_dir(self.cfg.snapshots.state_dir, model_id, configured=configured)
+        return SnapshotSync(
+            SnapshotStore(state), self._keys, store_id=self.cfg.kiosk.store_id, model_id=model_id,
+            model_dim=dim, on_swap=self._on_swap, on_refused=self._on_refused,
         )
 
     # -- lifecycle --
@@ -132,17 +160,38 @@ class KioskApp:
         if self._started:
             raise RuntimeError("kiosk already started")
         self._started = True
-        self._snapshot = self.sync.load_active()
-        if self._snapshot is None and self.cfg.snapshots.initial is not None:
+        loaded = self.updater.boot() if self.updater is not None else None  # a released pair wins
+        if loaded is not None:
+            embedder, model_id, self._released = loaded.embedder, loaded.pair.model_id, True
+        else:
+            embedder = self._injected if self._injected is not None else make_embedder(self.cfg.model)
+            self._base_embedder = embedder if self._injected is None else None
+            model_id = str(getattr(embedder, "model_id"))  # noqa: B009 (port attribute)
+        self.sync = self._new_sync(model_id, int(getattr(embedder, "dim")), configured=loaded is None)  # noqa: B009
+        self._pair = ModelPair(as_async(embedder), None)
+        stored = self.sync.load_active()
+        if loaded is not None and (stored is None or stored.version < loaded.snapshot.version):
+            stored = loaded.snapshot  # the release's snapshot, unless sync installed a newer one since
+        self._pair = ModelPair(as_async(embedder), stored)
+        if stored is None and loaded is None and self.cfg.snapshots.initial is not None:
             try:
-                self.sync.install(self.cfg.snapshots.initial)  # on_swap sets self._snapshot
+                self.sync.install(self.cfg.snapshots.initial)  # on_swap sets the pair's snapshot
             except SnapshotRefused as exc:
                 _LOGGER.error("initial snapshot refused: %s", exc)
                 self._on_refused(exc.reason, exc.detail)
+        self.connect_tasks.set_model(model_id)
+        if self.updater is not None:
+            self.connect_tasks.extra.append(self.updater.republish)
         self.comms.start(self._status())
         self.sync.start()
         if self.cfg.snapshots.subscribe:
-            self.comms.subscribe(self.topics.snapshot, self.sync.on_announcement)
+            self.comms.subscribe(self.topics.snapshot, self._on_announcement)
+        for topic in HaDiscovery.subscriptions:
+            self.comms.subscribe(topic, self.connect_tasks.on_message)
+        if self.updater is not None:
+            self.updater.listeners.append(self._on_update_progress)
+            self.updater.start()
+            self._start_jobs(self.updater)
         if self.screen is not None:
             self.screen.start()
         self.pipeline.start()
@@ -150,21 +199,39 @@ class KioskApp:
             t = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
             self._threads.append(t)
             t.start()
-        _LOGGER.info("kiosk %s/%s started (boot %s)", self.topics.store, self.topics.kiosk, self.boot_id[:8])
+        _LOGGER.info("kiosk %s/%s started (boot %s, model %s)", self.topics.store, self.topics.kiosk,
+                     self.boot_id[:8], model_id[:12])
+
+    def _start_jobs(self, updater: Updater) -> None:
+        u, b = self.cfg.update, self.cfg.broker
+        if u is None or not u.jobs or b.transport != "aws":
+            return
+        thing = u.thing_name or b.client_id or self.cfg.kiosk.kiosk_id
+        self.jobs = JobsBridge(self.transport, thing, updater)
+        self.jobs.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop in reverse order: camera, pipeline, embedder, health, screen, sync, comms, outbox."""
+        """Stop in reverse order: camera, health, updater, pipeline, models, screen, sync, comms, outbox."""
         self.stop_event.set()
         for t in self._threads:
             t.join(timeout_s)
             if t.is_alive():
                 _LOGGER.error("thread %s still alive after %.1f s", t.name, timeout_s)
+        if self.jobs is not None:
+            self.jobs.stop(timeout_s)
+        if self.updater is not None:
+            self.updater.stop(timeout_s)  # no switch from here on: the pointer stays as it is
         self.pipeline.stop(timeout_s)
-        if self._owns_embedder and hasattr(self._embedder, "close"):
-            self._embedder.close()
+        if self.updater is not None:
+            self.updater.close_loaded()
+        for emb in [*self._retired, self._base_embedder]:
+            if emb is not None:
+                close_embedder(emb)  # bounded: a hung close must not hang the kiosk's stop
+        self._retired, self._base_embedder = [], None
         if self.screen is not None:
             self.screen.stop(timeout_s)
-        self.sync.stop(timeout_s)
+        if self.sync is not None:
+            self.sync.stop(timeout_s)
         self.comms.stop(timeout_s)
         self.outbox.close()
         self._threads = []
@@ -195,11 +262,12 @@ class KioskApp:
             self.screen.show_frame(frame.seq, frame.image, det.box, det.state.value)
 
     def _on_result(self, r: ItemResult) -> None:
-        snap = self._snapshot
-        root = snap.directory if snap is not None else None
+        root = r.snapshot_dir  # the snapshot this item was searched in (a swap may have happened since)
+        if "embed" in r.latency_ms:
+            self.probe.on_result(r.model_id, r.latency_ms["embed"])
         items = [
             MatchItem(rank=i + 1, sku=h.sku, title=h.title, price=h.price, location=h.location,
-                      score=round(h.score, 4), thumbnail=_relative(h.thumbnail, root))
+                      score=round(h.score, 4), thumbnail=relative_to(h.thumbnail, root))
             for i, h in enumerate(r.hits)
         ]
         with self._seq_lock:
@@ -207,8 +275,8 @@ class KioskApp:
             seq = self._seq
         event = MatchEvent(
             kiosk=self.topics.kiosk, store=self.topics.store, seq=seq, boot_id=self.boot_id,
-            matched=r.matched, results=items, threshold=r.threshold, frames=r.frames, model=self.model_id,
-            snapshot=r.snapshot_version, latency_ms=r.latency_ms,
+            matched=r.matched, results=items, threshold=r.threshold, frames=r.frames,
+            model=r.model_id or self.model_id, snapshot=r.snapshot_version, latency_ms=r.latency_ms,
         )
         self.comms.publish_event(self.topics.match, event.to_bytes())
         _LOGGER.info("item %d: %s (%s, %.3f) v%d", r.item_id, "match" if r.matched else "no match",
@@ -226,11 +294,54 @@ class KioskApp:
         self._refresh_status()
 
     def _on_swap(self, snap: ActiveSnapshot) -> None:
-        old = self._snapshot
-        self._snapshot = snap  # one reference: the search stage picks it up at its next item
+        """Snapshot sync installed ``snap``: same model, new snapshot (one reference replaced)."""
+        with self._pair_lock:
+            pair = self._pair
+            if pair is None or snap.manifest.model_id != pair.model_id:
+                _LOGGER.warning("snapshot v%d is for another model: ignored", snap.version)
+                return
+            old = pair.snapshot
+            if old is not None and snap.version < old.version:
+                _LOGGER.warning("snapshot v%d older than the served v%d: ignored", snap.version, old.version)
+                return
+            self._pair = replace(pair, snapshot=snap)  # the search stage picks it up at its next item
         if old is not None and old.version != snap.version:
             self._alert("snapshot_applied", f"v{old.version} -> v{snap.version}")
         self._refresh_status()
+
+    def _on_switch_pair(self, embedder: Any, snapshot: ActiveSnapshot) -> None:
+        """The updater switched model and snapshot (or rolled back): both in one reference swap."""
+        new = ModelPair(as_async(embedder), snapshot)
+        with self._pair_lock:
+            old = self._pair
+            self._pair = new
+            self._released = True
+        old_model = old.model_id if old is not None else ""
+        self.probe.on_switch(old_model, new.model_id)
+        _LOGGER.info("model %s -> %s, snapshot v%d", old_model[:12], new.model_id[:12], snapshot.version)
+        if new.model_id != old_model:
+            self._replace_sync(new.model_id, int(embedder.dim))
+            self.connect_tasks.set_model(new.model_id)  # HA shows the new model
+        self._refresh_status()
+
+    def _replace_sync(self, model_id: str, dim: int) -> None:
+        """A snapshot is valid for one model: a new sync (its own state) follows the new model."""
+        new = self._new_sync(model_id, dim, configured=False)
+        new.start()
+        old, self.sync = self.sync, new
+        if old is not None:
+            old.stop()
+
+    def _on_update_progress(self, p: UpdateProgress) -> None:
+        if p.step == "done" and self._base_embedder is not None and self._released:
+            self._retired.append(self._base_embedder)  # the configured bundle serves no more
+            self._base_embedder = None
+        self._refresh_status()
+
+    def _on_announcement(self, topic: str, payload: bytes, retained: bool) -> None:
+        sync = self.sync  # whichever sync follows the running model now
+        if sync is not None:
+            sync.on_announcement(topic, payload, retained)
 
     def _on_refused(self, reason: str, detail: str) -> None:
         self._alert("snapshot_refused", f"{reason}: {detail}"[:500])
@@ -251,7 +362,9 @@ class KioskApp:
         cam = self.grab.state
         snap = self._snapshot
         state, reason = KioskState.ONLINE, None
-        if not self.sync.idle.is_set():
+        if self.updater is not None and not self.updater.idle.is_set():
+            state, reason = KioskState.UPDATING, "model update"
+        elif self.sync is not None and not self.sync.idle.is_set():
             state, reason = KioskState.UPDATING, "snapshot update"
         elif cam not in HEALTHY:
             state, reason = KioskState.DEGRADED, f"camera {cam.value}"
@@ -261,15 +374,16 @@ class KioskApp:
             self._state, self._since = (state, reason), utc_now_iso()
         return Status(
             kiosk=self.topics.kiosk, store=self.topics.store, state=state, reason=reason,
-            app=self._app_version, model=self.model_id, snapshot=snap.version if snap else None,
-            since=self._since, camera=cam.value,
+            app=self._app_version, model=self.model_id or None,
+            snapshot=snap.version if snap else None, since=self._since, camera=cam.value,
         )
 
     def _refresh_status(self) -> None:
         with self._status_lock:
-            before = self._state
+            before = self._status_key
             status = self._status()
-            changed = self._state != before
+            self._status_key = (status.state, status.reason, status.model, status.snapshot)
+            changed = self._status_key != before
         if self._started and changed and not self.stop_event.is_set():
             _LOGGER.info("kiosk %s%s", status.state.value, f" ({status.reason})" if status.reason else "")
             self.comms.set_status(status)
@@ -294,6 +408,7 @@ class KioskApp:
         next_health = time.monotonic()
         while not stop.is_set():
             try:
+                self.connect_tasks.run_pending()
                 self._refresh_status()
                 if time.monotonic() >= next_health:
                     next_health += interval_s
@@ -302,20 +417,3 @@ class KioskApp:
                 _LOGGER.exception("health loop iteration failed")
             stop.wait(min(_STATUS_TICK_S, interval_s))
 
-
-def _relative(path: Path | None, root: Path | None) -> str | None:
-    if path is None or root is None:
-        return None
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return None
-
-
-def _default_synthetic() -> Iterator[Image]:
-    """The bench camera: rendered items held up in turn, forever."""
-    from device.camera.synthetic import make_scene, render_items
-
-    scene = make_scene(render_items(6))
-    while True:
-        yield from scene.frames()

@@ -41,6 +41,9 @@ class CameraConfig(_Section):
     backoff_min_s: float = Field(default=1.0, ge=0)
     backoff_max_s: float = Field(default=30.0, ge=0)
     queue_size: int = Field(default=2, ge=1, le=256)  # live: keep the newest; files: back-pressure
+    # "auto": drop-oldest for live sources, wait for files. "drop_oldest" on a file makes it behave like a
+    # camera (a stalled pipeline then shows as counted drops instead of back-pressure: soak and fleet tests).
+    overflow: Literal["auto", "drop_oldest", "wait"] = "auto"
     loop: bool = False  # replay a file source forever (demo)
 
 
@@ -139,6 +142,26 @@ class HealthConfig(_Section):
     interval_s: float = Field(default=30.0, gt=0)
 
 
+class UpdateConfig(_Section):
+    """Model+snapshot releases (fleet rollouts): absent, the kiosk runs its configured bundle forever."""
+
+    state_dir: Path  # pairs (bundle + snapshot) and the one pointer file, current.json
+    probation_s: float = Field(default=300.0, ge=0)  # default when the release does not say
+    probe_interval_s: float = Field(default=5.0, gt=0)
+    max_probation_boots: int = Field(default=2, ge=1)  # restarts in probation before the old pair returns
+    compile_timeout_s: float = Field(default=120.0, gt=0)
+    compile_mem_mb: int = Field(default=2048, ge=256)  # address-space limit of the compile child
+    max_snapshot_mb: int = Field(default=4096, ge=1)
+    min_canary_cosine: float = Field(default=0.98, gt=0, le=1)
+    max_latency_factor: float = Field(default=3.0, gt=1)  # self-test: new model p50 vs old on the canaries
+    # Probation: roll back when the live embed p50 exceeds this x the pre-switch p50 (plus slack_ms:
+    # sub-millisecond models would otherwise fail on scheduler noise alone).
+    probe_latency_factor: float = Field(default=2.0, gt=1)
+    probe_latency_slack_ms: float = Field(default=20.0, ge=0)
+    jobs: bool = True  # transport "aws": take releases from AWS IoT Jobs as well as the desired topic
+    thing_name: str | None = None  # the IoT thing for Jobs; defaults to the MQTT client id
+
+
 class KioskConfig(_Section):
     """The whole tree; each component receives only its own section."""
 
@@ -151,6 +174,7 @@ class KioskConfig(_Section):
     screen: ScreenConfig = ScreenConfig()
     outbox: OutboxConfig
     health: HealthConfig = HealthConfig()
+    update: UpdateConfig | None = None
 
 
 def _format_error(exc: ValidationError, source: str) -> str:
@@ -173,6 +197,7 @@ def _resolve_paths(raw: dict[str, object], base: Path) -> dict[str, object]:
         "snapshots": ("state_dir", "initial", "public_keys"),
         "broker": ("ca", "cert", "key"),
         "outbox": ("path",),
+        "update": ("state_dir",),
     }
     out = dict(raw)
     for section, keys in path_keys.items():

@@ -4,6 +4,23 @@ from __future__ import annotations
 
 from device.pipeline.aggregate import ItemResult, aggregate
 from device.pipeline.runner import Pipeline
-from device.pipeline.stages import AsyncEmbedderPort, Counters, InlineSubmit, as_async
+from device.pipeline.stages import (
+    AsyncEmbedderPort,
+    Counters,
+    InlineSubmit,
+    ModelPair,
+    PairProvider,
+    as_async,
+)
 
-__all__ = ["AsyncEmbedderPort", "Counters", "InlineSubmit", "ItemResult", "Pipeline", "aggregate", "as_async"]
+__all__ = [
+    "AsyncEmbedderPort",
+    "Counters",
+    "InlineSubmit",
+    "ItemResult",
+    "ModelPair",
+    "PairProvider",
+    "Pipeline",
+    "aggregate",
+    "as_async",
+]

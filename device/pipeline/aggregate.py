@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +25,8 @@ class ItemResult:
     agreement: float  # share of steady frames whose own top-1 is the answer's top-1
     t_capture_last: float  # monotonic capture time of the last aggregated frame
     latency_ms: dict[str, float] = field(default_factory=dict)
+    model_id: str = ""  # the model that embedded the item (the pair it was searched with)
+    snapshot_dir: Path | None = None  # where that snapshot's thumbnails are
 
 
 def aggregate(

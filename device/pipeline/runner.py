@@ -7,13 +7,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from device.camera.buffer import BoundedQueue, Frame, OverflowPolicy
 from device.comms.stats import LatencyStats
 from device.detect.detector import Detection, DetectorPort
 from device.pipeline.aggregate import ItemResult
-from device.pipeline.stages import AsyncEmbedderPort, Counters, DetectStage, Handoff, SearchStage
+from device.pipeline.stages import (
+    AsyncEmbedderPort,
+    Counters,
+    DetectStage,
+    Handoff,
+    ModelPair,
+    PairProvider,
+    SearchStage,
+)
 from device.sync.active import ActiveSnapshot
 
 _LOGGER = logging.getLogger(__name__)
@@ -23,7 +31,10 @@ _HANDOFF_SPARE: Final = 64  # Close messages beside the (semaphore-bounded) vect
 
 
 class Pipeline:
-    """Owns the detect and search stages; the camera's queue is its input, ``on_result`` its output."""
+    """Owns the detect and search stages; the camera's queue is its input, ``on_result`` its output.
+
+    ``Pipeline(frames, detector, embedder, snapshot)`` serves one fixed model; ``Pipeline.of_pairs``
+    reads the (model, snapshot) pair from a provider once per held item, so both can be switched."""
 
     def __init__(
         self,
@@ -31,6 +42,24 @@ class Pipeline:
         detector: DetectorPort,
         embedder: AsyncEmbedderPort,
         snapshot: Callable[[], ActiveSnapshot | None],
+        **kwargs: Any,
+    ) -> None:
+        self._build(frames, detector, lambda: ModelPair(embedder, snapshot()), **kwargs)
+
+    @classmethod
+    def of_pairs(
+        cls, frames: BoundedQueue[Frame], detector: DetectorPort, pairs: PairProvider, **kwargs: Any
+    ) -> Pipeline:
+        """A pipeline whose model and snapshot come from ``pairs()`` (one reference, swapped whole)."""
+        self = cls.__new__(cls)
+        self._build(frames, detector, pairs, **kwargs)
+        return self
+
+    def _build(
+        self,
+        frames: BoundedQueue[Frame],
+        detector: DetectorPort,
+        pairs: PairProvider,
         *,
         on_result: Callable[[ItemResult], None],
         on_frame: Callable[[Frame, Detection], None] | None = None,
@@ -54,11 +83,11 @@ class Pipeline:
                                                       "handoff")
         self._frames = frames
         self.detect = DetectStage(
-            frames, detector, embedder, handoff, inflight, max_inflight=max_inflight,
+            frames, detector, pairs, handoff, inflight, max_inflight=max_inflight,
             aggregate_frames=aggregate_frames, counters=self.counters, on_frame=on_frame, clock=clock,
         )
         self.search = SearchStage(
-            handoff, inflight, snapshot, top_k=top_k, counters=self.counters, stats=self.stats,
+            handoff, inflight, pairs, top_k=top_k, counters=self.counters, stats=self.stats,
             on_result=on_result, on_shown=detector.mark_result_shown, clock=clock,
         )
 

@@ -83,6 +83,21 @@ def as_async(embedder: object) -> AsyncEmbedderPort:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelPair:
+    """The model and the index built by it: swapped as ONE reference, so an item never mixes the two."""
+
+    embedder: AsyncEmbedderPort
+    snapshot: ActiveSnapshot | None
+
+    @property
+    def model_id(self) -> str:
+        return str(self.embedder.model_id)
+
+
+PairProvider = Callable[[], ModelPair]
+
+
+@dataclass(frozen=True, slots=True)
 class Pending:
     """One crop in flight, with the timings gathered so far."""
 
@@ -92,6 +107,7 @@ class Pending:
     capture_ms: float
     detect_ms: float
     t_submit: float
+    pair: ModelPair  # read once when the item opened: its crops are embedded and searched with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +147,7 @@ class DetectStage:
         self,
         frames: BoundedQueue[Frame],
         detector: DetectorPort,
-        embedder: AsyncEmbedderPort,
+        pairs: PairProvider,
         handoff: BoundedQueue[Handoff],
         inflight: threading.Semaphore,
         *,
@@ -143,7 +159,7 @@ class DetectStage:
     ) -> None:
         self._frames = frames
         self._detector = detector
-        self._embedder = embedder
+        self._pairs = pairs
         self._handoff = handoff
         self._inflight = inflight
         self._max_inflight = max_inflight
@@ -152,6 +168,7 @@ class DetectStage:
         self._on_frame = on_frame
         self._clock = clock
         self._submitted: dict[int, int] = {}  # open items -> crops submitted so far
+        self._item_pair: dict[int, ModelPair] = {}  # open items -> the pair read at their first crop
         self._closed_ids: set[int] = set()  # items already answered (or given up): submit no more
         self.last_processed_t: float | None = None
         self.max_gap_s = 0.0  # longest wait between two processed frames (swap benchmark)
@@ -195,15 +212,17 @@ class DetectStage:
             if det.item_id in self._closed_ids:
                 return
             n = self._submitted[det.item_id] = 0
+            self._item_pair[det.item_id] = self._pairs()
             c.items += 1
         if n >= self._aggregate:
             return
         if not self._acquire(stop):
             return
+        pair = self._item_pair[det.item_id]
         pending = Pending(det.item_id, frame.seq, frame.t_capture, (t0 - frame.t_capture) * 1000.0,
-                          (t1 - t0) * 1000.0, self._clock())
+                          (t1 - t0) * 1000.0, self._clock(), pair)
         try:
-            self._embedder.submit(det.crop, self._on_embedded, pending)
+            pair.embedder.submit(det.crop, self._on_embedded, pending)
         except Exception:
             self._inflight.release()
             c.embed_errors += 1
@@ -216,6 +235,7 @@ class DetectStage:
 
     def _close(self, item_id: int, stop: threading.Event) -> None:
         n = self._submitted.pop(item_id, None)
+        self._item_pair.pop(item_id, None)
         if n is None:
             return
         self._closed_ids.add(item_id)
@@ -262,7 +282,7 @@ class SearchStage:
         self,
         handoff: BoundedQueue[Handoff],
         inflight: threading.Semaphore,
-        snapshot: Callable[[], ActiveSnapshot | None],
+        pairs: PairProvider,
         *,
         top_k: int,
         counters: Counters,
@@ -273,7 +293,7 @@ class SearchStage:
     ) -> None:
         self._handoff = handoff
         self._inflight = inflight
-        self._snapshot = snapshot
+        self._pairs = pairs
         self._k = top_k
         self._counters = counters
         self._stats = stats
@@ -317,7 +337,11 @@ class SearchStage:
     def _finish(self, item_id: int, st: _Open) -> None:
         if not st.vectors or st.last is None:
             return
-        snap = self._snapshot()
+        pair = st.last.pending.pair
+        now = self._pairs()
+        if now.model_id == pair.model_id:
+            pair = now  # same model: the freshest snapshot (a swap while the item was held)
+        snap = pair.snapshot
         if snap is None:
             self._counters.no_snapshot += 1
             _LOGGER.warning("item %d: no snapshot loaded, cannot answer", item_id)
@@ -328,7 +352,7 @@ class SearchStage:
         t1 = self._clock()
         last = st.last
         p = last.pending
-        matched = bool(hits) and hits[0].score >= snap.threshold
+        matched = bool(hits) and snap.rule.is_match([h.score for h in hits])
         latency = {
             "capture": round(p.capture_ms, 3),
             "detect": round(p.detect_ms, 3),
@@ -338,7 +362,8 @@ class SearchStage:
         }
         self._stats.add_many(latency)
         result = ItemResult(item_id, matched, tuple(hits), snap.threshold, len(st.vectors), snap.version,
-                            agreement, p.t_capture, latency)
+                            agreement, p.t_capture, latency, model_id=pair.model_id,
+                            snapshot_dir=snap.directory)
         self._counters.results += 1
         try:
             self._on_result(result)

@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from storelens import vindex
 from storelens.fsutil import read_capped
+from storelens.matching import MatchRule
 from storelens.snapshot import SnapshotManifest
 
 INDEX = "index.bin"
@@ -76,6 +77,7 @@ class ActiveSnapshot:
         self.version = manifest.version
         self.index = index
         self.threshold = manifest.threshold
+        self.rule = MatchRule.from_manifest(manifest.threshold, manifest.extra)  # "no match" decision
         self._label_sku = label_sku  # label -> position in skus (-1: unknown)
         self._skus = skus
         self._items = items

@@ -71,6 +71,7 @@ class Updater:
         on_alert: Callable[[str, str], None] | None = None,
         probe: Probe | None = None,
         load_embedder: Callable[[Path, Path | None], Any] = default_loader,
+        retire: Callable[[Any], None] = close_embedder,
     ) -> None:
         if not public_keys:
             raise ValueError("at least one pinned public key is required")
@@ -82,6 +83,7 @@ class Updater:
         self._on_alert = on_alert
         self._probe = probe
         self._load = load_embedder
+        self._retire = retire  # an embedder no longer served (the app may defer its close to shutdown)
         self.store = PairStore(settings.root)
         self._cond = threading.Condition()
         self._pending: DesiredRelease | None = None
@@ -147,6 +149,13 @@ class Updater:
             if self._thread.is_alive():
                 _LOGGER.error("updater thread still alive after %.1f s", timeout_s)
             self._thread = None
+
+    def close_loaded(self) -> None:
+        """After ``stop()`` and once nothing embeds any more: close the embedders this updater holds."""
+        for loaded in (self._previous, self.active):
+            if loaded is not None:
+                close_embedder(loaded.embedder)
+        self._previous = self.active = None
 
     # -- input --
     def on_desired(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -287,7 +296,7 @@ class Updater:
             return
         finally:
             if new is not None:
-                close_embedder(new.embedder)
+                self._retire(new.embedder)
             steps.discard(staging)
             if self.active is None or self.active.pair.release != rel:
                 self.store.cleanup()
@@ -341,7 +350,7 @@ class Updater:
         p = self.store.pointer
         self.store.write(dataclasses.replace(p, state="stable", probation_boots=0))
         if self._previous is not None:
-            close_embedder(self._previous.embedder)
+            self._retire(self._previous.embedder)
             self._previous = None
         self.store.cleanup()
         self._report(rel, "done", model=self.active.pair.model_id, snapshot=self.active.pair.snapshot_version)
@@ -361,7 +370,7 @@ class Updater:
         self.store.write(rollback(p))
         self.active, self._previous = old, None
         self._on_switch(old.embedder, old.snapshot)
-        close_embedder(new.embedder)
+        self._retire(new.embedder)
         self.store.cleanup()
         self._report(
             rel,
@@ -391,7 +400,6 @@ class Updater:
             "rolled_back" if step == "rolled_back" else "update_failed", f"{rel}: {reason}: {detail}"[:500]
         )
 
-    # -- loading --
     # -- reporting --
     def _report(
         self,

@@ -94,3 +94,46 @@ def test_forged_initial_snapshot_is_refused_with_an_alert(tmp_path: Path, setup:
     app.run(exit_at_eof=True)
     alerts = [decode(p, Alert) for p in transport.messages(Topics("s1", "k1").alert)]
     assert any(a.kind == "snapshot_refused" and "bad_signature" in a.detail for a in alerts)
+
+
+def test_update_section_is_optional_and_maps_to_updater_settings(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
+    """Old configs stay valid (no updater); an [update] section builds one with its limits."""
+    from device.app_update import update_settings
+
+    video, pub, snap, _, _ = setup
+    assert _config(tmp_path, video, pub, snap).update is None
+    raw = _config(tmp_path, video, pub, snap).model_dump(mode="json")
+    raw["update"] = {"state_dir": "upd", "probation_s": 2.0, "compile_mem_mb": 512}
+    cfg = parse_config(raw, base_dir=tmp_path)
+    s = update_settings(cfg)
+    assert s is not None and s.root == tmp_path / "upd" and s.probation_s == 2.0
+    assert s.compile_mem_bytes == 512 << 20
+    assert KioskApp(cfg, transport=InMemoryTransport()).updater is not None
+
+
+def test_a_model_switch_replaces_model_and_snapshot_together(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
+    """The updater's switch is one reference swap; the snapshot sync then follows the new model, and a late
+    snapshot of the old model can no longer replace the new pair's snapshot."""
+    from device.sync.active import ActiveSnapshot
+    from storelens.snapshot import verify_snapshot
+
+    video, pub, snap, items, key = setup
+    app = KioskApp(_config(tmp_path, video, pub, snap), transport=InMemoryTransport())
+    app.start()
+    try:
+        old_pair = app._current_pair()
+        old_snap = old_pair.snapshot
+        assert old_snap is not None and app.sync is not None
+        new_emb = FakeEmbedder(64, seed=7)
+        d = make_snapshot(tmp_path / "v5", new_emb.embed(items), ["a", "b", "c"], key,
+                          model_id=new_emb.model_id, version=5, threshold=0.3)
+        new_snap = ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()]))
+        old_sync = app.sync
+        app._on_switch_pair(new_emb, new_snap)
+        pair = app._current_pair()
+        assert pair.model_id == app.model_id == new_emb.model_id and pair.snapshot is new_snap
+        assert app.sync is not old_sync and app.sync._model_id == new_emb.model_id
+        app._on_swap(old_snap)  # a late install by the old model's sync: ignored
+        assert app._current_pair() is pair
+    finally:
+        app.stop()

@@ -35,15 +35,36 @@ def test_in_graph_preprocessing_matches_reference(tiny_bundle: Path) -> None:
     backbone, _ = cut_at_pool(load_source("tiny").model)
     bare = ov.Core().compile_model(backbone, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     h, w = prep["size"]
+    # The bundle's own graph (dynamic input: any crop size), as any OpenVINO client would run it.
+    graph = ov.Core().compile_model(
+        str(tiny_bundle / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    for crop in _crops(5):
+        x = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
+        x = cv2.cvtColor(x, cv2.COLOR_BGR2RGB).astype(np.float32)
+        x = (x - np.array(prep["mean"], np.float32)) / np.array(prep["scale"], np.float32)
+        want = bare(x.transpose(2, 0, 1)[None])[0][0]
+        want = want / np.linalg.norm(want)
+        got = graph(crop[None])[0][0]
+        # In-graph resize rounds to u8 (off by at most 1 level from cv2), hence not exact.
+        assert float(got @ want) > 0.999, crop.shape
+
+
+def test_embedder_is_host_fit_then_graph(tiny_bundle: Path) -> None:
+    """The Embedder pre-sizes crops on the host (static shapes: no concurrent specialisation) then runs
+    the graph; its vectors must equal feeding fit_to_input's output to the bundle graph directly."""
+    import openvino as ov
+
+    from models.embedder import fit_to_input
+
+    h, w = read_manifest(tiny_bundle).preprocessing["size"]
+    graph = ov.Core().compile_model(
+        str(tiny_bundle / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
     with Embedder(tiny_bundle) as embedder:
         for crop in _crops(5):
-            x = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
-            x = cv2.cvtColor(x, cv2.COLOR_BGR2RGB).astype(np.float32)
-            x = (x - np.array(prep["mean"], np.float32)) / np.array(prep["scale"], np.float32)
-            want = bare(x.transpose(2, 0, 1)[None])[0][0]
-            got = embedder.embed_one(crop)
-            # In-graph resize rounds to u8 (off by at most 1 level from cv2), hence not exact.
-            assert float(got @ want) > 0.999, crop.shape
+            want = graph(fit_to_input(crop, h, w)[None])[0][0]
+            assert float(embedder.embed_one(crop) @ want) > 0.9999, crop.shape
 
 
 def test_unit_norm_and_order(tiny_bundle: Path) -> None:

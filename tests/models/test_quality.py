@@ -26,7 +26,8 @@ def test_int8_matches_fp16_on_grocery(mobilenet_bundles: dict[str, Path]) -> Non
     queries: dict[str, np.ndarray] = {}
     recall: dict[str, float] = {}
     for precision, bundle in mobilenet_bundles.items():
-        with Embedder(bundle, mode="throughput") as embedder:
+        # latency mode: see test_throughput_after_latency_embedder (a known bug, not yet understood).
+        with Embedder(bundle, mode="latency") as embedder:
             queries[precision] = embedder.embed(val.images)
             items = embedder.embed(catalog)
         recall[precision] = recall_at_1(queries[precision], val.labels, items, catalog_labels)
@@ -36,3 +37,18 @@ def test_int8_matches_fp16_on_grocery(mobilenet_bundles: dict[str, Path]) -> Non
     assert abs(recall["int8"] - recall["fp16"]) <= 0.01 + 1e-9
     # Plain pooled features of this quantized MobileNetV2 reach ~0.53 here (see models/README.md).
     assert recall["int8"] >= 0.50
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_throughput_after_latency_embedder(mobilenet_bundles: dict[str, Path]) -> None:
+    """Guards cloud and kiosk disagreeing: with OpenVINO's AsyncInferQueue, a THROUGHPUT embedder made after
+    a closed LATENCY one returned other vectors (cosine ~0.15). Every mode must give the same vector."""
+    root = shared_path("data", "grocery")
+    images = load_split(root, "val.txt").images[:40]
+    with Embedder(mobilenet_bundles["fp16"], mode="latency") as embedder:
+        want = np.stack([embedder.embed_one(img) for img in images])
+    for _ in range(3):
+        with Embedder(mobilenet_bundles["fp16"], mode="throughput") as embedder:
+            got = embedder.embed(images)
+        assert float(np.sum(want * got, axis=1).min()) > 0.999
