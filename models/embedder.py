@@ -1,6 +1,6 @@
 """The embedding runtime both kiosk and cloud use: a verified bundle compiled with OpenVINO.
 
-Concurrency design (why no ``AsyncInferQueue``): on these 2-core machines, infer requests that specialise
+Concurrency design (why one stream and no ``AsyncInferQueue``): on these 2-core machines, infer requests that specialise
 a dynamic input shape concurrently can deadlock inside OpenVINO (ultralytics#25923), and Python callbacks
 on OpenVINO threads raced ``close()`` (a hang in ``wait_all``) and, with multi-stream graphs, returned
 another request's output. So the Embedder compiles the bundle with a *static* input of the recipe's size,
@@ -89,6 +89,11 @@ class Embedder:
             "PERFORMANCE_HINT": mode.upper(),
             # The precision the catalog was built with; OpenVINO would otherwise pick bf16 where it can.
             "INFERENCE_PRECISION_HINT": self.manifest.inference_precision,
+            # One stream in every mode: with 2 CPU streams, OpenVINO 2026.4 returned wrong vectors for some
+            # compilations of the MobileNetV2 bundle (cosine 0.1-0.2 to a 1-stream compile, differing from
+            # compile to compile). Cloud and kiosk must compute the same space, so both run this config;
+            # throughput comes from overlapping requests (pre-size, copies, post-processing) instead.
+            "NUM_STREAMS": 1,
         }
         if cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -101,8 +106,8 @@ class Embedder:
             self._compiled = core.compile_model(model, device, config)
         except RuntimeError as exc:
             raise ModelError(f"OpenVINO could not compile {bundle_dir} on {device}: {exc}") from exc
-        optimal = int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        self.num_requests: int = max(1, num_requests if num_requests is not None else optimal)
+        # Two requests in flight keep the stream busy while Python pre-sizes the next crop.
+        self.num_requests: int = max(1, num_requests if num_requests is not None else 2)
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
         warm = np.zeros((1, *self.input_hw, 3), np.uint8)
         for _ in range(self.num_requests):

@@ -1,4 +1,5 @@
-"""Fixtures for the dashboard tests: a fresh build, the page server, kiosk simulators, Debian Chromium."""
+"""Fixtures for the dashboard tests: a fresh build, the page server, kiosk simulators, Debian Chromium, a
+store broker with the deploy ACL. tests/e2e/test_browser_real_kiosk.py re-uses them with a real kiosk."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from cloud.dashboard.serve import DashboardServer, PageConfig
+from tests.support.mosquitto import Mosquitto, mosquitto_binary
 
 REPO = Path(__file__).resolve().parents[2]
 STATIC = REPO / "cloud" / "dashboard" / "static"
@@ -26,6 +28,31 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 VIEWPORT = {"width": 1280, "height": 800}  # the store back-office screen the page is designed for
+DEPLOY_ACL = (REPO / "deploy" / "mosquitto" / "acl").read_text()
+PASSWORDS = {"dashboard": "pw-dash", "k01": "pw-k01", "k02": "pw-k02"}  # kiosk users are kiosk ids (ACL)
+WAIT_MS = 15_000  # upper bound for one UI change; MQTT.js retries every 2 s after a broker restart
+
+
+def kiosk_card(page: Any, kiosk: str, state: str) -> Any:
+    """Wait until the card of ``kiosk`` shows ``state`` (data-state) and return it."""
+    selector = f'article.kiosk[data-kiosk="{kiosk}"][data-state="{state}"]'
+    return page.wait_for_selector(selector, timeout=WAIT_MS)
+
+
+def page_config(b: Mosquitto, store: str) -> PageConfig:
+    """config.json for ``store`` on broker ``b``: the read-only dashboard user, local thumbnails."""
+    return PageConfig(broker_ws_url=f"ws://127.0.0.1:{b.ws_port}", store=store, username="dashboard",
+                      password=PASSWORDS["dashboard"], thumbnail_base="snapshots/{snapshot}/")
+
+
+@pytest.fixture
+def store_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """mosquitto with plain + websockets listeners, the deploy ACL and test passwords."""
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed; run `make setup`")
+    b = Mosquitto(tmp_path / "mosquitto", websockets=True, acl=DEPLOY_ACL, passwords=PASSWORDS).start()
+    yield b
+    b.stop()
 
 
 def _mqtt_bundle() -> Path | None:

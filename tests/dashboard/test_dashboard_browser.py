@@ -1,47 +1,21 @@
 """The staff dashboard in real headless Chromium against a real mosquitto websockets listener.
 
 Kiosks are simulated (tests/dashboard/kiosk_sim.py, storelens.protocol payloads, a subprocess so a
-SIGKILL fires its last will). The real-kiosk variant over a generated video is wired by the lead.
+SIGKILL fires its last will). The real kiosk over a generated video: tests/e2e/test_browser_real_kiosk.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cloud.dashboard.serve import PageConfig
-from tests.dashboard.conftest import KioskSim, screenshot
-from tests.support.mosquitto import Mosquitto, mosquitto_binary
+from tests.dashboard.conftest import PASSWORDS, WAIT_MS, KioskSim, kiosk_card, page_config, screenshot
+from tests.support.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-DEPLOY_ACL = (Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "acl").read_text()
-PASSWORDS = {"dashboard": "pw-dash", "k01": "pw-k01", "k02": "pw-k02"}
-WAIT_MS = 15_000  # upper bound for one UI change; MQTT.js retries every 2 s after a broker restart
-
-
-def kiosk_card(page: Any, kiosk: str, state: str) -> Any:
-    """Wait until the card of ``kiosk`` shows ``state`` (data-state) and return it."""
-    selector = f'article.kiosk[data-kiosk="{kiosk}"][data-state="{state}"]'
-    return page.wait_for_selector(selector, timeout=WAIT_MS)
-
-
-@pytest.fixture
-def store_broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    """mosquitto with plain + websockets listeners, the deploy ACL and test passwords."""
-    if mosquitto_binary() is None:
-        pytest.skip("mosquitto is not installed; run `make setup`")
-    b = Mosquitto(tmp_path / "mosquitto", websockets=True, acl=DEPLOY_ACL, passwords=PASSWORDS).start()
-    yield b
-    b.stop()
-
-
-def _page_config(b: Mosquitto, store: str) -> PageConfig:
-    return PageConfig(broker_ws_url=f"ws://127.0.0.1:{b.ws_port}", store=store, username="dashboard",
-                      password=PASSWORDS["dashboard"], thumbnail_base="snapshots/{snapshot}/")
 
 
 def test_kiosk_online_match_in_feed_then_offline_by_last_will(
@@ -56,7 +30,7 @@ def test_kiosk_online_match_in_feed_then_offline_by_last_will(
         'fill="#c9a66b"/></svg>'
     )
     sim = start_sim(store_broker.port, "s042", "k01", username="k01", password=PASSWORDS["k01"])
-    page.goto(serve_page(_page_config(store_broker, "s042"), snapshots_dir=tmp_path / "snapshots"))
+    page.goto(serve_page(page_config(store_broker, "s042"), snapshots_dir=tmp_path / "snapshots"))
     card = kiosk_card(page, "k01", "online")
     assert page.get_attribute("#conn", "data-state") == "connected"
     assert card.query_selector('[data-role="fps"]').inner_text() == "14.8"
@@ -95,7 +69,7 @@ def test_survives_broker_restart_with_reconnecting_banner(
 ) -> None:
     """A broker restart shows 'Reconnecting…', marks every kiosk not live, then recovers by itself."""
     start_sim(store_broker.port, "s042", "k01", username="k01", password=PASSWORDS["k01"])
-    page.goto(serve_page(_page_config(store_broker, "s042")))
+    page.goto(serve_page(page_config(store_broker, "s042")))
     kiosk_card(page, "k01", "online")
     assert page.is_hidden("#banner")
 
@@ -121,7 +95,7 @@ def test_stale_health_alerts_and_update_progress(
     k1 = start_sim(store_broker.port, "s042", "k01", username="k01", password=PASSWORDS["k01"],
                    health_interval_s=2)
     k2 = start_sim(store_broker.port, "s042", "k02", username="k02", password=PASSWORDS["k02"])
-    page.goto(serve_page(_page_config(store_broker, "s042")))
+    page.goto(serve_page(page_config(store_broker, "s042")))
     kiosk_card(page, "k01", "online")
     kiosk_card(page, "k02", "online")
 

@@ -1,7 +1,7 @@
 """An in-process kiosk stand-in: the real Updater, real Comms + PahoTransport + Outbox on a real broker, and a
 frame loop (live-camera queue, drop-oldest) that embeds and searches with whatever pair is current.
 
-Stands in for `storelens kiosk run` until device/app.py takes model switches (see the fleet report)."""
+A cheap in-process fleet; tests/fleet/test_fleet_real.py runs the same rollouts on real kiosk processes."""
 
 from __future__ import annotations
 
