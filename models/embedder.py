@@ -1,13 +1,14 @@
 """The embedding runtime both kiosk and cloud use: a verified bundle compiled with OpenVINO.
 
-Concurrency design (why one stream and no ``AsyncInferQueue``): on these 2-core machines, infer requests that specialise
-a dynamic input shape concurrently can deadlock inside OpenVINO (ultralytics#25923), and Python callbacks
-on OpenVINO threads raced ``close()`` (a hang in ``wait_all``) and, with multi-stream graphs, returned
-another request's output. So the Embedder compiles the bundle with a *static* input of the recipe's size,
-resizes each crop to it on the host (cv2 INTER_AREA, antialiased: 0.1-4 ms and slightly better retrieval
-than the in-graph linear resize; the rest of the in-graph preprocessing still runs), and drives a fixed
-pool of infer requests from its own worker threads with synchronous ``infer()``, which releases the GIL.
-Every mode and every entry point therefore computes exactly the same vector for the same crop.
+Concurrency design (one stream, no ``AsyncInferQueue``), from failures measured on these 2-core machines:
+infer requests that specialise a dynamic input shape concurrently can deadlock inside OpenVINO
+(ultralytics#25923); Python callbacks on OpenVINO threads deadlocked ``close()`` (a worker waiting for the
+GIL while the model's destructor joined it); and 2-stream compilations of the MobileNetV2 bundle returned
+wrong vectors (cosine 0.1-0.2 to a 1-stream compile, varying from compile to compile). So the Embedder
+compiles the bundle with a *static* input of the recipe's size and one stream, resizes each crop to it on
+the host (cv2 INTER_AREA, antialiased; the rest of the in-graph preprocessing still runs), and drives a
+fixed pool of infer requests from its own threads with synchronous ``infer()``, which releases the GIL.
+Every mode and entry point computes exactly the same vector for the same crop, in the cloud and on kiosks.
 """
 
 from __future__ import annotations

@@ -72,8 +72,15 @@ def synthetic_inputs(work: Path, n_items: int) -> tuple[Path, list[tuple[Path, s
             p = work / "items" / f"{sku}-{v}.png"
             cv2.imwrite(str(p), img)
             paths.append(str(p))
-        rows.append({"sku": sku, "title": f"Demo item {i}", "price": f"{1 + i % 9}.99",
-                     "location": f"Aisle {1 + i % 7}", "images": paths})
+        rows.append(
+            {
+                "sku": sku,
+                "title": f"Demo item {i}",
+                "price": f"{1 + i % 9}.99",
+                "location": f"Aisle {1 + i % 7}",
+                "images": paths,
+            }
+        )
         held.append((Path(paths[0]), sku))
     catalog = work / "catalog.jsonl"
     catalog.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -110,10 +117,14 @@ class EventPrinter:
             top = ev.results[0]
             where = f" - {top.location}" if top.location else ""
             price = f" - {top.price}" if top.price else ""
-            print(f"   event #{len(self.events)}: {top.title}{price}{where} (score {top.score:.2f}, "
-                  f"{ev.frames} frames, {ev.latency_ms.get('total', 0):.0f} ms)", flush=True)
+            print(
+                f"   event #{len(self.events)}: {top.title}{price}{where} (score {top.score:.2f}, "
+                f"{ev.frames} frames, {ev.latency_ms.get('total', 0):.0f} ms)",
+                flush=True,
+            )
         else:
-            print(f"   event #{len(self.events)}: no match - ask staff", flush=True)
+            guess = f" (best guess: {ev.results[0].title})" if ev.results else ""
+            print(f"   event #{len(self.events)}: no match - ask staff{guess}", flush=True)
 
     def close(self) -> None:
         self._c.disconnect()
@@ -141,14 +152,24 @@ def main() -> int:
         m = export_model("tiny", bundle, precision="fp16")
     print(f"   {m.name}: dim {m.dim}, model_id {m.model_id[:12]}, pretrained={m.pretrained}")
 
-    catalog, held = grocery_inputs(shared, work, args.items) if use_grocery else synthetic_inputs(work, args.items)
+    catalog, held = (
+        grocery_inputs(shared, work, args.items) if use_grocery else synthetic_inputs(work, args.items)
+    )
 
     say("building and signing the store snapshot")
     signing.generate_keypair(work / "keys/private.pem", work / "keys/public.pem")
     key = signing.load_private_key(work / "keys/private.pem")
-    res = build_snapshot(catalog, STORE, work / "snapshot", key, bundle=bundle, cache_dir=work / "cache")
+    res = build_snapshot(
+        catalog,
+        STORE,
+        work / "snapshot",
+        key,
+        bundle=bundle,
+        cache_dir=work / "cache",
+        progress=sys.stderr.isatty(),
+    )
     man = res.manifest
-    print(f"   v{man.version}: {man.item_count} items, {man.vector_count} vectors, threshold {man.threshold:.3f}")
+    print(f"   v{man.version}: {man.item_count} items, {man.vector_count} vectors, dim {man.dim}")
 
     say("starting the store broker (mosquitto) and publishing the snapshot")
     broker = Mosquitto(work / "broker", websockets=True).start()
@@ -157,10 +178,13 @@ def main() -> int:
     dashboard = None
     try:
         pub = publish_snapshot(work / "snapshot", f"file://{work / 'store-bucket'}", broker.url)
-        print(f"   announced v{pub.announcement.version} on {protocol.snapshot_topic(STORE)} ({pub.announcement.size} bytes)")
+        ann = pub.announcement
+        print(f"   announced v{ann.version} on {protocol.snapshot_topic(STORE)} ({ann.size} bytes)")
 
         say(f"generating a video of {len(held)} items held up one after another")
-        scene = make_scene(load_item_images([p for p, _ in held]), fps=args.fps, seed=5)
+        # Items fill most of the frame, as a product held up close to a kiosk camera does.
+        items = load_item_images([p for p, _ in held], size=340)
+        scene = make_scene(items, fps=args.fps, seed=5, item_px=340)
         video = write_video(scene, work / "held-items.avi")
         print(f"   {video} ({scene.n_frames} frames, {scene.n_frames / args.fps:.0f} s)")
 
@@ -175,8 +199,10 @@ def main() -> int:
         cfg.write_text(_kiosk_toml(work, video, bundle, broker, args.fps))
         say("running the kiosk over the video")
         kiosk = subprocess.Popen(
-            [sys.executable, "-m", "storelens.cli", "kiosk", "run", "--config", str(cfg), "--exit-at-eof"],
-            cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=open(work / "kiosk.log", "wb"),
+            [sys.executable, "-m", "storelens", "kiosk", "run", "--config", str(cfg), "--exit-at-eof"],
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stderr=open(work / "kiosk.log", "wb"),
         )
         procs.append(kiosk)
         print(f"   kiosk screen:     http://127.0.0.1:{_screen_port(cfg)}/   (log: {work / 'kiosk.log'})")
@@ -197,14 +223,22 @@ def main() -> int:
 
     events = printer.events if printer else []
     expected = [held[h.item][1] for h in scene.schedule]
-    got = [e.results[0].sku if e.matched and e.results else None for e in events]
-    correct = sum(1 for w, g in zip(expected, got, strict=False) if w == g)
     say("summary")
-    print(f"   items held:              {len(expected)}")
-    print(f"   match events received:   {len(events)} (kiosk exit code {rc})")
-    print(f"   matched correctly (top-1): {correct} of {len(expected)}")
-    in_top = sum(1 for w, e in zip(expected, events, strict=False) if w in [r.sku for r in e.results])
-    print(f"   right item in the top-{len(events[0].results) if events else 5}:  {in_top} of {len(expected)}")
+    correct = in_top = 0
+    for i, want in enumerate(expected):
+        ev = events[i] if i < len(events) else None
+        skus = [r.sku for r in ev.results] if ev else []
+        ok = bool(ev and ev.matched and skus and skus[0] == want)
+        correct += ok
+        in_top += want in skus
+        answer = "(no event)" if ev is None else (skus[0] if ev.matched and skus else "no match")
+        rank = f"rank {skus.index(want) + 1}" if want in skus else "not in top-k"
+        print(f"   {'ok ' if ok else '-- '} held {want:<36} answered {answer:<36} ({rank})")
+    k = max((len(e.results) for e in events), default=0)
+    print(f"   items held:                {len(expected)}")
+    print(f"   match events received:     {len(events)} (kiosk exit code {rc})")
+    print(f"   answered correctly:        {correct} of {len(expected)}")
+    print(f"   right item among the top-{k}: {in_top} of {len(expected)}")
     print(f"   wall time:               {time.monotonic() - t_start:.0f} s   (work dir: {work})")
     return 0 if rc == 0 and len(events) == len(expected) else 1
 
@@ -248,11 +282,11 @@ fps = {fps}
 
 [model]
 bundle = "{bundle}"
-cache_dir = "{work / 'ov-cache'}"
+cache_dir = "{work / "ov-cache"}"
 
 [snapshots]
-state_dir = "{work / 'kiosk-state'}"
-public_keys = ["{work / 'keys/public.pem'}"]
+state_dir = "{work / "kiosk-state"}"
+public_keys = ["{work / "keys/public.pem"}"]
 
 [broker]
 url = "{broker.url}"
@@ -261,7 +295,7 @@ url = "{broker.url}"
 port = {free_port()}
 
 [outbox]
-path = "{work / 'outbox.sqlite'}"
+path = "{work / "outbox.sqlite"}"
 
 [health]
 interval_s = 2.0

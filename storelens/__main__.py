@@ -1,0 +1,5 @@
+"""`python -m storelens ...` is the `storelens` console script."""
+
+from storelens.cli import main
+
+main()
