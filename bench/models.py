@@ -39,6 +39,8 @@ def _benchmark_app(
     """Run benchmark_app on the bundle's IR; its throughput (FPS) and median latency (ms)."""
     exe = Path(sys.executable).with_name("benchmark_app")
     shape = f"[1,{size[0]},{size[1]},3]"
+    if nstreams is not None:  # benchmark_app refuses -nstreams unless the hint is "none"
+        hint = "none"
     cmd = [str(exe), "-m", str(xml), "-d", "CPU", "-hint", hint, "-t", str(BENCH_S),
            "-infer_precision", "f32", "-shape", shape]  # fmt: skip
     if nstreams is not None:

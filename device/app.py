@@ -27,7 +27,7 @@ from device.detect.detector import Detection, HeldItemDetector
 from device.pipeline import ItemResult, ModelPair, Pipeline, as_async
 from device.screen import ScreenServer
 from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync
-from device.update import JobsBridge, Updater
+from device.update import JobsBridge, LoadedPair, Pair, Updater, configured_pair
 from device.update.pairs import close_embedder
 from storelens import __version__
 from storelens.ha_discovery import HaDiscovery
@@ -95,6 +95,9 @@ class KioskApp:
                                           health_interval_s=cfg.health.interval_s)
         self.comms = Comms(self.transport, self.outbox, self.topics, app_version=app_version)
         self.sync: SnapshotSync | None = None  # made in start() for the running model, remade on a switch
+        # The last announcement seen on the snapshot topic (= the broker's retained one): handed to the sync
+        # made at a model switch, which would otherwise see it only at the next reconnect.
+        self._announcement: tuple[str, bytes] | None = None
         self.screen: ScreenServer | None = (
             ScreenServer(cfg.screen, thumbs_dir=self._thumbs_dir) if cfg.screen.enabled else None
         )
@@ -127,6 +130,7 @@ class KioskApp:
         self.updater: Updater | None = None if settings is None else Updater(
             settings, self.topics, self._keys, transport=self.transport, on_switch=self._on_switch_pair,
             on_alert=self._alert, probe=self.probe, retire=self._retired.append,
+            open_configured=self._open_configured,
         )
         self.jobs: JobsBridge | None = None
 
@@ -173,6 +177,8 @@ class KioskApp:
         if loaded is not None and (stored is None or stored.version < loaded.snapshot.version):
             stored = loaded.snapshot  # the release's snapshot, unless sync installed a newer one since
         self._pair = ModelPair(as_async(embedder), stored)
+        if loaded is None:
+            self._adopt_configured()  # the first update's last known good
         if stored is None and loaded is None and self.cfg.snapshots.initial is not None:
             try:
                 self.sync.install(self.cfg.snapshots.initial)  # on_swap sets the pair's snapshot
@@ -305,6 +311,8 @@ class KioskApp:
                 _LOGGER.warning("snapshot v%d older than the served v%d: ignored", snap.version, old.version)
                 return
             self._pair = replace(pair, snapshot=snap)  # the search stage picks it up at its next item
+            if not self._released:
+                self._adopt_configured()
         if old is not None and old.version != snap.version:
             self._alert("snapshot_applied", f"v{old.version} -> v{snap.version}")
         self._refresh_status()
@@ -312,25 +320,55 @@ class KioskApp:
     def _on_switch_pair(self, embedder: Any, snapshot: ActiveSnapshot) -> None:
         """The updater switched model and snapshot (or rolled back): both in one reference swap."""
         new = ModelPair(as_async(embedder), snapshot)
+        active = self.updater.active if self.updater is not None else None
+        configured = active is not None and active.pair.configured and active.embedder is embedder
         with self._pair_lock:
             old = self._pair
             self._pair = new
-            self._released = True
+            self._released = not configured  # a rollback to the configured pair serves it as at boot
         old_model = old.model_id if old is not None else ""
         self.probe.on_switch(old_model, new.model_id)
         _LOGGER.info("model %s -> %s, snapshot v%d", old_model[:12], new.model_id[:12], snapshot.version)
         if new.model_id != old_model:
-            self._replace_sync(new.model_id, int(embedder.dim))
+            self._replace_sync(new.model_id, int(embedder.dim), configured=configured)
             self.connect_tasks.set_model(new.model_id)  # HA shows the new model
         self._refresh_status()
 
-    def _replace_sync(self, model_id: str, dim: int) -> None:
+    def _replace_sync(self, model_id: str, dim: int, *, configured: bool = False) -> None:
         """A snapshot is valid for one model: a new sync (its own state) follows the new model."""
-        new = self._new_sync(model_id, dim, configured=False)
+        new = self._new_sync(model_id, dim, configured=configured)
         new.start()
         old, self.sync = self.sync, new
+        last = self._announcement  # read after the swap: one arriving meanwhile reaches ``new`` itself
+        if last is not None:
+            new.on_announcement(last[0], last[1], True)  # as the broker re-delivers it on a subscribe
         if old is not None:
             old.stop()
+
+    def _adopt_configured(self) -> None:
+        """Tell the updater the configured pair serving now (with the pair lock held, or before start)."""
+        pair = self._pair
+        if self.updater is None or pair is None or pair.snapshot is None:
+            return  # no snapshot yet: recorded when the sync installs the first one
+        embedder = self._base_embedder if self._base_embedder is not None else self._injected
+        if embedder is None:
+            return
+        self.updater.adopt(
+            LoadedPair(configured_pair(pair.model_id, pair.snapshot.version), embedder, pair.snapshot)
+        )
+
+    def _open_configured(self, pair: Pair) -> LoadedPair:
+        """The updater rolls back to the configured pair after a restart: load the configured model and the
+        snapshot its sync keeps (the one it served when the update switched away from it)."""
+        embedder = self._injected if self._injected is not None else self._base_embedder
+        if embedder is None:
+            embedder = self._base_embedder = make_embedder(self.cfg.model)
+        model_id = str(getattr(embedder, "model_id"))  # noqa: B009 (port attribute)
+        sync = self._new_sync(model_id, int(getattr(embedder, "dim")), configured=True)  # noqa: B009
+        snap = sync.load_active()
+        if snap is None:
+            raise RuntimeError("the configured model has no stored snapshot")
+        return LoadedPair(configured_pair(model_id, snap.version), embedder, snap)
 
     def _on_update_progress(self, p: UpdateProgress) -> None:
         if p.step == "done" and self._base_embedder is not None and self._released:
@@ -339,6 +377,7 @@ class KioskApp:
         self._refresh_status()
 
     def _on_announcement(self, topic: str, payload: bytes, retained: bool) -> None:
+        self._announcement = (topic, bytes(payload)) if payload else None  # empty: the retained one cleared
         sync = self.sync  # whichever sync follows the running model now
         if sync is not None:
             sync.on_announcement(topic, payload, retained)

@@ -4,10 +4,11 @@ probation and rollback, with one atomically replaced pointer file; and the AWS I
 from device.update.child import CompileFailed
 from device.update.jobs import JobsBridge, JobsClient
 from device.update.pairs import LoadedPair, UpdateSettings
-from device.update.pointer import Pair, PairStore, Pointer, PointerError
+from device.update.pointer import CONFIGURED, Pair, PairStore, Pointer, PointerError, configured_pair
 from device.update.updater import Updater
 
 __all__ = [
+    "CONFIGURED",
     "CompileFailed",
     "JobsBridge",
     "JobsClient",
@@ -18,4 +19,5 @@ __all__ = [
     "PointerError",
     "UpdateSettings",
     "Updater",
+    "configured_pair",
 ]

@@ -25,6 +25,10 @@ from storelens.fsutil import atomic_write_json, clean_stale_temps, fsync_dir, re
 _LOGGER = logging.getLogger(__name__)
 
 POINTER = "current.json"
+# The release id of the kiosk's configured model+snapshot (not a valid release id, so never a release's):
+# recorded at boot as the first pair, so the very first update has a last known good to roll back to.
+# Its bundle and snapshot live outside the store (the app owns and opens them): both paths are empty.
+CONFIGURED = "(configured)"
 MAX_FAILED_KEPT = 32  # release ids remembered as failed (a retained desired is not retried per reconnect)
 State = Literal["stable", "probation"]
 
@@ -43,6 +47,16 @@ class Pair:
     model_id: str
     snapshot_version: int
     sequence: int = 0
+
+    @property
+    def configured(self) -> bool:
+        """The kiosk's configured bundle and snapshot (opened by the app, never by the updater)."""
+        return self.release == CONFIGURED
+
+
+def configured_pair(model_id: str, snapshot_version: int) -> Pair:
+    """The pair naming the kiosk's configured bundle and the snapshot its sync serves."""
+    return Pair(CONFIGURED, "", "", model_id, snapshot_version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +128,7 @@ class PairStore:
         """Remove staging leftovers and generations that neither current nor previous names."""
         keep: set[str] = set()
         for pair in (self._pointer.current, self._pointer.previous):
-            if pair is not None:
+            if pair is not None and not pair.configured:
                 keep.update((pair.bundle, pair.snapshot))
         removed = 0
         for kind in (self.bundles, self.snapshots, self.staging):
@@ -165,6 +179,8 @@ def _pair(raw: Any) -> Pair | None:
     if not isinstance(raw, dict):
         raise TypeError("pair is not an object")
     pair = Pair(**raw)
+    if pair.configured and pair.bundle == pair.snapshot == "":
+        return pair
     for rel in (pair.bundle, pair.snapshot):
         parts = Path(rel).parts
         if len(parts) != 2 or parts[0] not in ("bundles", "snapshots") or ".." in parts:

@@ -72,6 +72,7 @@ class Updater:
         probe: Probe | None = None,
         load_embedder: Callable[[Path, Path | None], Any] = default_loader,
         retire: Callable[[Any], None] = close_embedder,
+        open_configured: Callable[[Pair], LoadedPair] | None = None,
     ) -> None:
         if not public_keys:
             raise ValueError("at least one pinned public key is required")
@@ -84,6 +85,8 @@ class Updater:
         self._probe = probe
         self._load = load_embedder
         self._retire = retire  # an embedder no longer served (the app may defer its close to shutdown)
+        self._open_configured = open_configured  # the app's configured pair, loaded again (rollback)
+        self._active_lock = threading.Lock()  # adopt() (any thread) vs the worker's switch
         self.store = PairStore(settings.root)
         self._cond = threading.Condition()
         self._pending: DesiredRelease | None = None
@@ -107,11 +110,13 @@ class Updater:
         for pair in (pointer.current, pointer.previous):
             if pair is None:
                 continue
-            try:
-                loaded = open_pair(self.store, self._keys, self._load, self.settings.cache_dir, pair)
-            except Exception:
-                _LOGGER.exception("stored pair %s unusable", pair.release)
-                continue
+            loaded: LoadedPair | None = None  # the configured pair: the app opens it and adopt()s it
+            if not pair.configured:
+                try:
+                    loaded = open_pair(self.store, self._keys, self._load, self.settings.cache_dir, pair)
+                except Exception:
+                    _LOGGER.exception("stored pair %s unusable", pair.release)
+                    continue
             if pair is pointer.previous:
                 self.store.write(rollback(pointer))
                 self._alert(
@@ -120,13 +125,29 @@ class Updater:
             self.active = loaded
             if rolled:
                 self._report(
-                    pointer.current.release if pointer.current else "",
+                    pointer.failed[-1] if pointer.failed else "",
                     "rolled_back",
                     ok=False,
                     detail="crash loop during probation",
                 )
             return loaded
         return None
+
+    def adopt(self, loaded: LoadedPair) -> None:
+        """The app serves its configured pair (no released pair at boot, or its sync installed a snapshot):
+        record it in the pointer as the pair in use, so the first update has a last known good to roll back
+        to. Ignored while a released pair is active."""
+        if not loaded.pair.configured:
+            raise ValueError("adopt() takes the configured pair only")
+        with self._active_lock:
+            if self.active is not None and not self.active.pair.configured:
+                return
+            self.active = loaded
+            p = self.store.pointer
+            if p.current != loaded.pair or p.previous is not None or p.state != "stable":
+                # no cleanup here: a running update's placed generations are not in the pointer yet
+                first = dataclasses.replace(p, current=loaded.pair, previous=None, state="stable")
+                self.store.write(dataclasses.replace(first, probation_boots=0))
 
     def start(self, *, subscribe: bool = True) -> None:
         """Start the worker; subscribe to the kiosk's desired topic; resume a probation left running."""
@@ -153,7 +174,7 @@ class Updater:
     def close_loaded(self) -> None:
         """After ``stop()`` and once nothing embeds any more: close the embedders this updater holds."""
         for loaded in (self._previous, self.active):
-            if loaded is not None:
+            if loaded is not None and not loaded.pair.configured:  # the app closes its configured model
                 close_embedder(loaded.embedder)
         self._previous = self.active = None
 
@@ -304,8 +325,8 @@ class Updater:
 
     def _check_latency(self, new: LoadedPair, crops: list[Any]) -> None:
         old = self.active
-        if old is None or not crops:
-            return
+        if old is None or old.pair.configured or not crops:
+            return  # the configured model may be a stand-in (fake) with no comparable latency
         old_ms, new_ms = steps.compare_latency(old.embedder, new.embedder, crops)
         new.latency_ms = new_ms
         budget_ms = old_ms * self.settings.max_latency_factor + LATENCY_SLACK_MS
@@ -315,18 +336,19 @@ class Updater:
             )
 
     def _switch(self, new: LoadedPair) -> None:
-        p = self.store.pointer
-        self.store.write(
-            Pointer(
-                current=new.pair,
-                previous=p.current,
-                state="probation",
-                probation_boots=0,
-                highest_sequence=new.pair.sequence,
-                failed=p.failed,
+        with self._active_lock:
+            p = self.store.pointer
+            self.store.write(
+                Pointer(
+                    current=new.pair,
+                    previous=p.current,
+                    state="probation",
+                    probation_boots=0,
+                    highest_sequence=new.pair.sequence,
+                    failed=p.failed,
+                )
             )
-        )
-        self._previous, self.active = self.active, new
+            self._previous, self.active = self.active, new
         self._on_switch(new.embedder, new.snapshot)  # the app swaps both references between frames
         self._report(new.pair.release, "switch", model=new.pair.model_id, snapshot=new.pair.snapshot_version)
 
@@ -350,7 +372,8 @@ class Updater:
         p = self.store.pointer
         self.store.write(dataclasses.replace(p, state="stable", probation_boots=0))
         if self._previous is not None:
-            self._retire(self._previous.embedder)
+            if not self._previous.pair.configured:  # the app retires its configured model itself
+                self._retire(self._previous.embedder)
             self._previous = None
         self.store.cleanup()
         self._report(rel, "done", model=self.active.pair.model_id, snapshot=self.active.pair.snapshot_version)
@@ -360,14 +383,17 @@ class Updater:
         old, new = self._previous, self.active
         if old is None and p.previous is not None:  # probation resumed after a restart: load it now
             try:
-                old = open_pair(self.store, self._keys, self._load, self.settings.cache_dir, p.previous)
+                old = self._reopen(p.previous)
             except Exception:
                 _LOGGER.exception("previous pair %s unusable", p.previous.release)
         if p.previous is None or old is None or new is None:
             self.store.write(dataclasses.replace(p, state="stable"))
             self._fail(rel, "failed", "unhealthy", f"probation: {reason} (no previous pair to go back to)")
             return
-        self.store.write(rollback(p))
+        back = rollback(p)
+        if old.pair != p.previous:  # the configured pair, reopened with the snapshot its sync serves now
+            back = dataclasses.replace(back, current=old.pair)
+        self.store.write(back)
         self.active, self._previous = old, None
         self._on_switch(old.embedder, old.snapshot)
         self._retire(new.embedder)
@@ -382,11 +408,23 @@ class Updater:
         )
         self._alert("rolled_back", f"{rel}: {reason}")
 
+    def _reopen(self, pair: Pair) -> LoadedPair:
+        """Load a stored pair again: a released one from the store, the configured one through the app."""
+        if not pair.configured:
+            return open_pair(self.store, self._keys, self._load, self.settings.cache_dir, pair)
+        if self._open_configured is None:
+            raise RuntimeError("no way to open the configured pair")
+        loaded = self._open_configured(pair)
+        if loaded.pair.model_id != pair.model_id:
+            raise steps.UpdateFailed("verify", "model_mismatch", "the configured model changed")
+        return loaded
+
     def _fail(self, rel: str, step: Step, reason: str, detail: str, *, remember: bool = True) -> None:
         _LOGGER.error("update to %s %s (%s): %s", rel, step, reason, detail)
         if remember:
-            p = self.store.pointer
-            self.store.write(dataclasses.replace(p, failed=mark_failed(p.failed, rel)))
+            with self._active_lock:  # adopt() may write the pointer from a sync thread meanwhile
+                p = self.store.pointer
+                self.store.write(dataclasses.replace(p, failed=mark_failed(p.failed, rel)))
         cur = self.active.pair if self.active else None
         self._report(
             rel,

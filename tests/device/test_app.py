@@ -137,3 +137,73 @@ def test_a_model_switch_replaces_model_and_snapshot_together(tmp_path: Path, set
         assert app._current_pair() is pair
     finally:
         app.stop()
+
+
+def test_first_update_rolled_back_serves_the_configured_pair(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
+    """The configured model+snapshot is recorded at boot as the pair in use; a switch to the first release
+    then a probation rollback must serve exactly that pair again (its own sync state), and say so."""
+    from device.sync.active import ActiveSnapshot
+    from device.update import CONFIGURED, LoadedPair, Pair, PairStore
+    from storelens.snapshot import verify_snapshot
+
+    video, pub, snap, items, key = setup
+    raw = _config(tmp_path, video, pub, snap).model_dump(mode="json")
+    raw["update"] = {"state_dir": "upd"}
+    cfg = parse_config(raw, base_dir=tmp_path)
+    emb = FakeEmbedder(64)
+    app = KioskApp(cfg, embedder=emb, transport=InMemoryTransport())
+    app.start()
+    try:
+        updater = app.updater
+        assert updater is not None
+        p = PairStore(tmp_path / "upd").pointer
+        assert p.current is not None and p.current.release == CONFIGURED
+        assert (p.current.model_id, p.current.snapshot_version) == (emb.model_id, 1)
+        new_emb = FakeEmbedder(64, seed=7)
+        d = make_snapshot(tmp_path / "v5", new_emb.embed(items), ["a", "b", "c"], key,
+                          model_id=new_emb.model_id, version=5, threshold=0.3)
+        new_snap = ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()]))
+        release = Pair("rel1", "bundles/x", "snapshots/y", new_emb.model_id, 5, 1)
+        updater._switch(LoadedPair(release, new_emb, new_snap))  # what the worker does after the self-test
+        assert app.model_id == new_emb.model_id and app._released
+        updater._rollback("rel1", "3 embedding error(s) since the switch")
+        pair = app._current_pair()
+        assert pair.model_id == emb.model_id and pair.snapshot is not None and pair.snapshot.version == 1
+        assert not app._released and app.sync is not None
+        assert app.sync._model_id == emb.model_id and app.sync._store.root == cfg.snapshots.state_dir
+        p = PairStore(tmp_path / "upd").pointer
+        assert p.current is not None and p.current.release == CONFIGURED and p.state == "stable"
+        assert (p.current.model_id, p.current.snapshot_version) == (emb.model_id, 1) and "rel1" in p.failed
+    finally:
+        app.stop()
+
+
+def test_sync_made_at_a_model_switch_sees_the_retained_announcement(
+    tmp_path: Path, setup: tuple, monkeypatch: pytest.MonkeyPatch  # type: ignore[type-arg]
+) -> None:
+    """The store's retained snapshot announcement reached the old model's sync before the switch; the new
+    model's sync must get it at the switch, not only after the next reconnect."""
+    from device.sync import SnapshotSync
+    from device.sync.active import ActiveSnapshot
+    from storelens.snapshot import verify_snapshot
+
+    seen: list[tuple[object, bytes, bool]] = []
+    monkeypatch.setattr(SnapshotSync, "on_announcement", lambda self, t, p, r: seen.append((self, p, r)))
+    video, pub, snap, items, key = setup
+    app = KioskApp(_config(tmp_path, video, pub, snap), transport=InMemoryTransport())
+    app.start()
+    try:
+        topic = app.topics.snapshot
+        app._on_announcement(topic, b'{"v": 9}', True)
+        assert seen == [(app.sync, b'{"v": 9}', True)]
+        new_emb = FakeEmbedder(64, seed=7)
+        d = make_snapshot(tmp_path / "v5", new_emb.embed(items), ["a", "b", "c"], key,
+                          model_id=new_emb.model_id, version=5, threshold=0.3)
+        app._on_switch_pair(new_emb, ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()])))
+        assert app.sync is not None and app.sync._model_id == new_emb.model_id
+        assert seen[-1] == (app.sync, b'{"v": 9}', True)
+        app._on_announcement(topic, b"", True)  # the retained announcement cleared: nothing to hand on
+        app._on_switch_pair(FakeEmbedder(64, seed=9), app._current_pair().snapshot)  # type: ignore[arg-type]
+        assert seen[-1][0] is not app.sync
+    finally:
+        app.stop()

@@ -218,3 +218,89 @@ def test_compile_child_limits(tmp_path: Path, releases: Releases) -> None:
     assert exc.value.reason in ("memory", "crash", "bad_model")
     ok = compile_in_child(bundle, [], tmp_path, timeout_s=60, mem_bytes=2 << 30)
     assert ok.dim == 64
+
+
+def _configured(tmp_path: Path, releases: Releases) -> Any:
+    """The kiosk's configured model (a FakeEmbedder) and its snapshot v3, as the app would adopt them."""
+    import numpy as np
+
+    from device.sync.active import ActiveSnapshot
+    from device.update import LoadedPair, configured_pair
+    from models.fake import FakeEmbedder
+    from storelens.snapshot import verify_snapshot
+    from tests.device.snapshots import make_snapshot
+
+    emb = FakeEmbedder(64)
+    vectors = emb.embed([np.full((32, 32, 3), i * 60, np.uint8) for i in range(3)])
+    d = make_snapshot(tmp_path / "configured-v3", vectors, ["a", "b", "c"], releases.key,
+                      model_id=emb.model_id, version=3)
+    snap = ActiveSnapshot.load(d, verify_snapshot(d, [releases.key.public_key()]))
+    return LoadedPair(configured_pair(emb.model_id, 3), emb, snap)
+
+
+def test_first_update_failing_probation_rolls_back_to_the_configured_pair(
+    tmp_path: Path, releases: Releases
+) -> None:
+    """The very first update has the configured model+snapshot (recorded at boot) as its last known good:
+    a regression in probation puts exactly that pair back, in memory and on disk, also after a restart."""
+    from device.update import CONFIGURED
+
+    configured = _configured(tmp_path, releases)
+    regressed = "3 embedding error(s) since the switch"
+    k = Kiosk(tmp_path / "k", releases, probation_s=30.0, probe=lambda: regressed)
+    assert k.updater.boot() is None  # nothing released yet: the app serves its configured pair
+    k.updater.adopt(configured)
+    p = PairStore(tmp_path / "k").pointer
+    assert p.current == configured.pair and p.state == "stable"
+    k.updater.start()
+    try:
+        k.updater.submit(desired(releases.good1, "s1", "k1"))
+        final = k.wait_step("rel10", ("rolled_back", "done", "failed"))
+    finally:
+        k.updater.stop()
+    assert final.step == "rolled_back" and "embedding error" in final.detail, final.detail
+    assert final.model == configured.pair.model_id and final.snapshot == 3
+    a = releases.good1.manifest.bundle.model_id
+    assert k.switches == [(a, 10), (configured.pair.model_id, 3)]
+    assert k.updater.active is configured
+    p = PairStore(tmp_path / "k").pointer
+    assert p.current == configured.pair and p.current.release == CONFIGURED
+    assert p.state == "stable" and p.previous is None and "rel10" in p.failed
+    assert list(PairStore(tmp_path / "k").bundles.iterdir()) == []  # the failed release is gone
+    # restart: the pointer names the configured pair, so the app serves it as at boot
+    again = Kiosk(tmp_path / "k", releases)
+    assert again.updater.boot() is None
+    assert again.updater.store.pointer.current == configured.pair
+
+
+def test_restart_in_first_probation_then_regression_reopens_the_configured_pair(
+    tmp_path: Path, releases: Releases
+) -> None:
+    """Probation of the first update resumed after a restart: a regression then asks the app to open its
+    configured pair again and goes back to it (the pointer names the configured model and snapshot)."""
+    configured = _configured(tmp_path, releases)
+    k = Kiosk(tmp_path / "k", releases, probation_s=60.0)
+    assert k.updater.boot() is None
+    k.updater.adopt(configured)
+    k.updater.start()
+    k.updater.submit(desired(releases.good1, "s1", "k1"))
+    k.wait_step("rel10", ("probation",))
+    k.updater.stop()  # the kiosk restarts during probation
+    p = PairStore(tmp_path / "k").pointer
+    assert p.state == "probation" and p.previous == configured.pair
+
+    again = Kiosk(tmp_path / "k", releases, probation_s=30.0, probe=lambda: "embed p50 90 ms vs 9 ms")
+    opened: list[Any] = []
+    again.updater._open_configured = lambda pair: opened.append(pair) or configured
+    loaded = again.updater.boot()
+    assert loaded is not None and loaded.pair.release == "rel10"
+    again.updater.start()
+    try:
+        final = again.wait_step("rel10", ("rolled_back", "done", "failed"))
+    finally:
+        again.updater.stop()
+    assert final.step == "rolled_back", final.detail
+    assert opened == [configured.pair]
+    assert again.switches == [(configured.pair.model_id, 3)]
+    p = PairStore(tmp_path / "k").pointer
+    assert p.current == configured.pair and p.state == "stable" and "rel10" in p.failed
