@@ -24,23 +24,32 @@ EFS = (32, 64, 100, 200)
 RECALL_TARGET = 0.99
 
 
+LATENT_DIM = 48  # CNN embeddings live near a low-dimensional manifold; isotropic noise in all d dims does not
+
+
 def clustered(n: int, dim: int, seed: int = 0) -> npt.NDArray[np.float32]:
-    """n unit vectors around n/20 random centres (spread 0.5): neighbours are close but not trivial."""
+    """n unit vectors shaped like image embeddings: items (clusters of ~20 views) in a 48-d latent space,
+    mapped linearly into ``dim`` dims, plus a little isotropic noise. Isotropic noise in every dimension
+    (an earlier version) has no structure at all: ANN recall collapses and PCA cannot work, unlike on real
+    embeddings."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(1, n // 20), dim)).astype(np.float32)
+    centres = rng.standard_normal((max(1, n // 20), LATENT_DIM)).astype(np.float32)
+    lift = (rng.standard_normal((LATENT_DIM, dim)) / np.sqrt(LATENT_DIM)).astype(np.float32)
     x = np.empty((n, dim), np.float32)
     for start in range(0, n, 20_000):
         m = min(20_000, n - start)
-        x[start : start + m] = centres[rng.integers(0, len(centres), m)] + 0.5 * rng.standard_normal(
-            (m, dim), dtype=np.float32
+        z = centres[rng.integers(0, len(centres), m)] + 0.35 * rng.standard_normal(
+            (m, LATENT_DIM), np.float32
         )
+        x[start : start + m] = z @ lift + 0.05 * rng.standard_normal((m, dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
 
 def _queries(x: npt.NDArray[np.float32], seed: int = 1) -> npt.NDArray[np.float32]:
+    """A held-out view of a catalog item: a catalog vector moved a little (another photo of it)."""
     rng = np.random.default_rng(seed)
-    q = x[rng.integers(0, len(x), QUERIES)] + 0.3 * rng.standard_normal(
+    q = x[rng.integers(0, len(x), QUERIES)] + 0.02 * rng.standard_normal(
         (QUERIES, x.shape[1]), dtype=np.float32
     )
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
