@@ -185,6 +185,59 @@ def _split_round(labels: I64, aug_source: I64 | None, rng: np.random.Generator) 
             np.asarray(known_aug, np.int64), unseen.astype(np.int64))  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class _Round:
+    """One calibration round as the snapshot build would see it: an adapter refitted without the held-out
+    images, the projected catalog that remains, and the projected queries (known ones first)."""
+
+    fit: I64  # catalog rows kept this round
+    catalog: F32
+    queries: F32
+    known_labels: I64  # labels of the first len(known_labels) queries; the rest are unseen items
+
+
+def _aug_inputs(
+    aug_vectors: npt.ArrayLike | None, aug_source: npt.ArrayLike | None
+) -> tuple[F32 | None, I64 | None]:
+    xa = None if aug_vectors is None else np.asarray(aug_vectors, dtype=np.float32)
+    src = None if aug_source is None else np.asarray(aug_source, dtype=np.int64)
+    if (xa is None) != (src is None):
+        raise ValueError("aug_vectors and aug_source go together")
+    return xa, src
+
+
+def _simulate(
+    x: F32,
+    y: I64,
+    xa: F32 | None,
+    src: I64 | None,
+    split: tuple[I64, I64, I64, I64],
+    *,
+    fit_adapter: bool,
+    fit_with_aug: bool,
+    shrinkage: float,
+) -> _Round:
+    """Refit on ``split``'s fit rows (plus their views), project the catalog and the held-out queries."""
+    fit, known_orig, known_aug, unseen = split
+    fit_x, fit_y = x[fit], y[fit]
+    if xa is not None and src is not None and fit_with_aug:
+        use = np.isin(src, fit)
+        fit_x, fit_y = np.vstack([fit_x, xa[use]]), np.concatenate([fit_y, y[src[use]]])
+    if fit_adapter:
+        adapter = fit_lda_adapter(fit_x, fit_y, shrinkage=shrinkage)
+    else:
+        adapter = Adapter.identity(x.shape[1])
+    q_parts, q_labels = [x[known_orig]], [y[known_orig]]
+    if xa is not None and src is not None and len(known_aug):
+        q_parts.append(xa[known_aug])
+        q_labels.append(y[src[known_aug]])
+    unseen_rows = np.flatnonzero(np.isin(y, unseen))
+    q_parts.append(x[unseen_rows])
+    if xa is not None and src is not None:
+        q_parts.append(xa[np.isin(src, unseen_rows)])
+    return _Round(fit, adapter.apply(x[fit]), adapter.apply(np.vstack(q_parts)), np.concatenate(q_labels))
+
+
 def calibrate_threshold(
     vectors: npt.ArrayLike,
     labels: npt.ArrayLike,
@@ -209,41 +262,19 @@ def calibrate_threshold(
     """
     x = np.asarray(vectors, dtype=np.float32)
     y = np.asarray(labels, dtype=np.int64)
-    xa = None if aug_vectors is None else np.asarray(aug_vectors, dtype=np.float32)
-    src = None if aug_source is None else np.asarray(aug_source, dtype=np.int64)
-    if (xa is None) != (src is None):
-        raise ValueError("aug_vectors and aug_source go together")
+    xa, src = _aug_inputs(aug_vectors, aug_source)
     rng = np.random.default_rng(seed)
     correct_sims: list[float] = []
     unseen_sims: list[float] = []
     known_total = 0
     for _ in range(rounds):
-        fit, known_orig, known_aug, unseen = _split_round(y, src, rng)
-        fit_x, fit_y = x[fit], y[fit]
-        if xa is not None and src is not None and fit_with_aug:
-            use = np.isin(src, fit)
-            fit_x = np.vstack([fit_x, xa[use]])
-            fit_y = np.concatenate([fit_y, y[src[use]]])
-        if fit_adapter:
-            adapter = fit_lda_adapter(fit_x, fit_y, shrinkage=shrinkage)
-        else:
-            adapter = Adapter.identity(x.shape[1])
-        catalog = adapter.apply(x[fit])
-        q_parts = [x[known_orig]]
-        q_labels = [y[known_orig]]
-        if xa is not None and src is not None and len(known_aug):
-            q_parts.append(xa[known_aug])
-            q_labels.append(y[src[known_aug]])
-        unseen_rows = np.flatnonzero(np.isin(y, unseen))
-        q_parts.append(x[unseen_rows])
-        if xa is not None and src is not None:
-            q_parts.append(xa[np.isin(src, unseen_rows)])
-        n_known = sum(len(p) for p in q_labels)
-        sims = adapter.apply(np.vstack(q_parts)) @ catalog.T
+        r = _simulate(x, y, xa, src, _split_round(y, src, rng), fit_adapter=fit_adapter,
+                      fit_with_aug=fit_with_aug, shrinkage=shrinkage)  # fmt: skip
+        n_known = len(r.known_labels)
+        sims = r.queries @ r.catalog.T
         top = sims.argmax(1)
         best = sims[np.arange(len(sims)), top]
-        known_y = np.concatenate(q_labels)
-        right = y[fit][top[:n_known]] == known_y
+        right = y[r.fit][top[:n_known]] == r.known_labels
         correct_sims.extend(best[:n_known][right].tolist())
         unseen_sims.extend(best[n_known:].tolist())
         known_total += n_known
@@ -418,10 +449,7 @@ def calibrate_open_set(
         raise ValueError(f"max_known_loss must be in [0, 1), got {max_known_loss}")
     x = normalize_rows(vectors)
     y = np.asarray(labels, dtype=np.int64)
-    xa = None if aug_vectors is None else np.asarray(aug_vectors, dtype=np.float32)
-    src = None if aug_source is None else np.asarray(aug_source, dtype=np.int64)
-    if (xa is None) != (src is None):
-        raise ValueError("aug_vectors and aug_source go together")
+    xa, src = _aug_inputs(aug_vectors, aug_source)
     if len(x) != len(y):
         raise ValueError(f"{len(x)} vectors but {len(y)} labels")
     items = np.unique(y)
@@ -429,32 +457,16 @@ def calibrate_open_set(
     known_scores: list[F32] = []
     unseen_scores: list[F32] = []
     for _ in range(rounds):
-        fit, known_orig, known_aug, unseen = _open_set_round(x, y, src, holdout_neighbours, rng)
-        fit_x, fit_y = x[fit], y[fit]
-        if xa is not None and src is not None and fit_with_aug:
-            use = np.isin(src, fit)
-            fit_x, fit_y = np.vstack([fit_x, xa[use]]), np.concatenate([fit_y, y[src[use]]])
-        adapter = (
-            fit_lda_adapter(fit_x, fit_y, shrinkage=shrinkage)
-            if fit_adapter
-            else Adapter.identity(x.shape[1])
-        )
-        catalog = adapter.apply(x[fit])
-        q_parts, q_labels = [x[known_orig]], [y[known_orig]]
-        if xa is not None and src is not None and len(known_aug):
-            q_parts.append(xa[known_aug])
-            q_labels.append(y[src[known_aug]])
-        unseen_rows = np.flatnonzero(np.isin(y, unseen))
-        q_parts.append(x[unseen_rows])
-        if xa is not None and src is not None:
-            q_parts.append(xa[np.isin(src, unseen_rows)])
-        n_known = sum(len(p) for p in q_labels)
+        split = _open_set_round(x, y, src, holdout_neighbours, rng)
+        r = _simulate(x, y, xa, src, split, fit_adapter=fit_adapter, fit_with_aug=fit_with_aug,
+                      shrinkage=shrinkage)  # fmt: skip
+        n_known = len(r.known_labels)
         # Item columns are the catalog's items in sorted order (absent ones are simply not columns).
-        kept_items = np.unique(y[fit])
-        col = np.searchsorted(kept_items, y[fit])
-        scores = item_scores(adapter.apply(np.vstack(q_parts)) @ catalog.T, col, len(kept_items))
+        kept_items = np.unique(y[r.fit])
+        col = np.searchsorted(kept_items, y[r.fit])
+        scores = item_scores(r.queries @ r.catalog.T, col, len(kept_items))
         conf = open_set_score(scores, margin_weight)
-        right = kept_items[scores[:n_known].argmax(1)] == np.concatenate(q_labels)
+        right = kept_items[scores[:n_known].argmax(1)] == r.known_labels
         known_scores.append(conf[:n_known][right])
         unseen_scores.append(conf[n_known:])
     ok = np.concatenate(known_scores)
