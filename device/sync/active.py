@@ -22,6 +22,7 @@ import numpy.typing as npt
 from storelens import vindex
 from storelens.fsutil import read_capped
 from storelens.matching import MatchRule
+from storelens.projection import Adapter
 from storelens.snapshot import SnapshotManifest
 
 INDEX = "index.bin"
@@ -70,7 +71,7 @@ class ActiveSnapshot:
         label_sku: npt.NDArray[np.int64],
         skus: tuple[str, ...],
         items: Mapping[str, Item],
-        projection: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None,
+        projection: Adapter | None,
     ) -> None:
         self.directory = directory
         self.manifest = manifest
@@ -128,10 +129,7 @@ class ActiveSnapshot:
         if q.shape[1] != self.manifest.model_dim:
             raise ValueError(f"query dim {q.shape[1]} != model dim {self.manifest.model_dim}")
         if self._projection is not None:
-            mean, matrix = self._projection
-            proj = (q - mean) @ matrix
-            norms = np.linalg.norm(proj, axis=1, keepdims=True)
-            q = (proj / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+            q = self._projection.apply(q)
         return np.ascontiguousarray(q, dtype=np.float32)
 
     def search(self, vectors: npt.NDArray[np.float32], k: int) -> list[list[Hit]]:
@@ -215,22 +213,13 @@ def _items(directory: Path, rows: list[dict[str, Any]]) -> dict[str, Item]:
     return items
 
 
-def _projection(
-    directory: Path, m: SnapshotManifest
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None:
+def _projection(directory: Path, m: SnapshotManifest) -> Adapter | None:
     if m.projection is None:
         return None
     p = m.projection
-    want = 4 * (p.in_dim + p.in_dim * p.out_dim)
-    path = directory / p.file
     try:
-        raw = np.fromfile(path, dtype="<f4") if path.is_file() and path.stat().st_size == want else None
-    except OSError as exc:
-        raise SnapshotLoadError("bad_projection", str(exc)) from exc
-    if raw is None:
-        raise SnapshotLoadError("bad_projection", f"{p.file} missing or not {want} bytes")
-    mean = raw[: p.in_dim].astype(np.float32)
-    matrix = raw[p.in_dim :].reshape(p.in_dim, p.out_dim).astype(np.float32)
-    if not (np.isfinite(mean).all() and np.isfinite(matrix).all()):
-        raise SnapshotLoadError("bad_projection", "non-finite values")
-    return mean, matrix
+        return Adapter.from_bytes(
+            read_capped(directory / p.file, 4 * p.in_dim * (1 + p.out_dim)), p.in_dim, p.out_dim
+        )
+    except (OSError, ValueError) as exc:
+        raise SnapshotLoadError("bad_projection", f"{p.file}: {exc}") from exc
