@@ -140,6 +140,9 @@ def test_good_release_moves_the_whole_fleet_without_dropping_a_frame_or_losing_a
     switch, drops no frame, and every match event arrives (no gap in any boot's sequence numbers)."""
     f, rel = fleet, fleet.releases.good2
     model_a, model_b = f.releases.good1.manifest.bundle.model_id, rel.manifest.bundle.model_id
+    # Precondition, not a result: every kiosk has answered with model A before the rollout starts (a
+    # kiosk that had not yet seen an item when its switch came would otherwise fail "answered with A").
+    assert f.watch.wait(lambda seen: all(_events_by_model(f, n).get(model_a, 0) >= 1 for n in NAMES), 30)
     before = {n: f.watch.count(n) for n in NAMES}
     report, views = _rollout(f, rel)
     assert report.outcome is Outcome.DONE, (report.reason, {n: p.log_tail(1500) for n, p in f.kiosks.items()})
