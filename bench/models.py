@@ -83,10 +83,10 @@ def _ours(bundle: Path, size: tuple[int, int]) -> dict[str, float]:
 
 
 def _measure(bundle: Path) -> dict[str, Any]:
-    from models.bundle import read_manifest
+    from models.bundle import input_hw, read_manifest
 
     manifest = read_manifest(bundle)
-    size = (int(manifest.preprocessing["size"][0]), int(manifest.preprocessing["size"][1]))
+    size = input_hw(manifest.preprocessing)  # what the Embedder feeds the graph (before its centre crop)
     ours = _ours(bundle, size)
     # Same configuration as the Embedder (1 stream, 2 requests: see models/embedder.py for why), and
     # benchmark_app's own 2-stream throughput setting, which the Embedder refuses for correctness.

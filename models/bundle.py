@@ -40,6 +40,14 @@ def preprocessing_hash(preprocessing: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(preprocessing)).hexdigest()
 
 
+def input_hw(preprocessing: dict[str, Any]) -> tuple[int, int]:
+    """The (height, width) crops are pre-sized to before the graph: the recipe size over its centre crop
+    (224 with crop 0.875 -> 256: Resize(256) then the graph's CenterCrop(224))."""
+    share = float(preprocessing.get("crop", 1.0))
+    h, w = (int(v) for v in preprocessing["size"])
+    return round(h / share), round(w / share)
+
+
 def compute_model_id(xml: Path, bin: Path) -> str:
     """sha256 over the xml bytes followed by the bin bytes: the model's fingerprint."""
     return sha256_files([xml, bin])

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from models.bundle import BundleManifest, verify_bundle
+from models.bundle import BundleManifest, input_hw, verify_bundle
 from models.errors import BadImage, ModelError
 
 _LOGGER = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class Embedder:
         self.model_id: str = self.manifest.model_id
         self.preprocessing_hash: str = self.manifest.preprocessing_hash
         self.mode: Mode = mode
-        self.input_hw: tuple[int, int] = tuple(int(v) for v in self.manifest.preprocessing["size"])  # type: ignore[assignment]
+        # Crops are pre-sized on the host to the graph's static input (recipe size / centre crop share).
+        self.input_hw: tuple[int, int] = input_hw(self.manifest.preprocessing)
         config: dict[str, Any] = {
             "PERFORMANCE_HINT": mode.upper(),
             # The precision the catalog was built with; OpenVINO would otherwise pick bf16 where it can.
@@ -170,7 +171,10 @@ class Embedder:
         The crop is copied (resized) before this returns, so the caller may reuse its frame buffer.
         """
         self._check_open()
-        arr = fit_to_input(check_crop(crop), *self.input_hw).copy()
+        crop = check_crop(crop)
+        arr = fit_to_input(crop, *self.input_hw)
+        if arr.shape[:2] == crop.shape[:2]:  # not resized: still the caller's buffer (or a view of it)
+            arr = arr.copy()
         fut = self._pool.submit(self._infer, arr)
         with self._pending_lock:
             self._pending.add(fut)

@@ -141,8 +141,80 @@ def strip_fake_quantize(model: Any) -> int:
     return n
 
 
+# Ops a weight-dequantisation chain (int8 constant -> Convert -> Subtract zero point -> Multiply scale) is
+# made of, with their numpy meaning; anything else is left alone.
+_CONST_OPS = ("Constant", "Convert", "Subtract", "Multiply", "Reshape", "Unsqueeze", "Transpose")
+
+
+def _const_value(out: Any) -> np.ndarray | None:
+    """The float32 value of a constant-only weight subgraph, or None if it is not one we can evaluate."""
+    node = out.get_node()
+    kind = node.get_type_name()
+    if kind not in _CONST_OPS:
+        return None
+    if kind == "Constant":
+        return np.asarray(node.get_data())
+    args = [_const_value(node.input_value(i)) for i in range(node.get_input_size())]
+    if any(a is None for a in args):
+        return None
+    x = args[0]
+    assert x is not None
+    if kind == "Convert":
+        return x.astype(np.float32)
+    other = np.asarray(args[1]) if len(args) > 1 else None
+    if kind == "Subtract":
+        return np.asarray(x - other)
+    if kind == "Multiply":
+        return np.asarray(x * other)
+    if kind == "Transpose":
+        return np.transpose(x, other)
+    return x.reshape(tuple(node.get_output_shape(0)))  # Reshape, Unsqueeze
+
+
+def materialize_weights(model: Any) -> int:
+    """Fold dequantised weights (int8 -> Convert -> scale) of every convolution into float32 constants.
+
+    A quantized TFLite stores int8 weights behind a Convert/Multiply chain that the CPU plugin runs as
+    "decompressed weights". Compiled with 2 streams (the THROUGHPUT hint) that path returned wrong
+    vectors (cosine 0.0-0.3 to a 1-stream compile, NaNs, different on every compile); with plain float
+    weights 2 streams agree with 1 (cosine 1.0). The IR then stores them as fp16 like any other model.
+    """
+    import openvino.opset13 as ops
+
+    n = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):
+            continue
+        weights = op.input_value(1)
+        if weights.get_node().get_type_name() == "Constant":
+            continue
+        value = _const_value(weights)
+        if value is None or value.dtype.kind != "f":
+            continue
+        op.input(1).replace_source_output(ops.constant(np.ascontiguousarray(value, np.float32)).output(0))
+        n += 1
+    if n:
+        model.validate_nodes_and_infer_types()
+        _LOGGER.info("folded %d dequantised weight tensors into float constants", n)
+    return n
+
+
+def _centre_crop(image: Any, share: float) -> Any:
+    """In-graph centre crop of an NHWC image of any size: the middle ``share`` of its height and width."""
+    import openvino.opset13 as ops
+
+    hw = ops.gather(ops.shape_of(image, "i64"), ops.constant(np.array([1, 2], np.int64)), 0)
+    scaled = ops.multiply(ops.convert(hw, "f32"), np.float32(share))
+    kept = ops.convert(ops.round(scaled, "half_to_even"), "i64")
+    kept = ops.maximum(kept, ops.constant(np.array([1, 1], np.int64)))
+    begin = ops.divide(ops.subtract(hw, kept), ops.constant(np.array([2, 2], np.int64)))
+    end = ops.add(begin, kept)
+    step = ops.constant(np.array([1, 1], np.int64))
+    return ops.slice(image, begin, end, step, ops.constant(np.array([1, 2], np.int64))).output(0)
+
+
 def add_preprocessing(model: Any, prep: dict[str, Any]) -> Any:
-    """Prepend u8 BGR NHWC any-size input -> resize (on u8) -> colour -> f32 -> mean/scale -> model layout."""
+    """Prepend u8 BGR NHWC any-size input -> centre crop -> resize (on u8) -> colour -> f32 -> mean/scale."""
     import openvino as ov
     from openvino.preprocess import ColorFormat, PrePostProcessor, ResizeAlgorithm
 
@@ -187,6 +259,16 @@ def add_preprocessing(model: Any, prep: dict[str, Any]) -> Any:
         if model_type != ov.Type.f32:
             steps.convert_element_type(model_type)
     built = ppp.build()
+    share = float(prep.get("crop", 1.0))
+    if share < 1.0:
+        # The centre crop goes in front of the resize (Resize(size/crop) + CenterCrop(size), the ImageNet
+        # evaluation transform): a fresh u8 input feeds a Slice that feeds what the input fed before.
+        param = built.get_parameters()[0]
+        consumers = list(param.output(0).get_target_inputs())
+        cropped = _centre_crop(param.output(0), share)
+        for target in consumers:
+            target.replace_source_output(cropped)
+        built.validate_nodes_and_infer_types()
     built.input(0).get_tensor().set_names({"image"})
     return built
 

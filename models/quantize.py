@@ -13,6 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from models.bundle import input_hw
 from models.errors import BadImage, ExportError
 from models.images import load_image
 
@@ -55,8 +56,7 @@ def quantize_int8(
         raise ExportError("int8 export needs NNCF: pip install 'storelens[models]'") from exc
 
     files = calibration_files(folder, subset_size)
-    size = (int(prep["size"][0]), int(prep["size"][1]))
-    data = list(_crops(files, size))
+    data = list(_crops(files, input_hw(prep)))  # the size the Embedder feeds the graph
     if not data:
         raise ExportError(f"none of the images under {folder} could be decoded")
     _LOGGER.info("calibrating int8 on %d images from %s", len(data), folder)

@@ -50,6 +50,38 @@ def test_in_graph_preprocessing_matches_reference(tiny_bundle: Path) -> None:
         assert float(got @ want) > 0.999, crop.shape
 
 
+def test_in_graph_centre_crop_matches_reference() -> None:
+    """A recipe's centre crop must keep the middle share of ANY input size before the resize, exactly as
+    a numpy slice + cv2.resize reference; and the Embedder (host Resize(size/crop), graph crop) agrees."""
+    import openvino as ov
+
+    from models.export import recipe
+    from models.graph import add_preprocessing
+
+    prep = {**recipe("tiny"), "crop": 0.75}
+    backbone, _ = cut_at_pool(load_source("tiny").model)
+    bare = ov.Core().compile_model(backbone, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    graph = ov.Core().compile_model(
+        add_preprocessing(backbone, prep), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    h, w = prep["size"]
+
+    def reference(img: np.ndarray) -> np.ndarray:
+        x = cv2.cvtColor(cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
+        x = (x.astype(np.float32) - np.array(prep["mean"], np.float32)) / np.array(prep["scale"], np.float32)
+        v = bare(x.transpose(2, 0, 1)[None])[0][0]
+        return np.asarray(v / np.linalg.norm(v))
+
+    for crop in _crops(5, seed=3):
+        crop[: crop.shape[0] // 8] = 255  # a white band that the crop must remove
+        ch, cw = max(1, round(crop.shape[0] * 0.75)), max(1, round(crop.shape[1] * 0.75))
+        y, x = (crop.shape[0] - ch) // 2, (crop.shape[1] - cw) // 2
+        got = graph(crop[None])[0][0]
+        assert float(got @ reference(crop[y : y + ch, x : x + cw])) > 0.999, crop.shape
+        if min(crop.shape[:2]) >= 32:  # the uncropped image (band included) is measurably another input
+            assert float(got @ reference(crop)) < 0.999, crop.shape
+
+
 def test_embedder_is_host_fit_then_graph(tiny_bundle: Path) -> None:
     """The Embedder pre-sizes crops on the host (static shapes: no concurrent specialisation) then runs
     the graph; its vectors must equal feeding fit_to_input's output to the bundle graph directly."""
@@ -57,11 +89,11 @@ def test_embedder_is_host_fit_then_graph(tiny_bundle: Path) -> None:
 
     from models.embedder import fit_to_input
 
-    h, w = read_manifest(tiny_bundle).preprocessing["size"]
     graph = ov.Core().compile_model(
         str(tiny_bundle / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
     )
     with Embedder(tiny_bundle) as embedder:
+        h, w = embedder.input_hw
         for crop in _crops(5):
             want = graph(fit_to_input(crop, h, w)[None])[0][0]
             assert float(embedder.embed_one(crop) @ want) > 0.9999, crop.shape

@@ -35,8 +35,9 @@ def test_int8_matches_fp16_on_grocery(mobilenet_bundles: dict[str, Path]) -> Non
     _LOGGER.info("R@1 %s; int8-fp16 cosine min %.4f mean %.4f", recall, cosines.min(), cosines.mean())
     assert cosines.min() >= 0.98
     assert abs(recall["int8"] - recall["fp16"]) <= 0.01 + 1e-9
-    # Plain pooled features of this quantized MobileNetV2 reach ~0.53 here (see models/README.md).
-    assert recall["int8"] >= 0.50
+    # Plain pooled features of this MobileNetV2 with the recipe's centre crop: 0.578 measured (0.534 without
+    # the crop); the issue's 0.60 is not reached (docs/NOTES.md). Guard the level we have.
+    assert min(recall.values()) >= 0.56
 
 
 @pytest.mark.slow
@@ -51,4 +52,44 @@ def test_throughput_after_latency_embedder(mobilenet_bundles: dict[str, Path]) -
     for _ in range(3):
         with Embedder(mobilenet_bundles["fp16"], mode="throughput") as embedder:
             got = embedder.embed(images)
+        assert float(np.sum(want * got, axis=1).min()) > 0.999
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_two_streams_agree_with_one(mobilenet_bundles: dict[str, Path]) -> None:
+    """Guards OpenVINO's int8-weight decompression bug: a quantized TFLite exported with its weights left
+    behind Convert/Multiply chains gave wrong vectors (cosine 0.0-0.3, NaNs) in 2-stream compiles. Export
+    folds them into float constants; two concurrent requests on a 2-stream compile must match 1 stream."""
+    import threading
+
+    import openvino as ov
+
+    root = shared_path("data", "grocery")
+    images = load_split(root, "val.txt").images[:24]
+    with Embedder(mobilenet_bundles["fp16"], mode="latency") as embedder:
+        want = embedder.embed(images)
+        size = embedder.input_hw
+    core = ov.Core()
+    import cv2
+
+    inputs = [cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)[None] for img in images]
+    for _ in range(3):  # the failure differed from compile to compile
+        compiled = core.compile_model(
+            str(mobilenet_bundles["fp16"] / "model.xml"), "CPU",
+            {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": 2, "INFERENCE_PRECISION_HINT": "f32"},
+        )  # fmt: skip
+        got = np.zeros_like(want)
+        requests = [compiled.create_infer_request() for _ in range(2)]
+
+        def work(k: int, got: np.ndarray = got, requests: list = requests) -> None:  # type: ignore[type-arg]
+            for i in range(k, len(inputs), 2):
+                requests[k].infer({0: inputs[i]})
+                got[i] = requests[k].get_output_tensor(0).data[0]
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
         assert float(np.sum(want * got, axis=1).min()) > 0.999
