@@ -206,6 +206,12 @@ def publish_snapshot(
         url, url_until = _reuse_url(latest, msha)
         if url is None:
             url, url_until = store.url(key), time.time() + PRESIGN_EXPIRY_S
+        entry = {"version": m.version, "manifest_sha256": msha, "sha256": sha, "size": size,
+                 "key": key, "kind": m.kind, "base_version": m.base_version, "url": url,
+                 "url_until": url_until}  # fmt: skip
+        # The newest full snapshot rides along with every delta: a kiosk without the delta's base
+        # installs it instead of staying behind (device/sync).
+        full = entry if m.kind == "full" else _newest_full(latest, store)
         ann = protocol.SnapshotAnnouncement(
             store=m.store,
             version=m.version,
@@ -216,25 +222,11 @@ def publish_snapshot(
             size=size,
             sha256=sha,
             url=url,
-        )
-        store.write_text(
-            latest_key,
-            json.dumps(
-                {
-                    "version": m.version,
-                    "manifest_sha256": msha,
-                    "sha256": sha,
-                    "size": size,
-                    "key": key,
-                    "kind": m.kind,
-                    "base_version": m.base_version,
-                    "url": url,
-                    "url_until": url_until,
-                },
-                sort_keys=True,
-            )
-            + "\n",
-        )
+            full=None if m.kind == "full" or full is None else protocol.FullSnapshotRef(
+                version=full["version"], manifest_sha256=full["manifest_sha256"], size=full["size"],
+                sha256=full["sha256"], url=full["url"]),
+        )  # fmt: skip
+        store.write_text(latest_key, json.dumps({**entry, "full": full}, sort_keys=True) + "\n")
     if broker:
         announce(broker, ann, timeout_s=timeout_s)
     _LOGGER.info(
@@ -245,6 +237,21 @@ def publish_snapshot(
         "uploaded" if existing is None else "already there",
     )
     return Published(ann, key, existing is None)
+
+
+def _newest_full(latest: Any, store: ArtifactStore) -> dict[str, Any] | None:
+    """latest.json's record of the newest full snapshot, with a URL that is still good for a while."""
+    if not isinstance(latest, dict):
+        return None
+    full = latest if latest.get("kind") == "full" else latest.get("full")  # older files: latest was full
+    if not isinstance(full, dict) or not full.get("key"):
+        return None
+    full = {k: full[k] for k in ("version", "manifest_sha256", "sha256", "size", "key", "url", "url_until")
+            if k in full}  # fmt: skip
+    url, until = _reuse_url(full, str(full.get("manifest_sha256")))
+    if url is None:
+        url, until = store.url(str(full["key"])), time.time() + PRESIGN_EXPIRY_S
+    return {**full, "url": url, "url_until": until}
 
 
 def _reuse_url(latest: Any, msha: str) -> tuple[str | None, float]:

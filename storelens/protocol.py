@@ -194,8 +194,23 @@ class UpdateProgress(_Message):
     snapshot: int | None = None
 
 
+class FullSnapshotRef(BaseModel):
+    """Where the store's newest *full* snapshot is: what a kiosk installs when it lacks a delta's base."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    version: int
+    manifest_sha256: str
+    size: int
+    sha256: str  # of the archive
+    url: str
+
+
 class SnapshotAnnouncement(BaseModel):
-    """Retained on ``bc/storelens/{store}/snapshot``: where to fetch the newest snapshot."""
+    """Retained on ``bc/storelens/{store}/snapshot``: where to fetch the newest snapshot.
+
+    A delta names its ``base_version`` (the signed manifest names the exact base); ``full``, optional,
+    points a kiosk that does not hold that base at the newest full snapshot instead.
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
     TYPE: ClassVar[str] = "snapshot"
@@ -211,9 +226,22 @@ class SnapshotAnnouncement(BaseModel):
     size: int
     sha256: str  # of the archive
     url: str
+    full: FullSnapshotRef | None = None  # deltas only; absent from older publishers' announcements
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), separators=(",", ":")).encode()
+        omit = {"full"} if self.full is None else None  # unchanged bytes for what publishers sent before
+        return json.dumps(self.model_dump(mode="json", exclude=omit), separators=(",", ":")).encode()
+
+    def of_full(self) -> SnapshotAnnouncement:
+        """The announcement of ``full`` (same store and model); ValueError when there is none."""
+        if self.full is None:
+            raise ValueError("the announcement names no full snapshot")
+        ref = self.full
+        return self.model_copy(
+            update={"version": ref.version, "kind": "full", "base_version": None,
+                    "manifest_sha256": ref.manifest_sha256, "size": ref.size, "sha256": ref.sha256,
+                    "url": ref.url, "full": None}
+        )
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -34,6 +34,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 # A manifest holds a few canary vectors; 2 MiB is ample and bounds what we parse from the network.
 MAX_MANIFEST_BYTES = 2 << 20
+_END_MARKER_BYTES = 2 * tarfile.BLOCKSIZE  # POSIX: an archive ends with two zero blocks
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?$")
 
 
@@ -323,13 +324,19 @@ def pack(directory: Path, archive: Path) -> None:
 
 
 def unpack(archive: Path, dest: Path, *, max_total_bytes: int, max_members: int = 100_000) -> None:
-    """Extract a snapshot archive into a new directory ``dest``: regular files with safe names only."""
+    """Extract a snapshot archive into a new directory ``dest``: regular files with safe names only.
+
+    The archive must be whole: a tar without its end-of-archive marker (two zero blocks after the last
+    member: a cut-short download or upload) is refused, as is one naming a member twice (the later copy
+    would silently replace the earlier one on extraction).
+    """
     dest = Path(dest)
     if dest.exists():
         raise FileExistsError(f"{dest} already exists")
     try:
         with tarfile.open(archive, mode="r:") as tar:
             members = []
+            names: set[str] = set()
             total = 0
             for i, info in enumerate(tar):
                 if i >= max_members:
@@ -340,12 +347,16 @@ def unpack(archive: Path, dest: Path, *, max_total_bytes: int, max_members: int 
                     not _SAFE_NAME.match(info.name) or ".." in info.name.split("/")
                 ):
                     raise SnapshotRejected(RejectReason.UNSAFE_NAME, f"archive member {info.name!r}")
+                if info.name in names:
+                    raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"member {info.name!r} appears twice")
+                names.add(info.name)
                 total += info.size
                 if total > max_total_bytes:
                     raise SnapshotRejected(
                         RejectReason.BAD_ARCHIVE, f"archive exceeds {max_total_bytes} bytes"
                     )
                 members.append(info)
+            _check_end_marker(Path(archive), tar.offset)
             tmp = dest.with_name(f".{dest.name}.partial")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -355,3 +366,14 @@ def unpack(archive: Path, dest: Path, *, max_total_bytes: int, max_members: int 
     fsync_dir(tmp)
     tmp.rename(dest)
     fsync_dir(dest.parent)
+
+
+def _check_end_marker(archive: Path, offset: int) -> None:
+    """tarfile stops quietly at a missing header; demand the two zero blocks that end a whole archive."""
+    with open(archive, "rb") as fh:
+        fh.seek(offset)
+        tail = fh.read(_END_MARKER_BYTES)
+    if len(tail) < _END_MARKER_BYTES or tail.count(0) != _END_MARKER_BYTES:
+        raise SnapshotRejected(
+            RejectReason.BAD_ARCHIVE, f"no end-of-archive marker at byte {offset}: the archive is cut short"
+        )

@@ -2,7 +2,8 @@
 
 from device.sync.active import ActiveSnapshot, Hit, Item, SnapshotLoadError
 from device.sync.download import DownloadError, fetch, redact_url
-from device.sync.service import SnapshotRefused, SnapshotSync
+from device.sync.errors import SnapshotRefused
+from device.sync.service import SnapshotSync
 from device.sync.store import Pointer, SnapshotStore
 
 __all__ = [

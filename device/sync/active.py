@@ -1,15 +1,15 @@
 """A loaded snapshot ready to serve: index (ef set), label->item mapping, optional projection.
 
 Immutable once built: a newer snapshot is a new ActiveSnapshot, swapped in by reference between frames.
-Layout written by the cloud build (cloud/build.py): ``index.bin``, ``items.jsonl`` (sku, title, price,
-location, thumbnail), ``vectors.jsonl`` (label -> sku), ``thumbs/``, optional projection file.
+Layout written by the cloud build (cloud/build.py) or a delta applied on the kiosk (storelens/delta.py):
+``index.bin``, ``items.jsonl`` (sku, title, price, location, thumbnail), ``vectors.jsonl`` (label -> sku),
+``thumbs/``, optional projection file.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +20,12 @@ import numpy as np
 import numpy.typing as npt
 
 from storelens import vindex
+from storelens.delta import INDEX, ITEMS, VECTORS, is_applied, read_rows
 from storelens.fsutil import read_capped
 from storelens.matching import MatchRule
 from storelens.projection import Adapter
 from storelens.snapshot import SnapshotManifest
 
-INDEX = "index.bin"
-ITEMS = "items.jsonl"
-VECTORS = "vectors.jsonl"
-MAX_ROWS_BYTES = 512 << 20  # row files of a 1M-vector store are ~100 MB; anything larger is refused
 OVERFETCH = 4  # several vectors per sku: ask hnswlib for k*OVERFETCH labels to fill k distinct skus
 
 
@@ -89,8 +86,8 @@ class ActiveSnapshot:
         """Load a verified snapshot directory (index with ef from the manifest, rows, projection)."""
         directory = Path(directory).resolve()
         try:
-            items_rows = _read_rows(directory / ITEMS)
-            vector_rows = _read_rows(directory / VECTORS) if (directory / VECTORS).is_file() else None
+            items_rows = read_rows(directory / ITEMS)
+            vector_rows = read_rows(directory / VECTORS) if (directory / VECTORS).is_file() else None
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise SnapshotLoadError("bad_items", str(exc)) from exc
         items = _items(directory, items_rows)
@@ -115,12 +112,21 @@ class ActiveSnapshot:
                 raise SnapshotLoadError("bad_items", f"vector label {lbl} names unknown sku {sku!r}")
             label_sku[lbl] = pos[sku]
         projection = _projection(directory, manifest)
+        # An applied delta's index still holds its deleted vectors (marked, never returned by a search).
+        applied = is_applied(manifest)
         try:
             index = vindex.load(
-                directory / INDEX, dim=manifest.dim, ef=manifest.hnsw.ef, count=manifest.vector_count
+                directory / INDEX,
+                dim=manifest.dim,
+                ef=manifest.hnsw.ef,
+                count=None if applied else manifest.vector_count,
             )
         except (vindex.IndexFileError, OSError) as exc:
             raise SnapshotLoadError("bad_index", str(exc)) from exc
+        if index.count < manifest.vector_count:
+            raise SnapshotLoadError(
+                "bad_index", f"{index.count} vectors in the index, manifest says {manifest.vector_count}"
+            )
         return cls(directory, manifest, index, label_sku, skus, MappingProxyType(items), projection)
 
     def project(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -177,17 +183,6 @@ class ActiveSnapshot:
 
     def __repr__(self) -> str:
         return f"ActiveSnapshot(v{self.version}, {self.index.count} vectors, {len(self._items)} items)"
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(read_capped(path, MAX_ROWS_BYTES).decode("utf-8").splitlines(), 1):
-        if line.strip():
-            obj = json.loads(line)
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path.name}:{n} is not a JSON object")
-            rows.append(obj)
-    return rows
 
 
 def _opt_str(v: object) -> str | None:

@@ -2,6 +2,11 @@
 
 Runs on its own worker thread; the MQTT callback only hands the payload over (latest wins). Every
 failure is reported through ``on_refused(reason, detail)``; the active snapshot keeps serving.
+
+A delta is installed only onto the active snapshot it chains to (base version and manifest sha256, as its
+signed manifest names them): it is applied to a private, re-verified copy of the active generation
+(``device/sync/chain.py``), then loaded, canary-checked and swapped in like a full snapshot. A kiosk that
+lacks the base reports ``delta_base_mismatch`` and installs the announcement's ``full`` snapshot, if any.
 """
 
 from __future__ import annotations
@@ -15,24 +20,19 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device.sync.active import ActiveSnapshot, SnapshotLoadError
+from device.sync.chain import BASE_MISMATCH, CHAIN_TOO_LONG, Verified, Verifier
 from device.sync.download import DownloadError, fetch, redact_url
+from device.sync.errors import SnapshotRefused
 from device.sync.store import SnapshotStore
 from storelens.protocol import ProtocolError, SnapshotAnnouncement, decode
-from storelens.snapshot import SnapshotManifest, SnapshotRejected, manifest_sha256, unpack, verify_snapshot
+from storelens.snapshot import SnapshotManifest, SnapshotRejected, manifest_sha256, unpack
 
 _LOGGER = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT_S = 600.0  # whole archive; a trickling server must not block later updates forever
 MAX_BYTES = 4 << 30  # 4 GiB: a 1M x 512 store is ~2.1 GiB; refuse anything beyond without downloading
-
-
-class SnapshotRefused(Exception):
-    """An install was refused; ``reason`` is a stable string (RejectReason values and a few of ours)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"snapshot refused ({reason}): {detail}")
-        self.reason = reason
-        self.detail = detail
+# Refusals after which the announcement's full snapshot (if it names one) is installed instead.
+_FALL_BACK_TO_FULL = (BASE_MISMATCH, CHAIN_TOO_LONG)
 
 
 class SnapshotSync:
@@ -54,7 +54,7 @@ class SnapshotSync:
         if not public_keys:
             raise ValueError("at least one pinned public key is required")
         self._store = store
-        self._keys = list(public_keys)
+        self._verifier = Verifier(public_keys, store_id=store_id, model_id=model_id, model_dim=model_dim)
         self._store_id = store_id
         self._model_id = model_id
         self._model_dim = model_dim
@@ -68,6 +68,7 @@ class SnapshotSync:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._active: ActiveSnapshot | None = None
+        self._active_id: tuple[int, str] | None = None  # (version, signed manifest sha256): what deltas name
         self._failed: set[tuple[int, str]] = set()  # announcements already refused: not retried per reconnect
         self.superseded = 0  # announcements replaced by a newer one before the worker got to them
         self.idle = threading.Event()  # set while no announcement is pending or being processed
@@ -107,14 +108,14 @@ class SnapshotSync:
                 if name is None:
                     continue
                 try:
-                    snap = self._open(self._store.path(name))
+                    snap, identity = self._open(self._store.path(name))
                 except SnapshotRefused as exc:
                     _LOGGER.error("stored snapshot %s unusable: %s", name, exc)
                     self._report(exc.reason, f"stored snapshot {name}: {exc.detail}")
                     continue
                 if attempt == 1:
                     self._store.rollback()
-                self._active = snap
+                self._active, self._active_id = snap, identity
                 _LOGGER.info("serving stored snapshot %s (%r)", name, snap)
                 return snap
         return None
@@ -125,11 +126,11 @@ class SnapshotSync:
             pointer = self._store.pointer
             if pointer.previous is None:
                 raise SnapshotRefused("no_previous", "no previous snapshot kept")
-            snap = self._open(self._store.path(pointer.previous))
-            if pointer.active is not None and self._active is not None:
-                self._failed.add((self._active.version, manifest_sha256(self._active.directory)))
+            snap, identity = self._open(self._store.path(pointer.previous))
+            if pointer.active is not None and self._active_id is not None:
+                self._failed.add(self._active_id)
             self._store.rollback()
-            self._active = snap
+            self._active, self._active_id = snap, identity
         self._on_swap(snap)
         return snap
 
@@ -167,6 +168,9 @@ class SnapshotSync:
         except ProtocolError as exc:
             self._report("bad_announcement", str(exc)[:300])
             return None
+        return self._handle(ann)
+
+    def _handle(self, ann: SnapshotAnnouncement, *, fallback: bool = True) -> ActiveSnapshot | None:
         key = (ann.version, ann.manifest_sha256)
         active = self._active
         if active is not None and active.version == ann.version:
@@ -177,7 +181,7 @@ class SnapshotSync:
         if problem is not None:
             self._failed.add(key)
             self._report(*problem)
-            return None
+            return self._fall_back(ann) if fallback and problem[0] in _FALL_BACK_TO_FULL else None
         archive = self._store.downloads / f"v{ann.version}.tar.partial"
         try:
             _LOGGER.info("downloading snapshot v%d from %s", ann.version, redact_url(ann.url))
@@ -197,9 +201,19 @@ class SnapshotSync:
         except SnapshotRefused as exc:
             self._failed.add(key)
             self._report(exc.reason, exc.detail)
+            if fallback and exc.reason in _FALL_BACK_TO_FULL:
+                archive.unlink(missing_ok=True)
+                return self._fall_back(ann)
             return None
         finally:
             archive.unlink(missing_ok=True)
+
+    def _fall_back(self, ann: SnapshotAnnouncement) -> ActiveSnapshot | None:
+        """The delta cannot go onto what this kiosk holds: install the store's newest full snapshot."""
+        if ann.full is None:
+            return None
+        _LOGGER.warning("delta v%d unusable here: falling back to full v%d", ann.version, ann.full.version)
+        return self._handle(ann.of_full(), fallback=False)
 
     def _precheck(self, ann: SnapshotAnnouncement) -> tuple[str, str] | None:
         seen = self._store.highest_seen
@@ -207,71 +221,69 @@ class SnapshotSync:
             return "wrong_store", f"announcement for store {ann.store!r}"
         if ann.model_id != self._model_id:
             return "model_mismatch", f"snapshot v{ann.version} needs model {ann.model_id[:12]}"
-        if ann.kind == "delta":
-            return (
-                "delta_unsupported",
-                "delta snapshots need the delta applier in storelens/ (cloud/delta.py)",
-            )
         if seen is not None and (ann.version, ann.manifest_sha256) != seen and ann.version <= seen[0]:
             return "version_replay", f"announced v{ann.version} <= already seen v{seen[0]}"
+        active = self._active_id
+        if ann.kind == "delta" and (active is None or ann.base_version != active[0]):
+            held = f"v{active[0]}" if active is not None else "no snapshot"
+            return BASE_MISMATCH, f"delta v{ann.version} chains to v{ann.base_version}, kiosk holds {held}"
         if ann.size > self._max_bytes:
             return "too_large", f"{ann.size} bytes > limit {self._max_bytes}"
         return None
 
     # -- install --
     def install(self, archive_or_dir: Path, *, expect_manifest_sha256: str | None = None) -> ActiveSnapshot:
-        """Unpack/copy, verify, load, check canaries, persist the pointer, call on_swap; SnapshotRefused."""
+        """Unpack/copy, verify (a delta: apply it onto the active snapshot), load, check canaries, persist
+        the pointer, call on_swap; SnapshotRefused."""
         source = Path(archive_or_dir)
         with self._install_lock:
             staged = self._store.new_staging_dir("install")
+            work = self._store.new_staging_dir("apply")
             try:
                 if source.is_dir():
                     shutil.copytree(source, staged, symlinks=True)
                 else:
                     unpack(source, staged, max_total_bytes=self._max_bytes)
-                manifest = self._verify(staged, seen=self._store.highest_seen)
+                manifest = self._verifier.signed(staged, seen=self._store.highest_seen, base=self._active_id)
                 digest = manifest_sha256(staged)
                 if expect_manifest_sha256 is not None and digest != expect_manifest_sha256:
                     raise SnapshotRefused(
                         "manifest_mismatch", "manifest sha256 differs from the announcement"
                     )
                 name = self._store.dir_name(manifest.version, digest)
-                final = self._store.place(staged, name)
+                generation = staged
+                if manifest.kind == "delta":
+                    generation, manifest = self._apply(staged, manifest, work)
+                final = self._store.place(generation, name)
             except SnapshotRejected as exc:
                 raise SnapshotRefused(exc.reason.value, exc.detail) from exc
             except OSError as exc:
                 raise SnapshotRefused("io_error", str(exc)) from exc
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
+                shutil.rmtree(work, ignore_errors=True)
             try:
                 snap = self._load(final, manifest)
             except SnapshotRefused:
                 self._store.discard(name)
                 raise
             self._store.activate(name, manifest.version, digest)
-            self._active = snap
+            self._active, self._active_id = snap, (manifest.version, digest)
             for old in self._store.snapshots.iterdir():  # keep active + previous only
                 self._store.discard(old.name)
         _LOGGER.info("snapshot v%d installed (%r)", snap.version, snap)
         self._on_swap(snap)
         return snap
 
-    def _verify(self, directory: Path, *, seen: tuple[int, str] | None) -> SnapshotManifest:
-        try:
-            return verify_snapshot(
-                directory,
-                self._keys,
-                model_id=self._model_id,
-                model_dim=self._model_dim,
-                store=self._store_id,
-                seen=seen,
-            )
-        except SnapshotRejected as exc:
-            raise SnapshotRefused(exc.reason.value, exc.detail) from exc
+    def _apply(self, delta: Path, manifest: SnapshotManifest, work: Path) -> tuple[Path, SnapshotManifest]:
+        """A verified delta onto a private copy of the active generation: (new generation, its manifest)."""
+        active = self._active
+        if active is None or self._active_id is None:
+            raise SnapshotRefused(BASE_MISMATCH, f"delta v{manifest.version} but no snapshot to apply it to")
+        _LOGGER.info("applying delta v%d onto v%d", manifest.version, active.version)
+        return self._verifier.apply(active.directory, delta, work)
 
     def _load(self, directory: Path, manifest: SnapshotManifest) -> ActiveSnapshot:
-        if manifest.kind != "full":
-            raise SnapshotRefused("delta_unsupported", "delta snapshots are not applied on the kiosk yet")
         try:
             snap = ActiveSnapshot.load(directory, manifest)
             snap.check_canaries()
@@ -279,10 +291,16 @@ class SnapshotSync:
             raise SnapshotRefused(exc.reason, exc.detail) from exc
         return snap
 
-    def _open(self, directory: Path) -> ActiveSnapshot:
-        """Re-verify a stored generation (no replay check: it was accepted before) and load it."""
-        manifest = self._verify(directory, seen=None)
-        return self._load(directory, manifest)
+    def _open(self, directory: Path) -> tuple[ActiveSnapshot, tuple[int, str]]:
+        """Re-verify a stored generation (an applied delta: re-derive its chain) and load it."""
+        work = self._store.new_staging_dir("check")
+        try:
+            verified: Verified = self._verifier.stored(directory, work)
+        except OSError as exc:
+            raise SnapshotRefused("io_error", str(exc)) from exc
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return self._load(directory, verified.manifest), verified.identity
 
     def _report(self, reason: str, detail: str) -> None:
         _LOGGER.warning("snapshot refused: %s: %s", reason, detail)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud import delta as d
 from cloud.build import build_snapshot
+from storelens import delta as d
 from storelens import vindex
 from storelens.snapshot import RejectReason, SnapshotRejected, manifest_sha256, verify_snapshot
 from tests.cloud.conftest import CatalogFiles, CountingEmbedder, item_image, write_jpeg

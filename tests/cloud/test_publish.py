@@ -155,3 +155,29 @@ def test_s3_publish_presigned_url_downloads_the_archive(
     again = publish_snapshot(snapshot, "s3://snaps/stores", broker.url, s3_endpoint=s3_server)
     assert first.uploaded and not again.uploaded
     assert again.announcement.model_dump(exclude={"ts"}) == first.announcement.model_dump(exclude={"ts"})
+
+
+def test_delta_announcement_names_the_newest_full_snapshot(
+    catalog: CatalogFiles, signing_key: Ed25519PrivateKey, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A kiosk that missed a delta's base needs somewhere to go: a delta's announcement carries the newest
+    full snapshot (its archive's sha256 and a URL that serves it); a full one carries no such pointer."""
+    to = (tmp_path / "artifacts").as_uri()
+    v1 = build_snapshot(catalog.path, "store7", tmp_path / "v1", signing_key, embedder=CountingEmbedder(),
+                        progress=False).out_dir  # fmt: skip
+    first = publish_snapshot(v1, to, broker.url)
+    assert first.announcement.kind == "full" and first.announcement.full is None
+    catalog.rows[0]["title"] = "renamed"
+    catalog.write()
+    v2 = build_snapshot(catalog.path, "store7", tmp_path / "v2", signing_key, embedder=CountingEmbedder(),
+                        base=v1, progress=False).out_dir  # fmt: skip
+    second = publish_snapshot(v2, to, broker.url)
+    ann = protocol.decode(
+        read_retained(broker, protocol.snapshot_topic("store7")), protocol.SnapshotAnnouncement
+    )
+    assert ann.kind == "delta" and ann.base_version == 1 and ann == second.announcement
+    assert ann.full is not None
+    assert (ann.full.version, ann.full.sha256, ann.full.manifest_sha256) == (
+        1, first.announcement.sha256, manifest_sha256(v1))
+    served = Path(ann.full.url.removeprefix("file://"))
+    assert sha256_file(served) == ann.full.sha256

@@ -5,6 +5,7 @@ Held items come from a generated video (ground truth known); the model is the ti
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -176,6 +178,63 @@ def test_snapshot_swap_mid_run_drops_no_frame_and_a_forged_one_is_refused(
     assert app.grab.frames_in == world.scene.n_frames
     assert app.pipeline.counters.frames_processed == world.scene.n_frames  # no frame dropped by the swap
     assert app.grab.frames_dropped == 0
+
+
+def _write_catalog(w: World, root: Path, title_prefix: str) -> Path:
+    """The world's items as a cloud catalog (one JPEG each), titles and prices marked by ``title_prefix``."""
+    rows = []
+    for i, (sku, img) in enumerate(zip(SKUS, w.items, strict=True)):
+        path = root / "img" / f"{sku}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        price = f"{1 + i}.99" if title_prefix == "Item" else f"{5 + i}.49"
+        rows.append({"sku": sku, "title": f"{title_prefix} {sku}", "price": price,
+                     "images": [f"img/{sku}.jpg"]})
+    (root / "catalog.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "catalog.jsonl"
+
+
+def test_delta_published_mid_run_is_applied_onto_the_served_snapshot(
+    world: World, broker: Mosquitto, tmp_path: Path, collector_factory: list[Collector]
+) -> None:
+    """A delta (new titles and prices) published while items are being answered is applied onto the
+    cloud-built v1 the kiosk serves and swapped in without dropping a frame; later answers carry it."""
+    from cloud.build import build_snapshot
+    from cloud.publish import publish_snapshot
+    from storelens.snapshot import read_manifest_unverified
+
+    def build(prefix: str, out: str, base: Path | None = None) -> Path:
+        catalog = _write_catalog(world, tmp_path / "catalog", prefix)
+        return build_snapshot(catalog, "s1", tmp_path / out, world.key, bundle=world.bundle, base=base,
+                              adapter="none", progress=False).out_dir
+
+    v1 = build("Item", "c1")
+    v2 = build("New", "c2", base=v1)
+    assert read_manifest_unverified(v2).kind == "delta"
+    c = Collector(broker.port, [TOPICS.match, TOPICS.alert])
+    collector_factory.append(c)
+    cfg = _config(world, tmp_path, broker.url, fps=40.0)
+    cfg["snapshots"]["initial"] = str(v1)
+    app = KioskApp(parse_config(cfg))
+    app.start()
+    try:
+        assert c.wait_for(lambda m: len(_events_of(m)) >= 1, 30.0)
+        publish_snapshot(v2, f"file://{tmp_path / 'artifacts'}", broker.url)
+        assert c.wait_for(lambda m: _alerts(m, "snapshot_applied") or _alerts(m, "snapshot_refused"), 30.0)
+        assert app.pipeline.wait(60.0)
+        assert c.wait_for(lambda m: len({e.id for e in _events_of(m)}) >= N_ITEMS, 30.0)
+    finally:
+        app.stop()
+        _clear_retained(broker)
+    assert [a.detail for a in _alert_list(c) if a.kind == "snapshot_refused"] == []
+    served = app.sync.active if app.sync is not None else None
+    assert served is not None and (served.directory / "proof" / "v2").is_dir()  # applied, not re-fetched
+    ordered = sorted(_events(c).values(), key=lambda e: e.seq)
+    assert [e.results[0].sku for e in ordered] == _expected()
+    versions = [e.snapshot for e in ordered]
+    assert versions[0] == 1 and versions[-1] == 2 and versions == sorted(versions)
+    assert ordered[0].results[0].title.startswith("Item") and ordered[-1].results[0].title.startswith("New")
+    assert app.pipeline.counters.frames_processed == world.scene.n_frames  # no frame dropped by the swap
 
 
 def _alert_list(c: Collector) -> list[Alert]:

@@ -51,3 +51,21 @@ def test_malformed_payloads_raise_protocol_error(payload: bytes) -> None:
 def test_status_type_is_fixed() -> None:
     s = p.Status(kiosk="k", store="s", state=p.KioskState.ONLINE)
     assert json.loads(s.to_bytes())["type"] == "status"
+
+
+def test_snapshot_announcement_full_ref_is_optional_and_compatible() -> None:
+    """Guards: older kiosks or publishers breaking on the delta announcement's optional ``full`` ref."""
+    common = dict(store="s1", model_id="m" * 64, size=10, sha256="a" * 64, url="file:///x")
+    old = p.SnapshotAnnouncement(version=3, manifest_sha256="b" * 64, **common)  # type: ignore[arg-type]
+    assert "full" not in json.loads(old.to_bytes()), "a full announcement's bytes are unchanged"
+    ref = p.FullSnapshotRef(version=2, manifest_sha256="c" * 64, size=7, sha256="d" * 64, url="file:///f")
+    delta = p.SnapshotAnnouncement(
+        version=3, kind="delta", base_version=2, manifest_sha256="b" * 64, full=ref, **common  # type: ignore[arg-type]
+    )
+    back = p.decode(delta.to_bytes(), p.SnapshotAnnouncement)
+    assert back.full == ref
+    full = back.of_full()
+    assert (full.kind, full.version, full.url, full.size, full.full) == ("full", 2, "file:///f", 7, None)
+    assert full.store == "s1" and full.model_id == "m" * 64
+    with pytest.raises(ValueError):
+        old.of_full()

@@ -271,7 +271,7 @@ def test_malformed_announcements_are_refused_without_crashing(tmp_path: Path, ke
         tar = archive(built, tmp_path / "a.tar")
         for bad in (
             _announce(built, tar, "ftp://x/y", version=9),
-            _announce(built, tar, "file:///x", version=10, kind="delta", base_version=1),
+            _announce(built, tar, "file:///x", version=10, kind="delta", base_version=7),
             _announce(built, tar, "file:///x", version=11, store="store2"),
             _announce(built, tar, "file:///x", version=12, model_id="f" * 64),
             _announce(built, tar, "file:///nonexistent", version=13),
@@ -283,7 +283,7 @@ def test_malformed_announcements_are_refused_without_crashing(tmp_path: Path, ke
     assert h.reasons[: len(MALFORMED)] == ["bad_announcement"] * len(MALFORMED)
     assert h.reasons[len(MALFORMED) :] == [
         "bad_url",
-        "delta_unsupported",
+        "delta_base_mismatch",
         "wrong_store",
         "model_mismatch",
         "download_failed",
