@@ -111,21 +111,34 @@ def _measure(bundle: Path) -> dict[str, Any]:
     }
 
 
+def calibration_dir(out_dir: Path) -> Path:
+    """int8 calibration photos: the grocery train photos when ../shared has them, else 32 generated."""
+    grocery_train = _shared() / "data" / "grocery" / "train"
+    if grocery_train.is_dir():
+        return grocery_train
+    calib = Path(out_dir) / "calibration"
+    calib.mkdir(parents=True, exist_ok=True)
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        cv2.imwrite(str(calib / f"{i}.png"), rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    return calib
+
+
+def export_bench_bundle(out_dir: Path, key: str, source: str, precision: str) -> Path:
+    """``source`` exported afresh (this code's graph) to ``out_dir/key`` at ``precision``."""
+    path = Path(out_dir) / key
+    calib = calibration_dir(out_dir) if precision == "int8" else None
+    # 64 calibration images: quantization speed is what is measured here, not its accuracy.
+    export_model(source, path, precision=precision, calibration=calib, subset_size=64)
+    return path
+
+
 def run(out_dir: Path) -> dict[str, Any]:
     """Export the bench bundles under ``out_dir`` and measure them; a JSON-ready dict."""
     out_dir = Path(out_dir)
-    calib = out_dir / "calibration"
-    grocery_train = _shared() / "data" / "grocery" / "train"
-    if grocery_train.is_dir():
-        calib = grocery_train
-    else:
-        calib.mkdir(parents=True, exist_ok=True)
-        import cv2
-
-        rng = np.random.default_rng(0)
-        for i in range(32):
-            cv2.imwrite(str(calib / f"{i}.png"), rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
-    # (key, source, precision); calibration for int8 is the train photos (or the generated folder).
+    # (key, source, precision); int8 is calibrated on calibration_dir().
     plan: list[tuple[str, str, str]] = [
         ("resnet50_fp16", "resnet50", "fp16"),
         ("resnet50_int8", "resnet50", "int8"),
@@ -135,11 +148,8 @@ def run(out_dir: Path) -> dict[str, Any]:
         plan.append(("mobilenet_v2_fp16", str(mobilenet), "fp16"))
     results: dict[str, Any] = {"cpu_count": os.cpu_count()}
     for key, source, precision in plan:
-        path = out_dir / key
         t0 = time.perf_counter()
-        # 64 calibration images: quantization speed is what is measured here, not its accuracy.
-        export_model(source, path, precision=precision, calibration=calib if precision == "int8" else None,
-                     subset_size=64)  # fmt: skip
+        path = export_bench_bundle(out_dir, key, source, precision)
         export_s = time.perf_counter() - t0
         results[key] = _measure(path) | {"export_s": round(export_s, 1)}
         _LOGGER.info("bench %s: %s", key, results[key])

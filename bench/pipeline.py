@@ -1,6 +1,17 @@
 """Kiosk pipeline benchmarks: throughput vs benchmark_app, decode share, latency, hold-to-answer, swap gap.
 
-All on one real bundle (MobileNetV2 from ../shared when present, else the tiny export), 640x480 frames.
+Two bundles, 640x480 frames: the MobileNetV2 we have real weights for (``../shared``; else ``tiny``) and
+the product's ResNet-50 int8 (random weights: speed does not depend on them). Ratios are ours / OpenVINO
+on the same IR, measured in the same run:
+- ``pipeline_throughput_ratio``: frames/s through the whole pipeline (forced steady: every frame cropped,
+  pre-sized, embedded, projected, searched, aggregated into a result) / benchmark_app's latency-hint FPS
+  on [1,480,640,3] (its graph does the resize in-graph);
+- ``frame_to_event_vs_paced_inference_ratio``: capture -> MatchEvent committed to the outbox, p50, at a
+  30 fps camera / OpenVINO's own single request run at the same 30 fps cadence (an idle CPU between
+  frames makes one inference ~1.7x slower than benchmark_app's back-to-back latency, see docs/NOTES.md);
+  ``frame_to_event_vs_inference_ratio`` keeps the back-to-back figure beside it.
+The snapshot searched is shaped like a shipped one: a few hundred items of ten views each, projected by
+a catalog-fitted LDA adapter (256-d, as cloud/build.py fits), hnswlib M16 ef 64.
 """
 
 from __future__ import annotations
@@ -20,33 +31,31 @@ from typing import Any
 
 import numpy as np
 
+from bench.models import export_bench_bundle
+from cloud.retrieval import fit_lda_adapter
 from device.camera import BoundedQueue, Frame, GrabStage, OverflowPolicy
 from device.camera.sources import OpenCVSource, PacedSource, SyntheticSource
 from device.camera.synthetic import Scene, make_scene, render_items, write_video
 from device.comms import Outbox
 from device.config import DetectionConfig
 from device.detect import Detection, ForcedSteadyDetector, HeldItemDetector
-from device.pipeline import ItemResult, Pipeline
+from device.pipeline import ItemResult, Pipeline, limit_blas_threads
 from device.sync.active import ActiveSnapshot
 from storelens import vindex
 from storelens.protocol import MatchEvent, MatchItem
-from storelens.snapshot import HnswParams, SnapshotManifest, describe_files, utc_now_iso
+from storelens.snapshot import HnswParams, Projection, SnapshotManifest, describe_files, utc_now_iso
 
 _LOGGER = logging.getLogger(__name__)
 
 SHARED = Path(os.environ.get("SHARED", Path(__file__).resolve().parents[2] / "shared"))
 MNV2 = SHARED / "models" / "coral" / "tf2_mobilenet_v2_1.0_224_ptq.tflite"
 W, H = 640, 480
+CAMERA_FPS = 30.0
 THROUGHPUT_S = 10.0  # per measured loop: long enough for a stable rate on a shared 2-core machine
-FILLER_VECTORS = 3000  # catalog size for search and swap: realistic index work, quick to build
-
-
-def _export(out: Path) -> Path:
-    source = str(MNV2) if MNV2.is_file() else "tiny"
-    storelens = Path(sys.executable).parent / "storelens"
-    subprocess.run([str(storelens), "model", "export", "--source", source, "--out", str(out)], check=True,
-                   capture_output=True, timeout=300)
-    return out
+FILLER_ITEMS = 300  # catalog items besides the rendered ones: 3,000 vectors, a 256-d adapter
+FILLER_VIEWS = 10  # vectors per filler item (photos and augmented views of one product)
+LATENT_DIM = 48  # embeddings of one catalog live near a low-dimensional manifold (bench/index.py)
+PACED_RUNS = 120  # single paced inferences for the reference: 4 s at 30 fps
 
 
 def _benchmark_app(bundle: Path, precision: str, hint: str) -> dict[str, float]:
@@ -59,22 +68,64 @@ def _benchmark_app(bundle: Path, precision: str, hint: str) -> dict[str, float]:
     return {"fps": fps, "latency_median_ms": median}
 
 
-def _snapshot(directory: Path, emb: Any, items: list[np.ndarray], version: int) -> ActiveSnapshot:
-    """A catalog: the rendered items plus random fillers, loaded like a verified snapshot."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(version)
-    fill = rng.standard_normal((FILLER_VECTORS, emb.dim)).astype(np.float32)
+def _paced_inference_ms(bundle: Path, precision: str) -> float:
+    """p50 of OpenVINO's own single request on a 640x480 frame, one every 1/30 s (benchmark_app's config)."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(bundle / "model.xml"))
+    model.reshape({model.inputs[0]: ov.PartialShape([1, H, W, 3])})
+    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY",
+                                                 "INFERENCE_PRECISION_HINT": precision})  # fmt: skip
+    request = compiled.create_infer_request()
+    frame = np.random.default_rng(0).integers(0, 256, (1, H, W, 3), dtype=np.uint8)
+    times = []
+    due = time.monotonic()
+    for _ in range(PACED_RUNS):
+        due += 1.0 / CAMERA_FPS
+        time.sleep(max(0.0, due - time.monotonic()))
+        t0 = time.perf_counter()
+        request.infer({0: frame})
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return float(np.median(times[10:]))
+
+
+def _catalog(emb: Any, items: list[np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Model-space vectors and item labels: the rendered items, then FILLER_ITEMS clusters of views."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((FILLER_ITEMS, LATENT_DIM)).astype(np.float32)
+    lift = (rng.standard_normal((LATENT_DIM, emb.dim)) / np.sqrt(LATENT_DIM)).astype(np.float32)
+    labels = np.repeat(np.arange(FILLER_ITEMS), FILLER_VIEWS)
+    z = centres[labels] + 0.35 * rng.standard_normal((len(labels), LATENT_DIM)).astype(np.float32)
+    fill = z @ lift + 0.05 * rng.standard_normal((len(labels), emb.dim)).astype(np.float32)
     fill /= np.linalg.norm(fill, axis=1, keepdims=True)
-    vecs = np.vstack([emb.embed(items), fill]).astype(np.float32)
-    skus = [f"item-{i}" for i in range(len(items))] + [f"filler-{i}" for i in range(FILLER_VECTORS)]
-    vindex.build(vecs, np.arange(len(vecs), dtype=np.int64), ef=64, threads=2).save(directory / "index.bin")
+    vectors = np.vstack([emb.embed(items), fill]).astype(np.float32)
+    return vectors, np.concatenate([np.arange(len(items)), len(items) + labels])
+
+
+def _snapshot(directory: Path, emb: Any, items: list[np.ndarray], version: int) -> ActiveSnapshot:
+    """A snapshot shaped like a shipped one (LDA projection, several views per item), loaded as verified."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vectors, labels = _catalog(emb, items, version)
+    adapter = fit_lda_adapter(vectors, labels)
+    skus = [f"item-{i}" for i in range(len(items))] + [f"filler-{i}" for i in range(FILLER_ITEMS)]
+    projected = adapter.apply(vectors)
+    vindex.build(projected, np.arange(len(projected), dtype=np.int64), ef=64, threads=2).save(
+        directory / "index.bin"
+    )
+    (directory / "projection.bin").write_bytes(adapter.to_bytes())
     (directory / "items.jsonl").write_text("".join(json.dumps({"sku": s, "title": s}) + "\n" for s in skus))
+    (directory / "vectors.jsonl").write_text(
+        "".join(json.dumps({"label": i, "sku": skus[lab]}) + "\n" for i, lab in enumerate(labels))
+    )
+    files = ["index.bin", "items.jsonl", "vectors.jsonl", "projection.bin"]
     m = SnapshotManifest(
         store="bench", version=version, model_id=emb.model_id, preprocessing_hash="bench",
-        model_dim=emb.dim, dim=emb.dim, item_count=len(skus), vector_count=len(skus),
+        model_dim=emb.dim, dim=adapter.out_dim, item_count=len(skus), vector_count=len(projected),
         hnsw=HnswParams(M=16, ef_construction=200, ef=64), threshold=0.0,
-        files=describe_files(directory, ["index.bin", "items.jsonl"]), created_at=utc_now_iso(),
-    )
+        projection=Projection(file="projection.bin", in_dim=emb.dim, out_dim=adapter.out_dim),
+        files=describe_files(directory, files), created_at=utc_now_iso(),
+    )  # fmt: skip
     return ActiveSnapshot.load(directory, m)
 
 
@@ -217,71 +268,86 @@ def _swap_gap(emb: Any, snaps: list[ActiveSnapshot], scene: Scene) -> dict[str, 
             "p50_gap_ms": round(float(np.median(gaps)), 2)}
 
 
-def run(out_dir: Path) -> dict[str, Any]:
-    """Run every pipeline benchmark; return the figures (the caller writes them as JSON)."""
+def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[np.ndarray],
+                scene: Scene) -> tuple[dict[str, Any], Any, ActiveSnapshot]:  # fmt: skip
+    """Throughput (in memory, video file) and frame-to-event latency of one bundle, with its references."""
     from models.embedder import Embedder
 
+    emb = Embedder(bundle, mode="latency")
+    precision = emb.manifest.inference_precision
+    snap = _snapshot(work / f"{bundle.name}-snap1", emb, items, 1)
+    ref = _benchmark_app(bundle, precision, "latency")
+    thr = _throughput(emb, snap, frames)
+    # The machine is shared: measure the reference again right after and compare with the mean of both.
+    ref_after = _benchmark_app(bundle, precision, "latency")
+    ref = {"fps": round((ref["fps"] + ref_after["fps"]) / 2, 2),
+           "latency_median_ms": round((ref["latency_median_ms"] + ref_after["latency_median_ms"]) / 2, 2),
+           "fps_before": ref["fps"], "fps_after": ref_after["fps"]}  # fmt: skip
+    video = _video(emb, snap, write_video(scene, work / "clip.avi"))
+    paced_ms = _paced_inference_ms(bundle, precision)
+    outbox = Outbox(work / f"{bundle.name}-outbox.sqlite")
+    _, _, event_ms = _paced(emb, snap, make_scene(items[:3], seed=8), ForcedSteadyDetector(), 1, outbox)
+    outbox.close()
+    ev = np.array(event_ms[15:] or event_ms)
+    p50 = float(np.percentile(ev, 50))
+    row = {
+        "model": emb.manifest.name,
+        "precision": emb.manifest.precision,
+        "benchmark_app_latency_hint": ref,
+        "pipeline_in_memory": thr,
+        "pipeline_throughput_ratio": round(thr["fps"] / ref["fps"], 3),
+        "pipeline_video_file": video,
+        "video_throughput_ratio": round(video["fps"] / ref["fps"], 3),
+        # capture -> MatchEvent committed (fsync) to the outbox, 30 fps camera, one frame per answer
+        "frame_to_event_ms": {"p50": round(p50, 2), "p99": round(float(np.percentile(ev, 99)), 2),
+                              "n": int(ev.size), "one_inference_back_to_back_ms": ref["latency_median_ms"],
+                              "one_inference_paced_ms": round(paced_ms, 2)},
+        "frame_to_event_vs_paced_inference_ratio": round(p50 / paced_ms, 3),
+        "frame_to_event_vs_inference_ratio": round(p50 / ref["latency_median_ms"], 3),
+    }
+    return row, emb, snap
+
+
+def run(out_dir: Path) -> dict[str, Any]:
+    """Run every pipeline benchmark; return the figures (the caller writes them as JSON)."""
     out_dir = Path(out_dir)
+    limit_blas_threads()  # as the kiosk does (device/app.py)
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     try:
-        bundle = _export(work / "bundle")
-        emb = Embedder(bundle, mode="latency")
-        precision = emb.manifest.inference_precision
-        ref = _benchmark_app(bundle, precision, "latency")
         items = render_items(6, size=220)
-        snap1 = _snapshot(work / "snap1", emb, items, 1)
         scene = make_scene(items, seed=7)
         frames = [scene.frame(i) for i in range(0, scene.n_frames, 3)]
-        thr = _throughput(emb, snap1, frames)
-        # The machine is shared: measure the reference again right after and compare with the mean of both.
-        ref_after = _benchmark_app(bundle, precision, "latency")
-        ref = {"fps": round((ref["fps"] + ref_after["fps"]) / 2, 2),
-               "latency_median_ms": round((ref["latency_median_ms"] + ref_after["latency_median_ms"]) / 2, 2),
-               "fps_before": ref["fps"], "fps_after": ref_after["fps"]}
-        video = _video(emb, snap1, write_video(scene, work / "clip.avi"))
-        outbox = Outbox(work / "outbox.sqlite")
-        _, _, event_ms = _paced(emb, snap1, make_scene(items[:3], seed=8), ForcedSteadyDetector(), 1, outbox)
-        outbox.close()
-        hold_scene = make_scene(items, seed=9)
-        results, captured, _ = _paced(emb, snap1, hold_scene, HeldItemDetector(DetectionConfig()), 3, None)
-        hold_s, enter_s = [], []
-        for r in results:
-            h = hold_scene.schedule[r.item_id - 1] if r.item_id - 1 < len(hold_scene.schedule) else None
-            answered = r.t_capture_last + r.latency_ms["total"] / 1000.0
-            if h is not None and h.steady_frame in captured and h.enter_frame in captured:
-                hold_s.append(answered - captured[h.steady_frame])  # item held still -> answer
-                enter_s.append(answered - captured[h.enter_frame])  # item starts entering -> answer
-        prepared = [snap1] + [_snapshot(work / f"snap{v}", emb, items, v) for v in (2, 3)]
-        swap = _swap_gap(emb, prepared, make_scene(items, seed=10, gap_s=0.3))
-        one = []
-        for _ in range(30):
-            t0 = time.perf_counter()
-            emb.embed_one(frames[0])
-            one.append((time.perf_counter() - t0) * 1000.0)
-        emb.close()
-        ev = np.array(event_ms[15:] or event_ms)
-        p50 = float(np.percentile(ev, 50))
-        result: dict[str, Any] = {
-            "model": bundle.name if not MNV2.is_file() else MNV2.name,
-            "precision": precision,
-            "frame_size": [W, H],
-            "benchmark_app_latency_hint": ref,
-            "pipeline_in_memory": thr,
-            "pipeline_throughput_ratio": round(thr["fps"] / ref["fps"], 3),
-            "pipeline_video_file": video,
-            "video_throughput_ratio": round(video["fps"] / ref["fps"], 3),
-            # capture -> MatchEvent committed (fsync) to the outbox, 30 fps camera, one frame per answer
-            "frame_to_event_ms": {"p50": round(p50, 2), "p99": round(float(np.percentile(ev, 99)), 2),
-                                  "n": int(ev.size), "one_inference_ms": ref["latency_median_ms"],
-                                  "python_one_request_ms": round(float(np.median(one)), 2)},
-            "frame_to_event_vs_inference_ratio": round(p50 / ref["latency_median_ms"], 3),
-            "hold_to_answer_s": {
+        plan = [("mobilenet_v2_fp16", str(MNV2) if MNV2.is_file() else "tiny", "fp16"),
+                ("resnet50_int8", "resnet50", "int8")]  # fmt: skip
+        snapshot = {"items": FILLER_ITEMS + len(items), "vectors": FILLER_ITEMS * FILLER_VIEWS + len(items)}
+        result: dict[str, Any] = {"frame_size": [W, H], "camera_fps": CAMERA_FPS, "snapshot": snapshot}
+        for key, source, precision in plan:
+            bundle = export_bench_bundle(work, key, source, precision)
+            row, emb, snap = _model_rows(bundle, work, items, frames, scene)
+            result[key] = row
+            if key != plan[0][0]:
+                emb.close()
+                continue
+            # Hold-to-answer and the swap gap, on the first (quality) model.
+            hold_scene = make_scene(items, seed=9)
+            results, captured, _ = _paced(emb, snap, hold_scene, HeldItemDetector(DetectionConfig()), 3, None)
+            hold_s, enter_s = [], []
+            for r in results:
+                h = hold_scene.schedule[r.item_id - 1] if r.item_id - 1 < len(hold_scene.schedule) else None
+                answered = r.t_capture_last + r.latency_ms["total"] / 1000.0
+                if h is not None and h.steady_frame in captured and h.enter_frame in captured:
+                    hold_s.append(answered - captured[h.steady_frame])  # item held still -> answer
+                    enter_s.append(answered - captured[h.enter_frame])  # item starts entering -> answer
+            result["hold_to_answer_s"] = {
                 "p50": round(float(np.median(hold_s)), 3) if hold_s else None,
                 "max": round(float(max(hold_s)), 3) if hold_s else None,
                 "from_enter_p50": round(float(np.median(enter_s)), 3) if enter_s else None,
-                "items": len(hold_scene.schedule), "answers": len(results), "fps": hold_scene.fps},
-            "snapshot_swap": swap,
-        }
+                "items": len(hold_scene.schedule), "answers": len(results), "fps": hold_scene.fps,
+                "model": key,
+            }  # fmt: skip
+            prepared = [snap] + [_snapshot(work / f"snap{v}", emb, items, v) for v in (2, 3)]
+            result["snapshot_swap"] = _swap_gap(emb, prepared, make_scene(items, seed=10, gap_s=0.3))
+            emb.close()
         (out_dir / "pipeline_detail.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
     finally:

@@ -222,10 +222,8 @@ def publish_snapshot(
             size=size,
             sha256=sha,
             url=url,
-            full=None if m.kind == "full" or full is None else protocol.FullSnapshotRef(
-                version=full["version"], manifest_sha256=full["manifest_sha256"], size=full["size"],
-                sha256=full["sha256"], url=full["url"]),
-        )  # fmt: skip
+            full=None if m.kind == "full" or full is None else protocol.FullSnapshotRef.model_validate(full),
+        )
         store.write_text(latest_key, json.dumps({**entry, "full": full}, sort_keys=True) + "\n")
     if broker:
         announce(broker, ann, timeout_s=timeout_s)

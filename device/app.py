@@ -24,7 +24,7 @@ from device.camera.sources import open_source_factory, source_is_live
 from device.comms import Comms, Outbox, Transport
 from device.config import KioskConfig
 from device.detect.detector import Detection, HeldItemDetector
-from device.pipeline import ItemResult, ModelPair, Pipeline, as_async
+from device.pipeline import ItemResult, ModelPair, Pipeline, as_async, limit_blas_threads
 from device.screen import ScreenServer
 from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync
 from device.update import JobsBridge, LoadedPair, Pair, Updater, configured_pair
@@ -164,6 +164,7 @@ class KioskApp:
         if self._started:
             raise RuntimeError("kiosk already started")
         self._started = True
+        limit_blas_threads()
         loaded = self.updater.boot() if self.updater is not None else None  # a released pair wins
         if loaded is not None:
             embedder, model_id, self._released = loaded.embedder, loaded.pair.model_id, True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from device.pipeline.aggregate import ItemResult, aggregate
-from device.pipeline.runner import Pipeline
+from device.pipeline.runner import Pipeline, limit_blas_threads
 from device.pipeline.stages import (
     AsyncEmbedderPort,
     Counters,
@@ -23,4 +23,5 @@ __all__ = [
     "Pipeline",
     "aggregate",
     "as_async",
+    "limit_blas_threads",
 ]

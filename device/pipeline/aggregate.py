@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +38,15 @@ def aggregate(
     noise) and the frames' average similarity (robust to one bad frame pulling the mean away); a sku
     missing from a list gets that list's lowest score, a lower bound of its true one.
     """
+    if len(vectors) == 1:  # one frame: its own vector is the mean and both votes are its scores
+        hits = snapshot.search(np.asarray(vectors[0], dtype=np.float32)[None, :], k)[0]
+        return [replace(h, score=round(h.score, 6)) for h in hits], 1.0 if hits else 0.0
     v = np.stack([np.asarray(x, dtype=np.float32) for x in vectors])
     mean = v.mean(axis=0)
     norm = float(np.linalg.norm(mean))
     mean = mean / norm if norm > 0 else v[0]
-    if len(v) == 1:  # one frame: its own vector is the mean, one query answers both votes
-        lists = snapshot.search(v, k)
-        mean_hits, frame_hits = lists[0], lists
-    else:
-        lists = snapshot.search(np.vstack([mean[None, :], v]).astype(np.float32), k)
-        mean_hits, frame_hits = lists[0], lists[1:]
+    lists = snapshot.search(np.vstack([mean[None, :], v]).astype(np.float32), k)
+    mean_hits, frame_hits = lists[0], lists[1:]
     by_sku: dict[str, Hit] = {}
     for hits in lists:
         for h in hits:

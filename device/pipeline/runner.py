@@ -30,6 +30,18 @@ _FPS_WINDOW_S: Final = 5.0  # fps is averaged over this window: steadier than pe
 _HANDOFF_SPARE: Final = 64  # Close messages beside the (semaphore-bounded) vectors in the hand-off queue
 
 
+def limit_blas_threads() -> None:
+    """Run numpy's BLAS on one thread in this process (the kiosk's composition root calls it).
+
+    The per-query projection (a 2048x256 matmul for ResNet-50) made OpenBLAS wake its own threads, which
+    then spin beside OpenVINO's two: ResNet-50 int8 through the pipeline fell from 168 to 97 frames/s.
+    The kiosk's numpy work is one vector at a time, where threads only cost.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 class Pipeline:
     """Owns the detect and search stages; the camera's queue is its input, ``on_result`` its output.
 

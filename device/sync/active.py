@@ -144,20 +144,19 @@ class ActiveSnapshot:
         if self.index.count == 0:
             return [[] for _ in range(q.shape[0])]
         labels, sims = self.index.search(q, k * OVERFETCH)
+        known = (labels >= 0) & (labels < self._label_sku.size)
+        positions = np.where(known, self._label_sku[np.where(known, labels, 0)], -1)  # one numpy pass
         out: list[list[Hit]] = []
-        for row_labels, row_sims in zip(labels, sims, strict=True):
+        for row_pos, row_sims in zip(positions.tolist(), sims.tolist(), strict=True):
             hits: list[Hit] = []
-            seen: set[str] = set()
-            for lbl, sim in zip(row_labels, row_sims, strict=True):
-                p = self._label_sku[lbl] if 0 <= lbl < self._label_sku.size else -1
-                if p < 0:
+            seen: set[int] = set()
+            for p, sim in zip(row_pos, row_sims, strict=True):
+                if p < 0 or p in seen:
                     continue
+                seen.add(p)
                 sku = self._skus[p]
-                if sku in seen:
-                    continue
-                seen.add(sku)
                 it = self._items[sku]
-                hits.append(Hit(sku, it.title, it.price, it.location, it.thumbnail, float(sim)))
+                hits.append(Hit(sku, it.title, it.price, it.location, it.thumbnail, sim))
                 if len(hits) == k:
                     break
             out.append(hits)

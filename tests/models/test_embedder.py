@@ -187,3 +187,24 @@ def test_ports(tiny_bundle: Path) -> None:
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
     with Embedder(tiny_bundle) as embedder:
         assert isinstance(embedder, EmbedderPort)
+
+
+def test_openvino_sends_no_telemetry(tiny_bundle: Path) -> None:
+    """`import openvino` starts Intel's usage telemetry (a sender thread, a subprocess per event) unless
+    opted out: a kiosk must phone nobody. In a fresh process, an Embedder must leave no such thread."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading, numpy as np\n"
+        "from pathlib import Path\n"
+        "from models.embedder import Embedder\n"
+        f"e = Embedder(Path({str(tiny_bundle)!r}))\n"
+        "e.embed_one(np.zeros((8, 8, 3), np.uint8)); e.close()\n"
+        "print(sorted(t.name for t in threading.enumerate()), sys.modules.get('openvino_telemetry'))\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}  # no CI=true: it would mute the telemetry
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         check=True, cwd=root, env=env)  # fmt: skip
+    assert out.stdout.strip() == "['MainThread'] None", out.stdout + out.stderr
