@@ -26,7 +26,6 @@ def test_int8_matches_fp16_on_grocery(mobilenet_bundles: dict[str, Path]) -> Non
     queries: dict[str, np.ndarray] = {}
     recall: dict[str, float] = {}
     for precision, bundle in mobilenet_bundles.items():
-        # latency mode: see test_throughput_after_latency_embedder (a known bug, not yet understood).
         with Embedder(bundle, mode="latency") as embedder:
             queries[precision] = embedder.embed(val.images)
             items = embedder.embed(catalog)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cloud.build import OPEN_SET_KNOWN_LOSS
 from cloud.retrieval import OpenSetRule, calibrate_open_set, fit_lda_adapter, is_match, item_scores
 from tests.conftest import REPO, shared_path
 
@@ -56,7 +57,6 @@ def grocery_b(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]
     rows = _rows(shared_path(*GROCERY))
     bundle = tmp_path_factory.mktemp("quality") / "bundle"
     export_model(str(source), bundle, precision="fp16")
-    # latency mode: throughput mode currently returns different vectors for this export (models/ issue)
     with Embedder(bundle, mode="latency") as embedder:
         key = hashlib.sha256(json.dumps({k: [str(p) for p, _ in v] for k, v in rows.items()}).encode())
         cache = CACHE / f"{embedder.model_id[:16]}-{key.hexdigest()[:12]}.npz"
@@ -78,10 +78,13 @@ def grocery_b(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]
 @pytest.mark.slow
 @pytest.mark.shared
 def test_adapter_and_open_set_on_grocery(grocery_b: dict[str, np.ndarray]) -> None:
-    """LDA adapter lifts plain R@1 (~0.53 -> ~0.70); the catalog-calibrated open-set rule keeps its promise.
+    """LDA adapter lifts plain R@1 (~0.52 -> ~0.71); the open-set rule the build ships stays near its promise.
 
-    Measured with the fp16 MobileNetV2 bundle (full-frame resize): R@1 0.703; open set (16 items left
-    out): in-catalog R@1 0.751 free and 0.751 at the rule, 0.127 of unseen queries answered "no match".
+    Measured with the fp16 MobileNetV2 bundle (recipe centre crop 0.875): plain R@1 0.517, adapter 0.713;
+    open set (16 items left out), rule calibrated as cloud/build.py does: in-catalog R@1 0.763 free and
+    0.718 at the rule, 0.273 of unseen queries answered "no match". (Before the centre crop: adapter
+    0.703, 0.751 free and at the rule, 0.127 rejected: the crop made the catalog's held-out photos look
+    more alike than store photos, so the same calibration now rejects more of both.)
     """
     d = grocery_b
     x = np.vstack([d["train"], d["iconic"]])
@@ -99,7 +102,8 @@ def test_adapter_and_open_set_on_grocery(grocery_b: dict[str, np.ndarray]) -> No
     unseen = rng.choice(N_ITEMS, size=round(0.2 * N_ITEMS), replace=False)
     rows = np.flatnonzero(~np.isin(y, unseen))
     xk, yk = x[rows], y[rows]
-    rule = OpenSetRule.from_dict(json.loads(json.dumps(calibrate_open_set(xk, yk).to_dict())))
+    shipped = calibrate_open_set(xk, yk, max_known_loss=OPEN_SET_KNOWN_LOSS)
+    rule = OpenSetRule.from_dict(json.loads(json.dumps(shipped.to_dict())))
     ad = fit_lda_adapter(xk, yk)
     scores = item_scores(ad.apply(d["val"]) @ ad.apply(xk).T, yk, N_ITEMS)
     known = ~np.isin(qy, unseen)
@@ -110,8 +114,9 @@ def test_adapter_and_open_set_on_grocery(grocery_b: dict[str, np.ndarray]) -> No
     no_match = float(np.mean(~answered[~known]))
     _LOGGER.info("open set: in-catalog R@1 %.3f free, %.3f at the rule; unseen no-match %.3f; rule %s",
                  free, at_rule, no_match, rule.to_dict())  # fmt: skip
-    # The rule was calibrated to give up at most 3 points of in-catalog R@1; it must not give up more
-    # than 5 here. Rejection of unseen items is weak with these features (see the module README table).
+    # Calibrated on the catalog to give up 1 point of in-catalog R@1; store photos are harder than the
+    # catalog's own held-out photos, and it must not give up more than 5 here. Rejection of unseen items
+    # is weak with these features (docs/NOTES.md, retrieval quality).
     assert free - at_rule <= 0.05
     assert no_match >= 0.05
     assert 0.0 < rule.threshold < 2.0
