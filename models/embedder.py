@@ -1,15 +1,18 @@
 """The embedding runtime both kiosk and cloud use: a verified bundle compiled with OpenVINO.
 
-Concurrency design (one stream, no ``AsyncInferQueue``), from failures measured on these 2-core machines:
-infer requests that specialise a dynamic input shape concurrently can deadlock inside OpenVINO
-(ultralytics#25923); Python callbacks on OpenVINO threads deadlocked ``close()`` (a worker waiting for the
-GIL while the model's destructor joined it); and 2-stream compilations of the MobileNetV2 bundle returned
-wrong vectors (cosine 0.1-0.2 to a 1-stream compile, varying from compile to compile). So the Embedder
-compiles the bundle with a *static* input of the recipe's size and one stream, resizes each crop to it
-on the host (cv2 INTER_LINEAR, as the graph would; the rest of the in-graph preprocessing still runs), and
-drives a fixed pool of infer requests from its own threads with synchronous ``infer()`` (it releases
-the GIL). Every mode and entry point computes exactly the same vector for the same crop, in the cloud
-and on kiosks.
+Concurrency design (no ``AsyncInferQueue``), from failures measured on these 2-core machines: infer
+requests that specialise a dynamic input shape concurrently can deadlock inside OpenVINO
+(ultralytics#25923), and Python callbacks on OpenVINO threads deadlocked ``close()`` (a worker waiting for
+the GIL while the model's destructor joined it). So the Embedder compiles the bundle with a *static*
+input (the recipe size over its centre crop), resizes each crop to it on the host (cv2 INTER_LINEAR, as
+the graph would; the rest of the in-graph preprocessing still runs), and drives a fixed pool of infer
+requests from its own threads with synchronous ``infer()`` (it releases the GIL).
+``latency`` (the kiosk, one camera): one stream, one request. ``throughput`` (catalog builds): OpenVINO's
+THROUGHPUT hint (2 streams here) and its optimal number of requests, each on its own thread: 1.3-1.5x the
+images/s of one stream. Both give the same vector for the same crop, which is what lets a catalog built in
+the cloud be searched by kiosks: a quantized source's int8 weights left behind Convert/Multiply chains broke
+that in 2-stream compiles (export now folds them, see models/graph.py); a bundle that still has them runs
+one stream in every mode.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 
 from models.bundle import BundleManifest, input_hw, verify_bundle
 from models.errors import BadImage, ModelError
+from models.graph import has_unfolded_int_weights
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -93,11 +97,6 @@ class Embedder:
             "PERFORMANCE_HINT": mode.upper(),
             # The precision the catalog was built with; OpenVINO would otherwise pick bf16 where it can.
             "INFERENCE_PRECISION_HINT": self.manifest.inference_precision,
-            # One stream in every mode: with 2 CPU streams, OpenVINO 2026.4 returned wrong vectors for some
-            # compilations of the MobileNetV2 bundle (cosine 0.1-0.2 to a 1-stream compile, differing from
-            # compile to compile). Cloud and kiosk must compute the same space, so both run this config;
-            # throughput comes from overlapping requests (pre-size, copies, post-processing) instead.
-            "NUM_STREAMS": 1,
         }
         if cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -105,15 +104,24 @@ class Embedder:
         core = ov.Core()
         try:
             model = core.read_model(str(Path(bundle_dir) / "model.xml"))
+            if mode == "latency" or has_unfolded_int_weights(model):
+                # One camera wants one stream; and 2-stream compiles of unfolded int8 weights are wrong.
+                config["NUM_STREAMS"] = 1
+                if mode == "throughput":
+                    _LOGGER.warning("%s keeps int8 weights unfolded (an older export): one stream only; "
+                                    "re-export it for full catalog-build speed", bundle_dir)  # fmt: skip
             h, w = self.input_hw
             model.reshape({model.inputs[0]: ov.PartialShape([1, h, w, 3])})
             self._compiled = core.compile_model(model, device, config)
         except RuntimeError as exc:
             raise ModelError(f"OpenVINO could not compile {bundle_dir} on {device}: {exc}") from exc
-        # With one stream, requests run one at a time anyway: measured on MobileNetV2, 1 request gave
-        # 190 img/s, 2-4 gave 170-182 (contention). submit() still overlaps the caller: it runs on our
-        # thread.
-        self.num_requests: int = max(1, num_requests if num_requests is not None else 1)
+        self.streams: int = int(self._compiled.get_property("NUM_STREAMS"))
+        # One request per stream, each driven by its own thread: with one stream, more requests only
+        # contend (MobileNetV2: 190 img/s with 1, 170-182 with 2-4); submit() still overlaps the caller.
+        if num_requests is None:
+            num_requests = int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+            num_requests = 1 if self.streams == 1 else num_requests
+        self.num_requests: int = max(1, num_requests)
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
         warm = np.zeros((1, *self.input_hw, 3), np.uint8)
         for _ in range(self.num_requests):
@@ -125,12 +133,13 @@ class Embedder:
         self._pending_lock = threading.Lock()
         self._closed = False
         _LOGGER.info(
-            "embedder %s: model %s dim %d %s, %s hint, %d requests",
+            "embedder %s: model %s dim %d %s, %s hint, %d streams, %d requests",
             self.manifest.name,
             self.model_id[:12],
             self.dim,
             self.manifest.precision,
             mode,
+            self.streams,
             self.num_requests,
         )
 

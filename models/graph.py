@@ -199,6 +199,23 @@ def materialize_weights(model: Any) -> int:
     return n
 
 
+def has_unfolded_int_weights(model: Any) -> bool:
+    """True for what ``materialize_weights`` removes: integer weight constants dequantised in the graph
+    (Convert -> Multiply) with float activations (no FakeQuantize): wrong in 2-stream compiles."""
+    import openvino as ov
+
+    ops = model.get_ordered_ops()
+    if any(op.get_type_name() == "FakeQuantize" for op in ops):
+        return False  # an int8 (NNCF or TFLite-as-is) model: the int8 path, measured right in 2 streams
+    ints = (ov.Type.i8, ov.Type.u8, ov.Type.i4, ov.Type.u4)
+    return any(
+        op.get_type_name() == "Convert"
+        and op.input_value(0).get_node().get_type_name() == "Constant"
+        and op.get_input_element_type(0) in ints
+        for op in ops
+    )
+
+
 def _centre_crop(image: Any, share: float) -> Any:
     """In-graph centre crop of an NHWC image of any size: the middle ``share`` of its height and width."""
     import openvino.opset13 as ops

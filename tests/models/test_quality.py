@@ -92,3 +92,41 @@ def test_two_streams_agree_with_one(mobilenet_bundles: dict[str, Path]) -> None:
         for t in threads:
             t.join(60)
         assert float(np.sum(want * got, axis=1).min()) > 0.999
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_throughput_mode_runs_two_streams_only_when_safe(
+    mobilenet_bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """Catalog builds get OpenVINO's 2 streams (1.3x images/s) only where they are right: a bundle whose
+    int8 weights are still unfolded (an older export) must fall back to one stream, and say so."""
+    import os
+
+    from models.bundle import write_bundle
+    from models.export import load_source, recipe
+    from models.graph import (
+        add_preprocessing,
+        cut_at_pool,
+        has_unfolded_int_weights,
+        stable_names,
+        strip_fake_quantize,
+    )
+
+    with Embedder(mobilenet_bundles["fp16"], mode="throughput") as embedder:
+        assert embedder.streams == min(2, os.cpu_count() or 1) and embedder.num_requests == embedder.streams
+    with Embedder(mobilenet_bundles["fp16"], mode="latency") as embedder:
+        assert (embedder.streams, embedder.num_requests) == (1, 1)
+    loaded = load_source(str(shared_path("models", "coral", "tf2_mobilenet_v2_1.0_224_ptq.tflite")))
+    strip_fake_quantize(stable_names(loaded.model))
+    cut, _ = cut_at_pool(loaded.model)
+    old = add_preprocessing(cut, recipe(loaded.recipe))  # as exported before weights were folded
+    assert has_unfolded_int_weights(old)
+    write_bundle(tmp_path / "old", old, name="old", source_kind="tflite", source_path=None, pretrained=True,
+                 preprocessing=recipe(loaded.recipe), precision="fp32")  # fmt: skip
+    with Embedder(tmp_path / "old", mode="throughput") as embedder:
+        assert embedder.streams == 1
+    import openvino as ov
+
+    for bundle in mobilenet_bundles.values():
+        assert not has_unfolded_int_weights(ov.Core().read_model(str(bundle / "model.xml")))
