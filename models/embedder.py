@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -129,8 +129,8 @@ class Embedder:
             request.infer({0: warm})  # warm each request serially, never concurrently
             self._idle.put(request)
         self._pool = ThreadPoolExecutor(self.num_requests, thread_name_prefix="embedder")
-        self._pending: set[Future[np.ndarray]] = set()
-        self._pending_lock = threading.Lock()
+        self._submitted = 0  # crops submitted whose callback has not returned yet
+        self._settled = threading.Condition()
         self._closed = False
         _LOGGER.info(
             "embedder %s: model %s dim %d %s, %s hint, %d streams, %d requests",
@@ -190,10 +190,14 @@ class Embedder:
         return self._infer(check_crop(crop))
 
     def submit(
-        self, crop: np.ndarray, callback: Callable[[np.ndarray, object], None], userdata: object = None
+        self,
+        crop: np.ndarray,
+        callback: Callable[[np.ndarray | None, object], None],
+        userdata: object = None,
     ) -> None:
         """Queue one crop; ``callback(vector, userdata)`` runs on an embedder thread when it is done.
 
+        ``vector`` is None when the inference failed (logged): the caller learns of every crop it gave.
         The crop is copied (resized) before this returns, so the caller may reuse its frame buffer.
         """
         self._check_open()
@@ -201,34 +205,33 @@ class Embedder:
         arr = fit_to_input(crop, *self.input_hw)
         if arr.shape[:2] == crop.shape[:2]:  # not resized: still the caller's buffer (or a view of it)
             arr = arr.copy()
-        fut = self._pool.submit(self._infer, arr)
-        with self._pending_lock:
-            self._pending.add(fut)
+        with self._settled:
+            self._submitted += 1
+        self._pool.submit(self._run_submitted, arr, callback, userdata)
 
-        def done(f: Future[np.ndarray]) -> None:
-            with self._pending_lock:
-                self._pending.discard(f)
+    def _run_submitted(
+        self, arr: np.ndarray, callback: Callable[[np.ndarray | None, object], None], userdata: object
+    ) -> None:
+        try:
+            vec: np.ndarray | None = None
             try:
-                vec = f.result()
+                vec = self._infer(arr)
             except Exception:
                 _LOGGER.exception("embedding failed")
-                return
             try:
                 callback(vec, userdata)
             except Exception:
                 _LOGGER.exception("embedding callback failed")
+        finally:
+            with self._settled:
+                self._submitted -= 1
+                if self._submitted == 0:
+                    self._settled.notify_all()
 
-        fut.add_done_callback(done)
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until every submitted crop has been embedded and its callback has run."""
-        with self._pending_lock:
-            pending = list(self._pending)
-        for f in pending:
-            try:
-                f.result(timeout=timeout)
-            except Exception:  # reported by the done-callback already
-                pass
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every submitted crop's callback has returned; False on timeout."""
+        with self._settled:
+            return self._settled.wait_for(lambda: self._submitted == 0, timeout)
 
     def close(self) -> None:
         """Finish in-flight work and release the compiled model."""

@@ -39,9 +39,10 @@ class AsyncEmbedderPort(Protocol):
     def model_id(self) -> str: ...
 
     def submit(
-        self, crop: npt.NDArray[np.uint8], callback: Callable[[npt.NDArray[np.float32], object], None],
-        userdata: object = None,
-    ) -> None: ...
+        self, crop: npt.NDArray[np.uint8],
+        callback: Callable[[npt.NDArray[np.float32] | None, object], None], userdata: object = None,
+    ) -> None:
+        """Embed ``crop`` off the caller's thread; ``callback(vector or None on failure, userdata)``."""
 
 
 class _SyncEmbedder(Protocol):
@@ -69,10 +70,15 @@ class InlineSubmit:
         return self._inner.model_id
 
     def submit(
-        self, crop: npt.NDArray[np.uint8], callback: Callable[[npt.NDArray[np.float32], object], None],
-        userdata: object = None,
+        self, crop: npt.NDArray[np.uint8],
+        callback: Callable[[npt.NDArray[np.float32] | None, object], None], userdata: object = None,
     ) -> None:
-        callback(self._inner.embed_one(crop), userdata)
+        try:
+            vector: npt.NDArray[np.float32] | None = self._inner.embed_one(crop)
+        except Exception:
+            _LOGGER.exception("embedding failed")
+            vector = None
+        callback(vector, userdata)
 
 
 def as_async(embedder: object) -> AsyncEmbedderPort:
@@ -261,7 +267,7 @@ class DetectStage:
         for _ in range(taken):
             self._inflight.release()
 
-    def _on_embedded(self, vector: npt.NDArray[np.float32], userdata: object) -> None:
+    def _on_embedded(self, vector: npt.NDArray[np.float32] | None, userdata: object) -> None:
         """Embedder callback (an OpenVINO thread): hand the vector to the search stage."""
         assert isinstance(userdata, Pending)
         self._handoff.put(Embedded(userdata, vector, self._clock()))

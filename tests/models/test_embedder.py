@@ -130,11 +130,31 @@ def test_async_equals_sync(tiny_bundle: Path) -> None:
         for i, crop in enumerate(crops):
             embedder.submit(crop, on_vector, i)
             crop[:] = 0  # the caller may reuse its buffer at once
-        embedder.wait()
-        assert done.wait(timeout=10)
+        assert embedder.wait(timeout=10)
+        assert done.is_set()  # wait() returns after the callbacks, not merely after the inferences
     np.testing.assert_allclose(batched, sync, atol=1e-6)
     for i in range(len(crops)):
         np.testing.assert_allclose(got[i], sync[i], atol=1e-6)
+
+
+def test_failed_inference_still_reaches_the_callback(tiny_bundle: Path) -> None:
+    """A submitted crop whose inference fails must still call back (with None): the kiosk pipeline holds
+    an in-flight slot per crop, and a silent loss would stall it after two failures."""
+    got: list[object] = []
+    with Embedder(tiny_bundle) as embedder:
+        real = embedder._infer
+
+        def flaky(arr: np.ndarray) -> np.ndarray:
+            if int(arr[0, 0, 0]) == 7:
+                raise RuntimeError("device lost")
+            return real(arr)
+
+        embedder._infer = flaky  # type: ignore[method-assign]
+        for value in (1, 7, 2):
+            embedder.submit(np.full((32, 32, 3), value, np.uint8), lambda v, k: got.append((k, v)), value)
+        assert embedder.wait(timeout=10)
+    assert [k for k, _ in got] == [1, 7, 2]
+    assert [v is None for _, v in got] == [False, True, False]
 
 
 @pytest.mark.parametrize(
