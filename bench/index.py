@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +108,16 @@ def _recall(found: npt.NDArray[np.int64], truth: npt.NDArray[np.int64]) -> float
     return float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth, strict=True)]))
 
 
-def _sweep(index: vindex.VectorIndex, q: Floats, truths: dict[str, npt.NDArray[np.int64]],
+def _sweep(index: vindex.VectorIndex, q: Floats, truths: Callable[[], dict[str, npt.NDArray[np.int64]]],
            efs: tuple[int, ...]) -> list[dict[str, Any]]:  # fmt: skip
-    """Query one at a time at each ef: recall@10 against each ground truth, p50/p99 latency."""
+    """Query one at a time at each ef: p50/p99 latency, then recall@10 against each ground truth.
+
+    ``truths`` is called only after every timed query: an exact search run just before (a 100k x 2048
+    matmul) left the p99 of the next 300 queries at 1.2-2.2 ms instead of 0.73-0.88 (measured three times
+    each way), which no kiosk would see: it never runs one.
+    """
     raw: Any = index.raw
-    sweep = []
+    timed = []
     for ef in efs:
         raw.set_ef(ef)
         lat = []
@@ -122,8 +127,12 @@ def _sweep(index: vindex.VectorIndex, q: Floats, truths: dict[str, npt.NDArray[n
             labels, _ = raw.knn_query(q[i : i + 1], k=K, num_threads=1)
             lat.append((time.perf_counter() - s) * 1e3)
             found[i] = labels[0]
+        timed.append((ef, found, lat))
+    exact = truths()
+    sweep = []
+    for ef, found, lat in timed:
         row: dict[str, Any] = {"ef": ef}
-        row |= {name: round(_recall(found, t), 4) for name, t in truths.items()}
+        row |= {name: round(_recall(found, t), 4) for name, t in exact.items()}
         row |= {
             "p50_ms": round(float(np.percentile(lat, 50)), 3),
             "p99_ms": round(float(np.percentile(lat, 99)), 3),
@@ -146,13 +155,19 @@ def bench_size(n: int, dim: int, out_dir: Path) -> dict[str, Any]:
     x = clustered(n, dim)
     q = _queries(x)
     t0 = time.perf_counter()
-    truth, _ = vindex.exact_search(x, q, K)
-    exact_ms = (time.perf_counter() - t0) / QUERIES * 1e3
-    t0 = time.perf_counter()
     index = vindex.build(x, np.arange(n, dtype=np.int64), M=16, ef_construction=200)
     build_s = time.perf_counter() - t0
     size = _file_bytes(index, out_dir, f"index_{n}x{dim}.bin")
-    sweep = _sweep(index, q, {"recall@10": truth}, EFS)
+    exact: dict[str, float] = {}
+
+    def truth() -> dict[str, npt.NDArray[np.int64]]:
+        t0 = time.perf_counter()
+        ids, _ = vindex.exact_search(x, q, K)
+        exact["ms"] = (time.perf_counter() - t0) / QUERIES * 1e3
+        return {"recall@10": ids}
+
+    sweep = _sweep(index, q, truth, EFS)
+    exact_ms = exact["ms"]
     chosen = next((s for s in sweep if s["recall@10"] >= RECALL_TARGET), sweep[-1])
     return {
         "n": n,
@@ -245,7 +260,8 @@ def million(
     build_s = time.perf_counter() - t0
     del reduced
     size = _file_bytes(index, out_dir, f"index_{n}x{dim}.bin")
-    sweep = _sweep(index, q, {"recall@10": truth.ids, "recall@10_vs_raw_exact": raw_truth.ids}, MILLION_EFS)
+    sweep = _sweep(index, q, lambda: {"recall@10": truth.ids, "recall@10_vs_raw_exact": raw_truth.ids},
+                   MILLION_EFS)  # fmt: skip
     chosen = next((s for s in sweep if s["recall@10"] >= RECALL_TARGET), sweep[-1])
     return {
         "n": n,
