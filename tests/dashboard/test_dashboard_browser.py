@@ -34,6 +34,7 @@ def test_kiosk_online_match_in_feed_then_offline_by_last_will(
     card = kiosk_card(page, "k01", "online")
     assert page.get_attribute("#conn", "data-state") == "connected"
     assert card.query_selector('[data-role="fps"]').inner_text() == "14.8"
+    assert card.query_selector('[data-role="camera"]').inner_text() == "streaming"
     assert card.query_selector('[data-role="snapshot"]').inner_text() == "v7"
     assert "embed" in card.query_selector('[data-role="latency"]').inner_text()
     screenshot(page, "dashboard_kiosk_online")
@@ -59,6 +60,8 @@ def test_kiosk_online_match_in_feed_then_offline_by_last_will(
     sim.kill()
     card = kiosk_card(page, "k01", "offline")
     assert "connection lost" in card.inner_text()
+    # The camera state an offline kiosk last reported is shown as such, not as its state now.
+    assert card.query_selector('[data-role="camera"]').inner_text() == "last: streaming"
     page.wait_for_selector('#alert-list li.alert.bad[data-kiosk="k01"]', timeout=WAIT_MS)
     assert "Kiosk offline" in page.inner_text("#alert-list")
     screenshot(page, "dashboard_kiosk_offline_lwt")

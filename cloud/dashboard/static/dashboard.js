@@ -302,8 +302,9 @@
 
     const cam = (h && h.camera) || s.camera || "–";
     const camEl = q("camera");
-    text(camEl, cam);
-    camEl.className = CAMERA_LOST.has(String(cam)) ? "bad" : "";
+    // An offline or silent kiosk's last camera report says nothing about its camera now.
+    text(camEl, v.live || cam === "–" ? cam : "last: " + cam);
+    camEl.className = v.live && CAMERA_LOST.has(String(cam)) ? "bad" : "";
     text(q("fps"), h ? fmt(h.fps, 1) : "–");
     const ob = q("outbox");
     text(ob, h ? String(h.outbox_depth) : "–");
