@@ -7,7 +7,9 @@ the threshold calibrated from the catalog alone (cloud.retrieval.calibrate_thres
 
 Rows are cumulative. "Kiosk multi-frame proxy" rows average the embeddings of 5 views of each val
 photo (itself, a flip, two 80% centre crops, an 87.5% centre crop) to stand in for the steady frames a
-kiosk already embeds; they are not single-image results.
+kiosk already embeds; they are not single-image results. "Tuned tail" rows use a bundle tuned
+(models.tune) on that protocol's own catalog images, and their open-set columns one tuned without the
+unseen items; tuned bundles are cached under build/eval/tuned-* (about 10 minutes to make all four).
 
 Writes build/eval/grocery.json and build/eval/grocery.png; embeddings are cached under build/eval/cache
 keyed by (image sha256 [+ view tag], model_id).
@@ -173,6 +175,7 @@ class Method:
     augment: bool
     query: str  # key into the query sets
     proxy: bool = False
+    tuned: bool = False  # embedded by a bundle tuned on the catalog (models.tune)
 
 
 def _adapter(cat: Catalog, m: Method) -> Adapter:
@@ -195,9 +198,13 @@ def _recall(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float(np.mean((top == labels[:, None]).any(axis=1)))
 
 
-def _open_set(cat: Catalog, m: Method, queries: np.ndarray, qy: np.ndarray) -> dict[str, Any]:
+def _unseen_items() -> np.ndarray:
     rng = np.random.default_rng(OPEN_SET_SEED)
-    unseen = np.sort(rng.choice(N_ITEMS, size=round(OPEN_SET_SHARE * N_ITEMS), replace=False))
+    return np.sort(rng.choice(N_ITEMS, size=round(OPEN_SET_SHARE * N_ITEMS), replace=False))
+
+
+def _open_set(cat: Catalog, m: Method, queries: np.ndarray, qy: np.ndarray) -> dict[str, Any]:
+    unseen = _unseen_items()
     known = np.setdiff1d(np.arange(N_ITEMS), unseen)
     sub = cat.subset(known)
     adapter = _adapter(sub, m)
@@ -298,27 +305,30 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not DATA.is_dir() or not SOURCE.is_file():
-        print(f"make eval needs ../shared (looked for {DATA} and {SOURCE}); set SHARED=/path/to/shared")
-        return 2
-    from models.embedder import Embedder
-    from models.images import load_image
+@dataclass
+class Sets:
+    """Everything one bundle embeds: both protocols' catalogs and the query sets."""
 
-    t0 = time.perf_counter()
-    OUT.mkdir(parents=True, exist_ok=True)
-    embedder = Embedder(_bundle(), mode="latency")
+    embedder: Any
+    emb: Embeddings
+    cat_a: Catalog
+    cat_b: Catalog
+    queries: dict[str, np.ndarray]
+
+
+def _embed_sets(bundle: Path, iconic: Split, train: Split, val: Split) -> Sets:
+    from models.embedder import Embedder
+
+    embedder = Embedder(bundle, mode="latency")
     emb = Embeddings(embedder, OUT / "cache")
-    iconic, train, val = _read_iconic(), _read_split("train"), _read_split("val")
 
     def one(tag: str) -> Callable[[np.ndarray, str], list[np.ndarray]]:
         return lambda im, sha: [VIEWS[tag](im)]
 
-    ic_v = emb.get(iconic.paths, one("orig"), "orig", 1)
     def views(n: int) -> Callable[[np.ndarray, str], list[np.ndarray]]:
         return lambda im, sha: augmented_views(im, n, _seed(sha))
 
+    ic_v = emb.get(iconic.paths, one("orig"), "orig", 1)
     ic_aug = emb.get(iconic.paths, views(ICONIC_VIEWS), f"aug{ICONIC_VIEWS}", ICONIC_VIEWS)
     tr_v = emb.get(train.paths, one("orig"), "orig", 1)
     tr_aug = emb.get(train.paths, views(PHOTO_VIEWS), f"aug{PHOTO_VIEWS}", PHOTO_VIEWS)
@@ -330,8 +340,6 @@ def main() -> int:
             [aggregate_frames(np.stack([qv[t][i] for t in VIEWS])) for i in range(len(val.paths))]
         ),
     }
-    embed_s = time.perf_counter() - t0
-
     n_ic = len(iconic.paths)
     cat_a = Catalog(ic_v, iconic.labels, ic_aug, np.repeat(np.arange(n_ic), ICONIC_VIEWS))
     cat_b = Catalog(
@@ -340,6 +348,71 @@ def main() -> int:
         np.concatenate([np.repeat(np.arange(len(tr_v)), PHOTO_VIEWS),
                         len(tr_v) + np.repeat(np.arange(n_ic), ICONIC_VIEWS)]),
     )  # fmt: skip
+    return Sets(embedder, emb, cat_a, cat_b, queries)
+
+
+def _row(cat: Catalog, m: Method, queries: dict[str, np.ndarray], labels: np.ndarray,
+         open_sets: Sets | None = None, proto: str = "B") -> dict[str, Any]:  # fmt: skip
+    """R@1/R@5 on ``cat``; open-set figures on ``open_sets`` (a bundle that never saw the unseen items)."""
+    adapter = _adapter(cat, m)
+    scores = _scores(adapter, cat, queries[m.query])
+    o_cat = cat if open_sets is None else (open_sets.cat_a if proto == "A" else open_sets.cat_b)
+    o_q = queries if open_sets is None else open_sets.queries
+    return {
+        "r1": _recall(scores, labels, 1), "r5": _recall(scores, labels, 5),
+        "dim": adapter.out_dim, "multi_frame_proxy": m.proxy,
+        "open_set": _open_set(o_cat, m, o_q[m.query], labels),
+    }  # fmt: skip
+
+
+def _tuned(base: Path, split: Split, tag: str) -> Path:
+    """The base bundle tuned (models.tune) on ``split``'s images; cached by base model_id, data, settings."""
+    from models import tune
+    from models.bundle import read_manifest, verify_bundle
+    from models.errors import ModelError
+    from models.images import load_image
+
+    key = hashlib.sha256(json.dumps({
+        "base": read_manifest(base).model_id, "paths": [str(p.relative_to(DATA)) for p in split.paths],
+        "labels": split.labels.tolist(), "epochs": tune.EPOCHS, "convs": tune.TUNE_CONVS,
+        "views": tune.VIEWS_PER_IMAGE, "lr": tune.LEARNING_RATE,
+    }).encode()).hexdigest()[:12]  # fmt: skip
+    out = OUT / f"tuned-{tag}-{key}"
+    try:
+        verify_bundle(out)
+        return out
+    except ModelError:
+        pass
+    print(f"tuning the bundle on {len(split.paths)} images ({tag}); a few minutes, cached in {out.name}",
+          flush=True)  # fmt: skip
+    loaders = [lambda p=p: load_image(p) for p in split.paths]
+    _, report = tune.tune_bundle(base, loaders, split.labels.tolist(), out, catalog_id=f"grocery-{tag}")
+    print(f"  tuned in {report.seconds:.0f} s: {report.views} views, loss by epoch {report.loss}", flush=True)
+    return out
+
+
+def _concat(a: Split, b: Split) -> Split:
+    return Split(a.paths + b.paths, np.concatenate([a.labels, b.labels]))
+
+
+def _only(split: Split, items: np.ndarray) -> Split:
+    keep = np.isin(split.labels, items)
+    return Split([p for p, k in zip(split.paths, keep, strict=True) if k], split.labels[keep])
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not DATA.is_dir() or not SOURCE.is_file():
+        print(f"make eval needs ../shared (looked for {DATA} and {SOURCE}); set SHARED=/path/to/shared")
+        return 2
+    from models.images import load_image
+
+    t0 = time.perf_counter()
+    OUT.mkdir(parents=True, exist_ok=True)
+    iconic, train, val = _read_iconic(), _read_split("train"), _read_split("val")
+    base_bundle = _bundle()
+    base = _embed_sets(base_bundle, iconic, train, val)
+    embed_s = time.perf_counter() - t0
     methods = [
         Method("baseline", adapter=False, augment=False, query="orig"),
         Method("+ LDA adapter", adapter=True, augment=False, query="orig"),
@@ -348,31 +421,52 @@ def main() -> int:
         Method("baseline, multi-frame proxy", adapter=False, augment=False, query="frames", proxy=True),
         Method("full, multi-frame proxy", adapter=True, augment=True, query="frames", proxy=True),
     ]
-    results: dict[str, Any] = {"protocols": {}, "best": "+ query centre crop"}
-    for proto, cat in (("A", cat_a), ("B", cat_b)):
-        rows: dict[str, Any] = {}
-        for m in methods:
-            adapter = _adapter(cat, m)
-            scores = _scores(adapter, cat, queries[m.query])
-            rows[m.name] = {
-                "r1": _recall(scores, val.labels, 1), "r5": _recall(scores, val.labels, 5),
-                "dim": adapter.out_dim, "multi_frame_proxy": m.proxy,
-                "open_set": _open_set(cat, m, queries[m.query], val.labels),
-            }  # fmt: skip
-        results["protocols"][proto] = rows
+    tuned_methods = [
+        Method("tuned tail", adapter=False, augment=False, query="orig", tuned=True),
+        Method("tuned tail + LDA, aug. views", adapter=True, augment=True, query="orig", tuned=True),
+        Method("tuned tail + query centre crop", adapter=True, augment=True, query="c875", tuned=True),
+        Method("tuned tail full, multi-frame", adapter=True, augment=True, query="frames", proxy=True,
+               tuned=True),
+    ]  # fmt: skip
+    results: dict[str, Any] = {"protocols": {}, "best": "tuned tail + LDA, aug. views"}
+    for proto, cat in (("A", base.cat_a), ("B", base.cat_b)):
+        results["protocols"][proto] = {m.name: _row(cat, m, base.queries, val.labels) for m in methods}
+
+    # A bundle tuned on each protocol's own catalog; open-set rows use one tuned without the unseen items.
+    t1 = time.perf_counter()
+    known = np.setdiff1d(np.arange(N_ITEMS), _unseen_items())
+    cat_b_split = _concat(train, iconic)
+    tuned_a = _embed_sets(_tuned(base_bundle, iconic, "A"), iconic, train, val)
+    tuned_a_known = _embed_sets(_tuned(base_bundle, _only(iconic, known), "A-known"), iconic, train, val)
+    tuned_b = _embed_sets(_tuned(base_bundle, cat_b_split, "B"), iconic, train, val)
+    tuned_b_known = _embed_sets(_tuned(base_bundle, _only(cat_b_split, known), "B-known"), iconic, train, val)
+    for m in tuned_methods:
+        rows_a, rows_b = results["protocols"]["A"], results["protocols"]["B"]
+        rows_a[m.name] = _row(tuned_a.cat_a, m, tuned_a.queries, val.labels, tuned_a_known, "A")
+        rows_b[m.name] = _row(tuned_b.cat_b, m, tuned_b.queries, val.labels, tuned_b_known, "B")
+    results["tuned"] = {
+        "model_ids": {"A": tuned_a.embedder.model_id, "B": tuned_b.embedder.model_id,
+                      "A_known": tuned_a_known.embedder.model_id, "B_known": tuned_b_known.embedder.model_id},
+        "seconds": time.perf_counter() - t1,
+    }  # fmt: skip
+    methods += tuned_methods
 
     probe = load_image(val.paths[0])
-    timing = _timings(embedder, probe, cat_b, _adapter(cat_b, methods[2]))
+    timing = _timings(base.embedder, probe, base.cat_b, _adapter(base.cat_b, methods[2]))
+    timing["embed_tuned_ms"] = _timings(tuned_b.embedder, probe, tuned_b.cat_b,
+                                        _adapter(tuned_b.cat_b, methods[2]))["embed_ms"]  # fmt: skip
     base_cost = timing["embed_ms"] + timing["search_base_ms"]
-    adapted_cost = timing["embed_ms"] + timing["search_adapter_ms"]
     results["timing_ms"] = timing
     cost = {"baseline": 1.0}
     for m in methods[1:]:
-        cost[m.name] = adapted_cost / base_cost if m.adapter else 1.0
+        embed = timing["embed_tuned_ms"] if m.tuned else timing["embed_ms"]
+        search = timing["search_adapter_ms"] if m.adapter else timing["search_base_ms"]
+        cost[m.name] = (embed + search) / base_cost
     results["relative_kiosk_cost"] = cost
-    results["embedded_now"] = emb.computed
+    every = (base, tuned_a, tuned_a_known, tuned_b, tuned_b_known)
+    results["embedded_now"] = sum(s.emb.computed for s in every)
     results["embed_s"] = embed_s
-    results["model_id"] = embedder.model_id
+    results["model_id"] = base.embedder.model_id
     results["total_s"] = time.perf_counter() - t0
 
     (OUT / "grocery.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -390,6 +484,9 @@ def _print_table(results: dict[str, Any], methods: list[Method]) -> None:
     for m in methods:
         if m.proxy and not methods[methods.index(m) - 1].proxy:
             print("kiosk multi-frame proxy (not single-image results):")
+        if m.tuned and not methods[methods.index(m) - 1].tuned:
+            print("bundle tuned on each protocol's own catalog (models.tune; open-set columns: tuned "
+                  "without the unseen items):")
         cells = [f"{m.name:32}"]
         for proto in ("A", "B"):
             r = results["protocols"][proto][m.name]
