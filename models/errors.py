@@ -21,3 +21,7 @@ class ExportError(ModelError):
 
 class BadImage(ModelError, ValueError):
     """An image or crop that cannot be embedded: empty, not an image, truncated, too large, wrong type."""
+
+
+class TuneError(ModelError):
+    """A bundle that cannot be tuned (unsupported graph, too few items or images) or a tune that failed."""
