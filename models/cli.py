@@ -119,6 +119,7 @@ def tune_cmd(
 
     try:
         from cloud.catalog import CatalogError, FetchError, fetch_image_bytes, load_catalog
+        from cloud.retrieval_augment import augmented_views
     except ImportError as exc:  # a kiosk-only install
         _fail(ImportError(f"model tune needs the cloud extra (pip install storelens[cloud]): {exc}"))
     try:
@@ -152,7 +153,8 @@ def tune_cmd(
     typer.echo(f"tuning {bundle} on {len(loaders)} images of {len(items)} items (a few minutes on a CPU)")
     try:
         manifest, report = tune_bundle(
-            bundle, loaders, labels, out, convs=tune_convs, epochs=epochs, seed=seed, catalog_id=catalog_id
+            bundle, loaders, labels, out, convs=tune_convs, epochs=epochs, seed=seed, catalog_id=catalog_id,
+            augment=augmented_views,  # store-like views: studio shots on white get shelf/pile backgrounds
         )
     except ModelError as exc:
         _fail(exc)

@@ -72,6 +72,12 @@ def _augment(img: npt.NDArray[np.uint8], rng: np.random.Generator) -> npt.NDArra
     return jittered
 
 
+def _views(img: npt.NDArray[np.uint8], n: int, seed: int) -> list[npt.NDArray[np.uint8]]:
+    """The default augmentation: ``n`` random crops with flips and jitter, deterministic for ``seed``."""
+    rng = np.random.default_rng(seed)
+    return [_augment(img, rng) for _ in range(n)]
+
+
 class _Extractor:
     """Runs the bundle's graph up to the tail's inputs (and its own output, for checks)."""
 
@@ -121,14 +127,17 @@ def tune_bundle(
     epochs: int = EPOCHS,
     views_per_image: int = VIEWS_PER_IMAGE,
     learning_rate: float = LEARNING_RATE,
+    augment: Callable[[npt.NDArray[np.uint8], int, int], list[npt.NDArray[np.uint8]]] | None = None,
     seed: int = 0,
     catalog_id: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Any, TuneReport]:
     """Tune ``bundle_dir`` on labelled catalog images; write the tuned bundle to ``out_dir``.
 
-    ``images`` are loaders returning uint8 BGR arrays (BadImage skips that image). Returns the new
-    manifest and a report. TuneError for a graph it cannot tune or too little data.
+    ``images`` are loaders returning uint8 BGR arrays (BadImage skips that image). ``augment(img, n,
+    seed)`` returns ``n`` views of an image (default: random crops, flips, jitter; the CLI passes the
+    cloud's store-like views). Returns the new manifest and a report; TuneError for a graph it cannot
+    tune or too little data.
     """
     import time
 
@@ -178,9 +187,8 @@ def tune_bundle(
             img = images[i]()
         except BadImage as exc:
             return i, None, str(exc)
-        rng = np.random.default_rng(int(seeds[i]))
-        outs = [extractor(img)]
-        outs += [extractor(_augment(img, rng)) for _ in range(n_views(i) - 1)]
+        views = (augment or _views)(img, n_views(i) - 1, int(seeds[i]))
+        outs = [extractor(v) for v in [img, *views]]
         with lock:
             done[0] += 1
             if progress is not None:

@@ -375,7 +375,7 @@ def _tuned(base: Path, split: Split, tag: str) -> Path:
     key = hashlib.sha256(json.dumps({
         "base": read_manifest(base).model_id, "paths": [str(p.relative_to(DATA)) for p in split.paths],
         "labels": split.labels.tolist(), "epochs": tune.EPOCHS, "convs": tune.TUNE_CONVS,
-        "views": tune.VIEWS_PER_IMAGE, "lr": tune.LEARNING_RATE,
+        "views": tune.VIEWS_PER_IMAGE, "lr": tune.LEARNING_RATE, "augment": "store-v1",
     }).encode()).hexdigest()[:12]  # fmt: skip
     out = OUT / f"tuned-{tag}-{key}"
     try:
@@ -386,7 +386,9 @@ def _tuned(base: Path, split: Split, tag: str) -> Path:
     print(f"tuning the bundle on {len(split.paths)} images ({tag}); a few minutes, cached in {out.name}",
           flush=True)  # fmt: skip
     loaders = [lambda p=p: load_image(p) for p in split.paths]
-    _, report = tune.tune_bundle(base, loaders, split.labels.tolist(), out, catalog_id=f"grocery-{tag}")
+    # The augmentation `storelens model tune` uses: store-like views (background swap for shots on white).
+    _, report = tune.tune_bundle(base, loaders, split.labels.tolist(), out, catalog_id=f"grocery-{tag}",
+                                 augment=augmented_views)  # fmt: skip
     print(f"  tuned in {report.seconds:.0f} s: {report.views} views, loss by epoch {report.loss}", flush=True)
     return out
 
