@@ -67,6 +67,9 @@ def quantize_int8(
             subset_size=len(data),
             # MIXED: symmetric weights, asymmetric activations; the usual choice for ReLU CNNs on CPU.
             preset=nncf.QuantizationPreset.MIXED,
+            # Full bias correction: on a catalog-tuned MobileNetV2 the fast one left cosine to fp16 at
+            # 0.984 mean / 0.951 min (val photos), this 0.9945 / 0.974 for 31 s instead of 18 s of export.
+            fast_bias_correction=False,
         )
     except Exception as exc:  # NNCF wraps OpenVINO and its own validation errors in many types
         raise ExportError(f"NNCF quantization failed: {exc}") from exc
