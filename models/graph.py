@@ -18,7 +18,7 @@ POOL_TYPES = ("AvgPool", "ReduceMean", "AdaptiveAvgPool")
 _L2_EPS = 1e-12
 
 
-def _is_global_pooled(shape: Any) -> bool:
+def is_global_pooled(shape: Any) -> bool:
     """True for a static-rank [N, C, 1, 1] with a static C."""
     if shape.rank.is_dynamic or shape.rank.get_length() != 4:
         return False
@@ -33,7 +33,7 @@ def find_pool_output(model: Any, pool_node: str | None = None) -> tuple[Any, boo
             if op.get_friendly_name() == pool_node:
                 out = op.output(0)
                 shape = out.get_partial_shape()
-                if _is_global_pooled(shape):
+                if is_global_pooled(shape):
                     return out, False
                 if shape.rank.is_static and shape.rank.get_length() == 4 and shape[1].is_static:
                     return out, True
@@ -42,7 +42,7 @@ def find_pool_output(model: Any, pool_node: str | None = None) -> tuple[Any, boo
                 raise ExportError(f"node {pool_node!r} has output shape {shape}; need [N,C,H,W] or [N,C]")
         raise ExportError(f"no node named {pool_node!r} in the model")
     for op in reversed(ops):
-        if op.get_type_name() in POOL_TYPES and _is_global_pooled(op.get_output_partial_shape(0)):
+        if op.get_type_name() in POOL_TYPES and is_global_pooled(op.get_output_partial_shape(0)):
             head_input = _pooled_logits_input(model, op)
             if head_input is not None:
                 return head_input, True

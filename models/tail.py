@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from models.errors import TuneError
-from models.graph import POOL_TYPES
+from models.graph import POOL_TYPES, is_global_pooled
 
 _POINTWISE = ("Add", "Subtract", "Multiply", "Divide", "Maximum", "Minimum")
 _ACTIVATIONS = ("Relu", "Clamp", "Sigmoid", "Swish", "HSwish", "HSigmoid", "Convert")
@@ -43,8 +43,7 @@ def find_tail(model: Any, convs: int) -> Tail:
     ops = model.get_ordered_ops()
     pools = [
         op for op in ops
-        if op.get_type_name() in POOL_TYPES and op.get_output_partial_shape(0).rank.get_length() == 4
-        and all(op.get_output_partial_shape(0)[i] == 1 for i in (2, 3))
+        if op.get_type_name() in POOL_TYPES and is_global_pooled(op.get_output_partial_shape(0))
     ]  # fmt: skip
     if not pools:
         raise TuneError("the bundle has no global pooling node to tune up to")
@@ -126,15 +125,12 @@ class TorchTail:
     """The tail as a torch function of (start, externals); weights and biases are trainable tensors."""
 
     def __init__(self, tail: Tail) -> None:
-        import torch
-
         self.tail = tail
         self._const: dict[tuple[str, int], Any] = {}
         self.params: dict[tuple[str, int], Any] = {}
         for node, idx in tail.trainable:
             value = self._constant(node.input_value(idx)).clone().float().requires_grad_(True)
             self.params[(node.get_friendly_name(), idx)] = value
-        self._torch = torch
 
     def _constant(self, value: Any) -> Any:
         import torch

@@ -46,36 +46,7 @@ CHECK_COSINE = 0.999  # the torch tail must reproduce the graph this closely
 SAVED_COSINE = 0.995  # and the saved (fp16-weight) tuned bundle its tuned tail
 
 Loader = Callable[[], npt.NDArray[np.uint8]]
-
-
-# ---- views and features ----
-
-
-def _augment(img: npt.NDArray[np.uint8], rng: np.random.Generator) -> npt.NDArray[np.uint8]:
-    """Random resized crop (30-100% of the area), flip, brightness/contrast jitter."""
-    h, w = img.shape[:2]
-    ch, cw = h, w
-    for _ in range(10):
-        area = rng.uniform(0.3, 1.0) * h * w
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            break
-    else:
-        ch, cw = h, w
-    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    out = img[y : y + ch, x : x + cw]
-    if rng.random() < 0.5:
-        out = out[:, ::-1]
-    gain, offset = rng.uniform(0.75, 1.25), rng.uniform(-25, 25)
-    jittered: npt.NDArray[np.uint8] = np.clip(out.astype(np.float32) * gain + offset, 0, 255).astype(np.uint8)
-    return jittered
-
-
-def _views(img: npt.NDArray[np.uint8], n: int, seed: int) -> list[npt.NDArray[np.uint8]]:
-    """The default augmentation: ``n`` random crops with flips and jitter, deterministic for ``seed``."""
-    rng = np.random.default_rng(seed)
-    return [_augment(img, rng) for _ in range(n)]
+Augment = Callable[[npt.NDArray[np.uint8], int, int], list[npt.NDArray[np.uint8]]]
 
 
 class _Extractor:
@@ -89,6 +60,7 @@ class _Extractor:
         probe.reshape({probe.inputs[0]: ov.PartialShape([1, hw[0], hw[1], 3])})
         config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": inference_precision}
         self.compiled = ov.Core().compile_model(probe, "CPU", config)
+        self.tail_input_size = sum(math.prod(out.get_shape()) for out in self.compiled.outputs[:-1])
         self.hw = hw
         self._local = threading.local()
 
@@ -123,21 +95,20 @@ def tune_bundle(
     labels: Sequence[int],
     out_dir: Path,
     *,
+    augment: Augment,
     convs: int = TUNE_CONVS,
     epochs: int = EPOCHS,
     views_per_image: int = VIEWS_PER_IMAGE,
     learning_rate: float = LEARNING_RATE,
-    augment: Callable[[npt.NDArray[np.uint8], int, int], list[npt.NDArray[np.uint8]]] | None = None,
     seed: int = 0,
     catalog_id: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Any, TuneReport]:
     """Tune ``bundle_dir`` on labelled catalog images; write the tuned bundle to ``out_dir``.
 
     ``images`` are loaders returning uint8 BGR arrays (BadImage skips that image). ``augment(img, n,
-    seed)`` returns ``n`` views of an image (default: random crops, flips, jitter; the CLI passes the
-    cloud's store-like views). Returns the new manifest and a report; TuneError for a graph it cannot
-    tune or too little data.
+    seed)`` returns ``n`` deterministic views of an image (the cloud's store-like views,
+    ``cloud.retrieval_augment.augmented_views``). Returns the new manifest and a report; TuneError for a
+    graph it cannot tune or too little data.
     """
     import time
 
@@ -163,47 +134,41 @@ def tune_bundle(
     extractor = _Extractor(model, tail, hw, manifest.inference_precision)
 
     per_item = np.bincount(inverse)
-    first = extractor(np.zeros((*hw, 3), np.uint8))
-    view_bytes = sum(a.size for a in first[:-1]) * 2
-    budget_views = max(len(images), MAX_FEATURE_BYTES // max(view_bytes, 1))
+    view_bytes = 2 * extractor.tail_input_size  # banked as fp16
+    # Beyond the memory cap every image gets proportionally fewer views (at least itself).
+    scale = min(1.0, MAX_FEATURE_BYTES / (view_bytes * len(images) * views_per_image))
 
     def n_views(i: int) -> int:
         want = max(views_per_image, math.ceil(MIN_VIEWS_PER_ITEM / per_item[inverse[i]]))
-        return int(max(1, min(want, budget_views * want // max(len(images) * views_per_image, 1))))
+        return max(1, int(want * scale))
 
     rng_root = np.random.default_rng(seed)
     seeds = rng_root.integers(0, 2**31, len(images))
     skipped: list[str] = []
     banks: list[list[npt.NDArray[np.float16]]] = [[] for _ in range(1 + len(tail.externals))]
-    check_out: list[npt.NDArray[np.float32]] = []
-    probe: list[npt.NDArray[np.uint8]] = []
-    check_rows: list[int] = []
+    check_out: list[npt.NDArray[np.float32]] = []  # the graph's own output for the first images
+    probe: list[npt.NDArray[np.uint8]] = []  # those images
+    check_rows: list[int] = []  # and their rows in the banks
     view_labels: list[int] = []
-    lock = threading.Lock()
-    done = [0]
+    Outputs = list[list[npt.NDArray[np.float32]]]
 
-    def work(i: int) -> tuple[int, list[list[npt.NDArray[np.float32]]] | None, str | None]:
+    def work(i: int) -> tuple[int, npt.NDArray[np.uint8] | None, Outputs | None, str | None]:
         try:
             img = images[i]()
         except BadImage as exc:
-            return i, None, str(exc)
-        views = (augment or _views)(img, n_views(i) - 1, int(seeds[i]))
-        outs = [extractor(v) for v in [img, *views]]
-        with lock:
-            done[0] += 1
-            if progress is not None:
-                progress(done[0], len(images))
-        return i, outs, None
+            return i, None, None, str(exc)
+        outs = [extractor(v) for v in [img, *augment(img, n_views(i) - 1, int(seeds[i]))]]
+        return i, img, outs, None
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for i, outs, err in pool.map(work, range(len(images))):
-            if outs is None:
+        for i, img, outs, err in pool.map(work, range(len(images))):
+            if img is None or outs is None:
                 skipped.append(f"image {i}: {err}")
                 continue
             if len(check_out) < 8:
                 check_rows.append(len(view_labels))
                 check_out.append(outs[0][-1])
-                probe.append(images[i]())
+                probe.append(img)
             for out in outs:
                 for b, a in zip(banks, out[:-1], strict=True):
                     b.append(a.astype(np.float16))
@@ -225,8 +190,7 @@ def tune_bundle(
     cos = float((fn.normalize(ref, dim=1) * base[check_rows]).sum(1).min())
     if cos < CHECK_COSINE:
         raise TuneError(f"the tail rebuilt in torch does not reproduce the graph (cosine {cos:.4f})")
-    n_items = int(inverse.max()) + 1
-    protos = torch.zeros(n_items, base.shape[1])
+    protos = torch.zeros(len(items), base.shape[1])
     protos.index_add_(0, y, base)
     protos = fn.normalize(protos, dim=1).requires_grad_(True)
 
@@ -277,7 +241,7 @@ def tune_bundle(
         source_path=Path(bundle_dir) / "model.xml", pretrained=manifest.pretrained,
         preprocessing=dict(manifest.preprocessing), precision=manifest.precision, extra=extra,
     )  # fmt: skip
-    _check_written(out_dir, probe, extractor, head)
+    _check_written(out_dir, probe, _batch(feats, np.asarray(check_rows)), head)
     return new, report
 
 
@@ -292,13 +256,10 @@ def _catalog_id(labels: npt.NDArray[np.int64]) -> str:
 
 
 def _check_written(
-    out_dir: Path, probe: list[npt.NDArray[np.uint8]], extractor: _Extractor, head: TorchTail
+    out_dir: Path, probe: list[npt.NDArray[np.uint8]], inputs: list[Any], head: TorchTail
 ) -> None:
-    """The saved bundle must embed like the tuned torch tail (its weights saved as fp16: close, not equal).
-
-    The extractor was compiled before the weights changed, and the trunk below the tail is untouched, so
-    its tail inputs are still right for the tuned graph.
-    """
+    """The saved bundle must embed ``probe`` like the tuned torch tail does from their banked tail inputs
+    (the trunk below the tail is untouched; the weights are saved as fp16: close, not equal)."""
     import torch
     import torch.nn.functional as fn
 
@@ -306,8 +267,6 @@ def _check_written(
 
     with Embedder(out_dir) as emb:
         got = emb.embed(probe)
-    feats = [extractor(p)[:-1] for p in probe]
-    inputs = [torch.from_numpy(np.stack([f[j] for f in feats])) for j in range(len(feats[0]))]
     with torch.no_grad():
         ours = fn.normalize(head(*inputs), dim=1).numpy()
     cos = float(np.min(np.sum(ours * got, axis=1)))

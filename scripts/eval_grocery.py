@@ -17,6 +17,7 @@ keyed by (image sha256 [+ view tag], model_id).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -108,6 +109,12 @@ VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+@functools.cache
+def _file_sha256(path: Path) -> str:
+    """An image's sha256, read once per run (every bundle and view asks again)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 class Embeddings:
     """Embeds images through the bundle, caching one .npy per (image sha256 + view tag, model_id)."""
 
@@ -125,7 +132,7 @@ class Embeddings:
         out = np.zeros((len(paths) * per_image, self.embedder.dim), np.float32)
         todo: list[tuple[int, Path, str]] = []
         for i, p in enumerate(paths):
-            sha = hashlib.sha256(p.read_bytes()).hexdigest()
+            sha = _file_sha256(p)
             f = self.cache / f"{sha}-{tag}.npy"
             if f.exists():
                 out[i * per_image : (i + 1) * per_image] = np.load(f)

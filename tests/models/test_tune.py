@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cloud.retrieval_augment import augmented_views
 from models.bundle import read_manifest
 from models.embedder import Embedder
 from models.errors import BadImage
@@ -37,6 +39,12 @@ def _dataset(n_per_class: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
             images.append(_stripes(c, rng))
             labels.append(c)
     return images, labels
+
+
+def _tune(bundle: Path, images: list[Callable[[], np.ndarray]], labels: list[int], out: Path,
+          **kwargs: Any) -> Any:  # fmt: skip
+    """tune_bundle with the cloud's store-like views, as `storelens model tune` runs it."""
+    return tune_bundle(bundle, images, labels, out, augment=augmented_views, **kwargs)
 
 
 def _loaders(images: list[np.ndarray]) -> list[Callable[[], np.ndarray]]:
@@ -101,7 +109,7 @@ def test_tuned_bundle_separates_unseen_images_better(tiny_bundle: Path, tmp_path
     before = _held_out_accuracy(tiny_bundle, (train_images, train_labels), test)
     out = tmp_path / "tuned"
     # A random net needs a larger step than the pretrained backbones the default is set for.
-    manifest, report = tune_bundle(
+    manifest, report = _tune(
         tiny_bundle, _loaders(train_images), train_labels, out,
         convs=2, learning_rate=3e-3, catalog_id="stripes",
     )  # fmt: skip
@@ -111,7 +119,7 @@ def test_tuned_bundle_separates_unseen_images_better(tiny_bundle: Path, tmp_path
     assert manifest.extra["tuned"]["catalog_id"] == "stripes"
     assert manifest.preprocessing_hash == base.preprocessing_hash and manifest.dim == base.dim
     assert report.images == len(train_images) and report.items == N_CLASSES and not report.skipped
-    # Measured: 0.40 with the random tiny net (chance is 1/3), 0.78 tuned.
+    # Measured: 0.40 with the random tiny net (chance is 1/3), 0.73 tuned.
     after = _held_out_accuracy(out, (train_images, train_labels), test)
     assert after >= before + 0.2, (before, after)
 
@@ -126,7 +134,7 @@ def test_unreadable_images_are_skipped_and_reported(tiny_bundle: Path, tmp_path:
 
     loaders.append(broken)
     labels.append(0)
-    _, report = tune_bundle(tiny_bundle, loaders, labels, tmp_path / "t", convs=2, epochs=1)
+    _, report = _tune(tiny_bundle, loaders, labels, tmp_path / "t", convs=2, epochs=1)
     assert report.images == len(images)
     assert len(report.skipped) == 1 and "shelf.jpg" in report.skipped[0]
 
@@ -135,14 +143,14 @@ def test_untunable_requests_are_refused_by_name(tiny_bundle: Path, calib_dir: Pa
     """Too many convolutions, a single item, mismatched labels, an int8 bundle: TuneError saying which."""
     images, labels = _dataset(2, seed=4)
     with pytest.raises(TuneError, match="found 3 convolutions"):
-        tune_bundle(tiny_bundle, _loaders(images), labels, tmp_path / "a", convs=5)
+        _tune(tiny_bundle, _loaders(images), labels, tmp_path / "a", convs=5)
     with pytest.raises(TuneError, match="at least two items"):
-        tune_bundle(tiny_bundle, _loaders(images), [0] * len(images), tmp_path / "b", convs=2)
+        _tune(tiny_bundle, _loaders(images), [0] * len(images), tmp_path / "b", convs=2)
     with pytest.raises(TuneError, match="labels"):
-        tune_bundle(tiny_bundle, _loaders(images), labels[:-1], tmp_path / "c", convs=2)
+        _tune(tiny_bundle, _loaders(images), labels[:-1], tmp_path / "c", convs=2)
     export_model("tiny", tmp_path / "int8", precision="int8", calibration=calib_dir)
     with pytest.raises(TuneError, match="int8"):
-        tune_bundle(tmp_path / "int8", _loaders(images), labels, tmp_path / "d", convs=2)
+        _tune(tmp_path / "int8", _loaders(images), labels, tmp_path / "d", convs=2)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
