@@ -26,7 +26,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud import delta as d
-from cloud import retrieval
+from cloud import open_set, retrieval
 from cloud.catalog import Catalog, load_catalog
 from cloud.featurize import EmbedderLike, EmbeddingCache, Features, featurize, preprocessing_hash
 from storelens import vindex
@@ -55,6 +55,7 @@ MIN_ADAPTER_ITEMS = 3  # LDA needs a few items to find directions that separate 
 # optimistic for photos unlike the catalog (measured: 3% asked for, about half lost in the grocery demo),
 # and a wrong "ask staff" costs a store more than showing near candidates, so ask for little.
 OPEN_SET_KNOWN_LOSS = 0.01
+NEVER_NO_MATCH = -1.0  # the threshold of a snapshot without a "no match" rule: every similarity clears it
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -240,7 +241,8 @@ def build_snapshot(
         proj, tstats = _fit_projection(feats.vectors, skus, adapter)
         threshold = float(tstats["threshold"])  # type: ignore[arg-type]
     index_vectors = proj.apply(feats.vectors) if proj is not None else feats.vectors
-    report.update(threshold=threshold, threshold_stats=tstats, adapter=adapter if proj else "none")
+    report.update(threshold=threshold, threshold_stats=tstats, adapter=adapter if proj else "none",
+                  warnings=[tstats["warning"]] if "warning" in tstats else [])  # fmt: skip
     common: dict[str, Any] = {
         "store": store,
         "version": version,
@@ -293,13 +295,21 @@ def build_snapshot(
 def _fit_projection(
     vectors: npt.NDArray[np.float32], skus: list[str], adapter: str
 ) -> tuple[retrieval.Adapter | None, dict[str, Any]]:
-    """Fit the catalog's LDA adapter and a cross-fitted threshold; or no projection and the plain one."""
+    """Fit the catalog's LDA adapter and a cross-fitted threshold; or no projection and the plain one.
+
+    A catalog that cannot calibrate the open-set rule (too few items with a second image) gets none:
+    threshold ``NEVER_NO_MATCH`` (the kiosk always shows its nearest items) and a warning in the report,
+    rather than a threshold fitted on near-duplicates that would turn most right answers away."""
     ids = np.unique(np.asarray(skus), return_inverse=True)[1]
     if adapter == "lda" and ids.max(initial=0) + 1 >= MIN_ADAPTER_ITEMS:
         proj = retrieval.fit_lda_adapter(vectors, ids)
-        rule = retrieval.calibrate_open_set(
-            vectors, ids, fit_adapter=True, max_known_loss=OPEN_SET_KNOWN_LOSS
-        )
+        try:
+            rule = open_set.calibrate_open_set(vectors, ids, max_known_loss=OPEN_SET_KNOWN_LOSS)
+        except retrieval.CalibrationError as e:
+            _LOGGER.warning("no \"no match\" rule: %s", e)
+            return proj, {"method": "uncalibrated", "threshold": NEVER_NO_MATCH,
+                          "warning": f"kiosks will never answer \"no match\": {e}; add a second photo "
+                                     "(a store-like one) of more items to calibrate it"}  # fmt: skip
         # The kiosk decides with storelens.matching.MatchRule (top1 + margin), see extra["open_set"].
         return proj, {"method": "cross_fitted_lda_open_set", "threshold": round(rule.threshold, 4),
                       "open_set": rule.to_dict()}

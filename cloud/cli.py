@@ -124,6 +124,8 @@ def catalog_build(
     )
     if r.get("delta_fallback"):
         typer.echo(f"full build instead of delta: {r['delta_fallback']}")
+    for w in r["warnings"]:
+        typer.echo(f"warning: {w}")
     for e in r["bad_rows"]:
         typer.echo(f"bad row {e['row']} ({e['sku']}): {e['error']}")
     for e in r["bad_images"]:

@@ -15,8 +15,9 @@ from cloud.build import BuildError, build_snapshot, calibrate_threshold
 from cloud.catalog import load_catalog
 from cloud.delta import VECTORS, read_rows
 from storelens import vindex
+from storelens.matching import MatchRule
 from storelens.snapshot import verify_snapshot
-from tests.cloud.conftest import CatalogFiles, CountingEmbedder, item_image, write_jpeg
+from tests.cloud.conftest import CatalogFiles, CountingEmbedder, item_image, make_catalog, write_jpeg
 
 
 def _bomb_png() -> bytes:
@@ -107,6 +108,21 @@ def test_build_survives_bad_images_and_rows(
     for c in m.canary:
         labels, _ = idx.search(proj.apply(np.frombuffer(base64.b64decode(c.embedding), "<f4")[None]), 1)
         assert sku_of[int(labels[0, 0])] == c.sku
+
+
+def test_one_image_per_item_builds_without_a_no_match_rule(
+    embedder: CountingEmbedder, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """The commonest retail catalog, one product photo per item, must build: there is nothing to hold out
+    to calibrate "no match" on, so the snapshot never says it, and the report and manifest say why."""
+    cat = make_catalog(tmp_path / "cat", n_items=12, per_item=1)
+    res = build_snapshot(cat.path, "s", tmp_path / "snap", signing_key, embedder=embedder, progress=False)
+    m = verify_snapshot(res.out_dir, [signing_key.public_key()], model_id=embedder.model_id, store="s")
+    assert m.item_count == m.vector_count == 12 and m.projection is not None
+    assert m.extra["threshold"]["method"] == "uncalibrated" and "open_set" not in m.extra
+    assert "0 of 12 items have two or more images" in res.report["warnings"][0]
+    rule = MatchRule.from_manifest(m.threshold, m.extra)
+    assert rule.is_match([-0.99]) and rule.is_match([0.1, 0.1])  # always the nearest items, never "ask staff"
 
 
 def test_cache_embeds_only_changed_images(

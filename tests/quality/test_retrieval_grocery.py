@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from cloud.build import OPEN_SET_KNOWN_LOSS
-from cloud.retrieval import OpenSetRule, calibrate_open_set, fit_lda_adapter, is_match, item_scores
+from cloud.open_set import OpenSetRule, calibrate_open_set, is_match
+from cloud.retrieval import fit_lda_adapter, item_scores
 from tests.conftest import REPO, shared_path
 
 _LOGGER = logging.getLogger(__name__)

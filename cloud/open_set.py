@@ -1,0 +1,215 @@
+"""The snapshot's "no match" rule: ``top1 + w * (top1 - top2)`` over item scores, calibrated on the catalog.
+
+``calibrate_open_set`` simulates, from the catalog alone, store photos of items the catalog has (an image
+held out together with its near-duplicates) and of items it does not (20% of the items hidden), and picks
+the threshold that keeps all but a small share of the right answers. A held-out image is the only honest
+stand-in for a store photo: an augmented view of an image that stays in the index is a near-duplicate of
+it (see ``cloud.retrieval.CalibrationError`` for what that did). Items with a single image therefore only
+stay in the index; a catalog with too few items that have two images gets no rule (``CalibrationError``)
+and the build ships a snapshot that always answers with its nearest items, saying so in its report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from cloud.retrieval import (
+    CALIBRATION_ROUNDS,
+    DEFAULT_MAX_KNOWN_LOSS,
+    DEFAULT_SHRINKAGE,
+    F32,
+    HOLDOUT_FRACTION,
+    I64,
+    _aug_inputs,
+    _simulate,
+    check_enough_answers,
+    item_scores,
+    normalize_rows,
+)
+from storelens.matching import OPEN_SET_KIND
+
+_LOGGER = logging.getLogger(__name__)
+
+# Weight of the top-1 minus top-2 item margin added to the top-1 similarity: measured best of top-1,
+# margin, ratio, per-item LOO-normalised, kNN-fraction and Mahalanobis scores (scripts/eval_grocery.py).
+DEFAULT_MARGIN_WEIGHT = 1.0
+# Catalog images removed around each held-out one in calibration: store photos come from other sessions
+# than the catalog, so a held-out image's near-duplicates must not stay behind to answer it.
+DEFAULT_HOLDOUT_NEIGHBOURS = 8
+
+
+def open_set_score(scores: npt.ArrayLike, margin_weight: float = DEFAULT_MARGIN_WEIGHT) -> F32:
+    """Per-query confidence from (q, n_items) or (n_items,) item scores: top1 + w * (top1 - top2).
+
+    With fewer than two finite item scores the margin term is 0 (nothing to be confused with).
+    """
+    s = np.asarray(scores, dtype=np.float32)
+    rows = s[None, :] if s.ndim == 1 else s
+    if rows.shape[1] == 0:
+        raise ValueError("no items to score")
+    if rows.shape[1] == 1:
+        top1 = rows[:, 0]
+        top2 = np.full_like(top1, -np.inf)
+    else:
+        part = -np.partition(-rows, 1, axis=1)
+        top1, top2 = part[:, 0], part[:, 1]
+    margin = np.where(np.isfinite(top2), top1 - top2, 0.0).astype(np.float32)
+    out: F32 = (top1 + np.float32(margin_weight) * margin).astype(np.float32)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSetRule:
+    """When the kiosk answers "no match": ``open_set_score(item scores) < threshold``.
+
+    ``to_dict`` is what a snapshot ships (manifest ``extra["open_set"]``); the kiosk needs only
+    ``threshold`` and ``margin_weight``; the rest records the catalog-only simulation it came from.
+    """
+
+    threshold: float
+    margin_weight: float = DEFAULT_MARGIN_WEIGHT
+    max_known_loss: float = DEFAULT_MAX_KNOWN_LOSS
+    sim_known_kept: float = float("nan")  # share of correct held-out answers kept, in the simulation
+    sim_unseen_rejected: float = float("nan")  # share of unseen-item queries rejected, in the simulation
+    sim_known_correct: int = 0
+    sim_unseen_total: int = 0
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """A small JSON-ready dict (floats rounded to 6 places)."""
+        return {
+            "kind": OPEN_SET_KIND,
+            "threshold": round(self.threshold, 6),
+            "margin_weight": round(self.margin_weight, 6),
+            "max_known_loss": round(self.max_known_loss, 6),
+            "sim_known_kept": round(self.sim_known_kept, 4),
+            "sim_unseen_rejected": round(self.sim_unseen_rejected, 4),
+            "sim_known_correct": self.sim_known_correct,
+            "sim_unseen_total": self.sim_unseen_total,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> OpenSetRule:
+        """Parse ``to_dict`` output; ValueError on another kind or a missing/non-finite threshold."""
+        if d.get("kind") != OPEN_SET_KIND:
+            raise ValueError(f"open-set rule kind {d.get('kind')!r} is not {OPEN_SET_KIND!r}")
+
+        def num(key: str, default: float) -> float:
+            v = d.get(key, default)
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                raise ValueError(f"open-set rule field {key!r} is {v!r}, not a number")
+            return float(v)
+
+        threshold = num("threshold", float("nan"))
+        weight = num("margin_weight", DEFAULT_MARGIN_WEIGHT)
+        if not (np.isfinite(threshold) and np.isfinite(weight)):
+            raise ValueError("open-set rule needs a finite threshold and margin_weight")
+        return cls(
+            threshold=threshold, margin_weight=weight,
+            max_known_loss=num("max_known_loss", DEFAULT_MAX_KNOWN_LOSS),
+            sim_known_kept=num("sim_known_kept", float("nan")),
+            sim_unseen_rejected=num("sim_unseen_rejected", float("nan")),
+            sim_known_correct=int(num("sim_known_correct", 0)),
+            sim_unseen_total=int(num("sim_unseen_total", 0)),
+        )  # fmt: skip
+
+
+def is_match(rule: OpenSetRule, item_scores_row: npt.ArrayLike) -> bool:
+    """True to answer with the top item of one query's (n_items,) item scores, False for "no match"."""
+    row = np.asarray(item_scores_row, dtype=np.float32)
+    if row.ndim != 1:
+        raise ValueError(f"is_match takes one query's item scores, got shape {row.shape}")
+    return bool(open_set_score(row, rule.margin_weight)[0] >= rule.threshold)
+
+
+def _open_set_round(x: F32, y: I64, neighbours: int, rng: np.random.Generator) -> tuple[I64, I64, I64]:
+    """One round: (fit rows, known-query rows, unseen items). Each item with several images
+    gives one held-out known query and takes its ``neighbours`` nearest same-item images (cosine in model
+    space) out of the catalog with it, leaving at least one image of the item behind."""
+    items = np.unique(y)
+    unseen = rng.choice(items, size=max(1, round(HOLDOUT_FRACTION * len(items))), replace=False)
+    fit: list[int] = []
+    known: list[int] = []
+    for item in np.setdiff1d(items, unseen):
+        idx = np.flatnonzero(y == item)
+        if len(idx) < 2:  # nothing to hold out: an item's only image stays in the index
+            fit.append(int(idx[0]))
+            continue
+        held = int(rng.choice(idx))
+        rest = idx[idx != held]
+        drop = min(neighbours, len(rest) - 1)
+        if drop > 0:
+            sims = x[rest] @ x[held]
+            rest = rest[np.argsort(-sims, kind="stable")[drop:]]
+        known.append(held)
+        fit.extend(int(i) for i in rest)
+    return np.asarray(sorted(fit), np.int64), np.asarray(known, np.int64), unseen.astype(np.int64)
+
+
+def calibrate_open_set(
+    vectors: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    *,
+    aug_vectors: npt.ArrayLike | None = None,
+    aug_source: npt.ArrayLike | None = None,
+    fit_adapter: bool = True,
+    fit_with_aug: bool = True,
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    max_known_loss: float = DEFAULT_MAX_KNOWN_LOSS,
+    margin_weight: float = DEFAULT_MARGIN_WEIGHT,
+    holdout_neighbours: int = DEFAULT_HOLDOUT_NEIGHBOURS,
+    rounds: int = CALIBRATION_ROUNDS,
+    seed: int = 0,
+) -> OpenSetRule:
+    """The snapshot's "no match" rule, from the catalog alone (model-space vectors, item labels).
+
+    Each round hides 20% of the items (their images and views become unseen-item queries) and, per
+    remaining item, one image together with its ``holdout_neighbours`` nearest same-item images (the
+    held image is the known query; single-image items stay in the index and give no query), refits the
+    adapter on the rest as the build does (with the kept images' augmented views when ``fit_with_aug``),
+    and scores every query with ``open_set_score``. The threshold keeps all but ``max_known_loss`` of the
+    correctly answered known queries. CalibrationError when fewer than ``MIN_KNOWN_ANSWERS`` known
+    queries were answered right (too few items with a second image).
+    """
+    if not 0.0 <= max_known_loss < 1.0:
+        raise ValueError(f"max_known_loss must be in [0, 1), got {max_known_loss}")
+    x = normalize_rows(vectors)
+    y = np.asarray(labels, dtype=np.int64)
+    xa, src = _aug_inputs(aug_vectors, aug_source)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} vectors but {len(y)} labels")
+    items = np.unique(y)
+    rng = np.random.default_rng(seed)
+    known_scores: list[F32] = []
+    unseen_scores: list[F32] = []
+    for _ in range(rounds):
+        split = _open_set_round(x, y, holdout_neighbours, rng)
+        r = _simulate(x, y, xa, src, split, fit_adapter=fit_adapter, fit_with_aug=fit_with_aug,
+                      shrinkage=shrinkage)  # fmt: skip
+        n_known = len(r.known_labels)
+        # Item columns are the catalog's items in sorted order (absent ones are simply not columns).
+        kept_items = np.unique(y[r.fit])
+        col = np.searchsorted(kept_items, y[r.fit])
+        scores = item_scores(r.queries @ r.catalog.T, col, len(kept_items))
+        conf = open_set_score(scores, margin_weight)
+        right = kept_items[scores[:n_known].argmax(1)] == r.known_labels
+        known_scores.append(conf[:n_known][right])
+        unseen_scores.append(conf[n_known:])
+    ok = np.concatenate(known_scores)
+    check_enough_answers(len(ok), y)
+    threshold = float(np.quantile(ok, max_known_loss))
+    un = np.concatenate(unseen_scores)
+    rule = OpenSetRule(
+        threshold=threshold, margin_weight=float(margin_weight), max_known_loss=float(max_known_loss),
+        sim_known_kept=float(np.mean(ok >= threshold)),
+        sim_unseen_rejected=float(np.mean(un < threshold)) if len(un) else float("nan"),
+        sim_known_correct=len(ok), sim_unseen_total=len(un),
+    )  # fmt: skip
+    _LOGGER.info(
+        "open-set rule over %d items: threshold %.4f keeps %.3f of %d correct, rejects %.3f of %d unseen",
+        len(items), threshold, rule.sim_known_kept, len(ok), rule.sim_unseen_rejected, len(un),
+    )  # fmt: skip
+    return rule
