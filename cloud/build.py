@@ -1,10 +1,12 @@
 """Catalog -> signed snapshot directory (full, or a delta against a previous one) plus a build report.
 
-The "no match" threshold is calibrated from the catalog alone (never from query photos), leave one item
-out: for every catalog vector, ``pos`` is its best similarity to another image of the same item and
-``neg`` its best similarity to any other item, i.e. what a product missing from the catalog would score.
-The threshold is the point that best separates the two (Youden's J), capped so at least 95% of ``pos``
-pass; with no multi-image items there is no ``pos``, and the 10th percentile of ``neg`` is used.
+The "no match" decision is calibrated from the catalog alone (never from query photos). A catalog of
+``MIN_ADAPTER_ITEMS`` or more items gets the LDA adapter and the open-set rule of ``cloud.open_set``.
+A smaller one gets a plain top-1 threshold, leave one image out: for every catalog vector, ``pos`` is its
+best similarity to another image of the same item and ``neg`` its best similarity to any other item; the
+threshold is the point that best separates the two (Youden's J), capped so at least 95% of ``pos`` pass.
+Either way, a catalog without enough items that have a second image has nothing that stands in for a store
+photo, so its snapshot never says "no match" (threshold ``NEVER_NO_MATCH``) and the report warns.
 """
 
 from __future__ import annotations
@@ -77,11 +79,16 @@ def thumb_name(sku: str) -> str:
     return f"{d.THUMBS}/{safe}-{hashlib.sha256(sku.encode()).hexdigest()[:8]}.jpg"
 
 
+def _uncalibrated(why: str) -> str:
+    return (f"kiosks will never answer \"no match\": {why}; add a second photo (a store-like one) of more "
+            "items to calibrate it")
+
+
 def calibrate_threshold(vectors: npt.NDArray[np.float32], skus: list[str]) -> tuple[float, dict[str, Any]]:
     """Catalog-only "no match" threshold (see module docstring); returns (threshold, statistics)."""
     n = len(skus)
     if n < 2:
-        return 0.0, {"method": "default", "n": n}
+        return NEVER_NO_MATCH, {"method": "uncalibrated", "n": n, "warning": _uncalibrated(f"{n} image")}
     ids = np.unique(np.asarray(skus), return_inverse=True)[1]
     pos, neg = np.full(n, np.nan, np.float32), np.full(n, -1.0, np.float32)
     for start in range(0, n, 1024):  # blocks keep memory at 1024 x n floats
@@ -100,17 +107,17 @@ def calibrate_threshold(vectors: npt.NDArray[np.float32], skus: list[str]) -> tu
         "neg_mean": round(float(neg_v.mean()), 4) if neg_v.size else None,
         "pos_mean": round(float(pos_v.mean()), 4) if pos_v.size else None,
     }
-    if pos_v.size < 10:
-        t = float(np.quantile(neg_v, 0.10))
-        stats["method"] = "neg_p10"
-    else:
-        grid = np.linspace(-1, 1, 401)
-        j = [(pos_v >= g).mean() + (neg_v < g).mean() for g in grid]
-        youden = float(grid[int(np.argmax(j))])
-        t = min(youden, float(np.quantile(pos_v, 1 - POS_PASS)))
-        stats.update(method="youden_capped_pos_p05", youden=round(youden, 4))
-        stats["pos_pass"] = round(float((pos_v >= t).mean()), 4)
-        stats["neg_reject"] = round(float((neg_v < t).mean()), 4)
+    if pos_v.size < 10:  # other items' catalog images are no stand-in for store photos (cloud.open_set)
+        why = f"{pos_v.size} images have another of the same item"
+        stats.update(method="uncalibrated", warning=_uncalibrated(why))
+        return NEVER_NO_MATCH, stats
+    grid = np.linspace(-1, 1, 401)
+    j = [(pos_v >= g).mean() + (neg_v < g).mean() for g in grid]
+    youden = float(grid[int(np.argmax(j))])
+    t = min(youden, float(np.quantile(pos_v, 1 - POS_PASS)))
+    stats.update(method="youden_capped_pos_p05", youden=round(youden, 4))
+    stats["pos_pass"] = round(float((pos_v >= t).mean()), 4)
+    stats["neg_reject"] = round(float((neg_v < t).mean()), 4)
     return round(t, 4), stats
 
 
@@ -307,9 +314,8 @@ def _fit_projection(
             rule = open_set.calibrate_open_set(vectors, ids, max_known_loss=OPEN_SET_KNOWN_LOSS)
         except retrieval.CalibrationError as e:
             _LOGGER.warning("no \"no match\" rule: %s", e)
-            return proj, {"method": "uncalibrated", "threshold": NEVER_NO_MATCH,
-                          "warning": f"kiosks will never answer \"no match\": {e}; add a second photo "
-                                     "(a store-like one) of more items to calibrate it"}  # fmt: skip
+            stats = {"method": "uncalibrated", "threshold": NEVER_NO_MATCH, "warning": _uncalibrated(str(e))}
+            return proj, stats
         # The kiosk decides with storelens.matching.MatchRule (top1 + margin), see extra["open_set"].
         return proj, {"method": "cross_fitted_lda_open_set", "threshold": round(rule.threshold, 4),
                       "open_set": rule.to_dict()}

@@ -24,6 +24,7 @@ from cloud.retrieval import (
     F32,
     HOLDOUT_FRACTION,
     I64,
+    MIN_KNOWN_ANSWERS,
     _aug_inputs,
     _simulate,
     check_enough_answers,
@@ -40,6 +41,7 @@ DEFAULT_MARGIN_WEIGHT = 1.0
 # Catalog images removed around each held-out one in calibration: store photos come from other sessions
 # than the catalog, so a held-out image's near-duplicates must not stay behind to answer it.
 DEFAULT_HOLDOUT_NEIGHBOURS = 8
+MAX_ROUNDS = 50  # a 4-item catalog with 4 images each answers ~3 held-out queries a round
 
 
 def open_set_score(scores: npt.ArrayLike, margin_weight: float = DEFAULT_MARGIN_WEIGHT) -> F32:
@@ -171,8 +173,9 @@ def calibrate_open_set(
     held image is the known query; single-image items stay in the index and give no query), refits the
     adapter on the rest as the build does (with the kept images' augmented views when ``fit_with_aug``),
     and scores every query with ``open_set_score``. The threshold keeps all but ``max_known_loss`` of the
-    correctly answered known queries. CalibrationError when fewer than ``MIN_KNOWN_ANSWERS`` known
-    queries were answered right (too few items with a second image).
+    correctly answered known queries. A small catalog runs more rounds (up to ``MAX_ROUNDS``) until
+    ``MIN_KNOWN_ANSWERS`` known queries were answered right; CalibrationError if it never gets there
+    (too few items with a second image).
     """
     if not 0.0 <= max_known_loss < 1.0:
         raise ValueError(f"max_known_loss must be in [0, 1), got {max_known_loss}")
@@ -185,7 +188,11 @@ def calibrate_open_set(
     rng = np.random.default_rng(seed)
     known_scores: list[F32] = []
     unseen_scores: list[F32] = []
-    for _ in range(rounds):
+    right_total, done = 0, 0
+    multi_image = bool(np.any(np.unique(y, return_counts=True)[1] >= 2))
+    # A small catalog answers few held-out queries a round: run more rounds (cheap at that size).
+    while multi_image and (done < rounds or (right_total < MIN_KNOWN_ANSWERS and done < MAX_ROUNDS)):
+        done += 1
         split = _open_set_round(x, y, holdout_neighbours, rng)
         r = _simulate(x, y, xa, src, split, fit_adapter=fit_adapter, fit_with_aug=fit_with_aug,
                       shrinkage=shrinkage)  # fmt: skip
@@ -198,7 +205,8 @@ def calibrate_open_set(
         right = kept_items[scores[:n_known].argmax(1)] == r.known_labels
         known_scores.append(conf[:n_known][right])
         unseen_scores.append(conf[n_known:])
-    ok = np.concatenate(known_scores)
+        right_total += int(right.sum())
+    ok = np.concatenate(known_scores) if known_scores else np.zeros(0, np.float32)
     check_enough_answers(len(ok), y)
     threshold = float(np.quantile(ok, max_known_loss))
     un = np.concatenate(unseen_scores)
