@@ -88,7 +88,8 @@ def calibrate_threshold(vectors: npt.NDArray[np.float32], skus: list[str]) -> tu
     """Catalog-only "no match" threshold (see module docstring); returns (threshold, statistics)."""
     n = len(skus)
     if n < 2:
-        return NEVER_NO_MATCH, {"method": "uncalibrated", "n": n, "warning": _uncalibrated(f"{n} image")}
+        why = f"the catalog has {n} image(s)"
+        return NEVER_NO_MATCH, {"method": "uncalibrated", "n": n, "warning": _uncalibrated(why)}
     ids = np.unique(np.asarray(skus), return_inverse=True)[1]
     pos, neg = np.full(n, np.nan, np.float32), np.full(n, -1.0, np.float32)
     for start in range(0, n, 1024):  # blocks keep memory at 1024 x n floats
@@ -108,7 +109,7 @@ def calibrate_threshold(vectors: npt.NDArray[np.float32], skus: list[str]) -> tu
         "pos_mean": round(float(pos_v.mean()), 4) if pos_v.size else None,
     }
     if pos_v.size < 10:  # other items' catalog images are no stand-in for store photos (cloud.open_set)
-        why = f"{pos_v.size} images have another of the same item"
+        why = f"only {pos_v.size} images have another image of the same item"
         stats.update(method="uncalibrated", warning=_uncalibrated(why))
         return NEVER_NO_MATCH, stats
     grid = np.linspace(-1, 1, 401)
