@@ -81,6 +81,8 @@ def release_cmd(
         f"{', '.join(f'{s} v{ref.version}' for s, ref in sorted(m.stores.items()))} in {r.seconds:.1f} s"
     )
     typer.echo(r.url)
+    for w in r.warnings:
+        typer.echo(f"warning: {w}")
 
 
 def rollout_cmd(

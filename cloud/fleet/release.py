@@ -17,7 +17,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class PublishedRelease:
     url: str  # release.json
     sig_url: str
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # "store: ..." from the snapshot builds
 
 
 def attach_canary_images(snapshot_dir: Path, catalog_path: Path, key: Ed25519PrivateKey) -> int:
@@ -139,12 +140,13 @@ def build_release(
         raise ReleaseError("the embedder is not the bundle's model")
     prefix = f"releases/{release_id}"
     refs: dict[str, StoreSnapshotRef] = {}
+    warnings: list[str] = []
     try:
         with tempfile.TemporaryDirectory(prefix="storelens-release-") as tmp:
             work = Path(tmp)
             for s in stores:
                 out = work / s
-                build_snapshot(
+                built = build_snapshot(
                     catalog,
                     s,
                     out,
@@ -154,6 +156,7 @@ def build_release(
                     cache_dir=cache_dir,
                     progress=False,
                 )
+                warnings += [f"store {s}: {w}" for w in built.report["warnings"]]
                 n = attach_canary_images(out, catalog, key)
                 if n == 0:
                     raise ReleaseError(
@@ -193,7 +196,7 @@ def build_release(
         seconds,
     )
     signed = ReleaseManifest.model_validate_json(data)
-    return PublishedRelease(signed, json_art.url, sig_art.url, seconds)
+    return PublishedRelease(signed, json_art.url, sig_art.url, seconds, warnings)
 
 
 def _upload(store: ArtifactStore, key: str, path: Path) -> Artifact:

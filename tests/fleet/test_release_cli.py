@@ -18,6 +18,7 @@ from storelens.protocol import KioskState, Status, Topics, UpdateProgress
 from storelens.release import ReleaseRejected, verify_release
 from storelens.snapshot import unpack, verify_snapshot
 from tests.fleet.conftest import STORES, Releases
+from tests.fleet.helpers import make_catalog
 from tests.support.mosquitto import Mosquitto
 
 pytestmark = pytest.mark.integration
@@ -29,15 +30,20 @@ def _app() -> typer.Typer:
     return app
 
 
-def test_release_command_publishes_a_verifiable_release(tmp_path: Path, releases: Releases) -> None:
-    """release.json verifies with the public key and names exactly the published bytes; snapshots carry
-    canary images and verify against the NEW bundle's model_id."""
+def _key_file(tmp_path: Path, releases: Releases) -> Path:
     key = tmp_path / "private.pem"
     key.write_bytes(
         releases.key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
+    return key
+
+
+def test_release_command_publishes_a_verifiable_release(tmp_path: Path, releases: Releases) -> None:
+    """release.json verifies with the public key and names exactly the published bytes; snapshots carry
+    canary images and verify against the NEW bundle's model_id."""
+    key = _key_file(tmp_path, releases)
     out = tmp_path / "pub"
     r = CliRunner().invoke(
         _app(),
@@ -60,6 +66,7 @@ def test_release_command_publishes_a_verifiable_release(tmp_path: Path, releases
         ],
     )
     assert r.exit_code == 0, r.output
+    assert "warning" not in r.output  # two photos per item: every store's snapshot has its rule
     rel_dir = out / "releases" / f"r42-{verify_bundle(releases.root / 'b').model_id[:8]}"
     data, sig = (rel_dir / "release.json").read_bytes(), (rel_dir / "release.sig").read_bytes()
     m = verify_release(data, sig, [releases.key.public_key()])
@@ -75,6 +82,18 @@ def test_release_command_publishes_a_verifiable_release(tmp_path: Path, releases
     with pytest.raises(ReleaseRejected) as exc:
         verify_release(tampered, sig, [releases.key.public_key()])
     assert exc.value.reason == "bad_signature"
+
+
+def test_release_command_warns_when_snapshots_cannot_say_no_match(tmp_path: Path, releases: Releases) -> None:
+    """One photo per item: each store's snapshot never answers "no match"; ops must hear it at release."""
+    catalog = make_catalog(tmp_path / "cat", STORES, per_item=1)
+    key = _key_file(tmp_path, releases)
+    args = ["release", "--bundle", str(releases.root / "b"), "--catalog", str(catalog), "--stores",
+            ",".join(STORES), "--key", str(key), "--to", (tmp_path / "pub").as_uri()]
+    r = CliRunner().invoke(_app(), args)
+    assert r.exit_code == 0, r.output
+    warned = [ln for ln in r.output.splitlines() if ln.startswith("warning: store ")]
+    assert len(warned) == len(STORES) and all('never answer "no match"' in w for w in warned), r.output
 
 
 def test_status_command_lists_every_kiosk(broker: Mosquitto) -> None:
