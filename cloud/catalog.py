@@ -1,7 +1,9 @@
 """Catalog input: CSV or JSON Lines rows -> validated items, plus bounded fetching of untrusted images.
 
-A row is ``sku, title, price?, location?, stores?, images`` (CSV: ``stores`` and ``images`` separated by
-``;`` or ``|``; JSON Lines: lists). Bad rows are reported with their row number, never fatal.
+A row is ``sku, title, price?, location?, stores?, images`` (CSV with a header, fields separated by ``,``,
+``;`` or tabs: ``stores`` and ``images`` separated by ``;`` or ``|``; JSON Lines: lists). Prices are read
+as spreadsheets write them ("12,90", "1 299,00 kr", "$3"). Bad rows are reported with their row number,
+never fatal.
 """
 
 from __future__ import annotations
@@ -83,13 +85,34 @@ def _as_list(value: Any) -> list[str]:
     return [s.strip() for s in _SPLIT.split(str(value)) if s.strip()]
 
 
+# Currency marks a price may carry at either end, as shop systems and spreadsheets export them.
+_MARK = r"(?:[$€£¥]|(?:kr|sek|nok|dkk|eur|usd|gbp|chf|pln)\.?)"
+_CURRENCY = re.compile(rf"^{_MARK}\s*|\s*(?:{_MARK}|:-|,-)$", re.IGNORECASE)
+_GROUPING = re.compile(r"[\s\u00a0\u202f']")  # spaces, no-break and thin spaces, apostrophes: thousands
+
+
 def _price(value: Any) -> str | None:
+    """A price as "12.90". Accepts decimal commas and colons ("12,90", "12:90", "12:-"), grouping spaces
+    ("1 299,00"), both separators ("1.299,00", "1,299.00") and a currency mark at either end ("kr", "€",
+    "SEK"); refuses negatives, non-numbers and the ambiguous "1,299" and "1.299" (a thousand, or one?)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool):
         raise ValueError(f"bad price {value!r}")
+    text = str(value).strip()
+    for _ in range(2):  # a mark at each end: "SEK 12:-"
+        text = _CURRENCY.sub("", text).strip()
+    text = _GROUPING.sub("", text).replace(":", ",")
+    if "," in text and "." in text:  # the later one is the decimal separator
+        dec, group = (",", ".") if text.rfind(",") > text.rfind(".") else (".", ",")
+        text = text.replace(group, "").replace(dec, ".")
+    elif re.fullmatch(r"\d{1,3}[.,]\d{3}", text):  # 1,299 / 1.299: a thousand or about one?
+        raise ValueError(f"ambiguous price {value!r}: a thousands separator or three decimals? "
+                         "Write it with two decimals and no grouping, e.g. 1299.00")
+    elif text.count(",") == 1:
+        text = text.replace(",", ".")
     try:
-        d = Decimal(str(value).strip().lstrip("$€£"))
+        d = Decimal(text)
     except InvalidOperation as exc:
         raise ValueError(f"bad price {value!r}") from exc
     if not d.is_finite() or d < 0 or d > 1_000_000:
@@ -123,6 +146,17 @@ def _validate(raw: dict[str, Any], row: int) -> Item:
     )
 
 
+def _delimiter(text: str) -> str:
+    """The CSV's field separator: the first of , ; tab whose header has a 'sku' column (spreadsheets in
+    many European locales save "CSV" with semicolons, and some exports use tabs)."""
+    header = text.split("\n", 1)[0]
+    for delim in (",", ";", "\t"):
+        names = next(csv.reader([header], delimiter=delim), [])
+        if "sku" in [n.strip().lower() for n in names]:
+            return delim
+    return ","
+
+
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """Yield (row number, raw dict or an error string) from a CSV or JSON Lines file."""
     if path.stat().st_size > MAX_CATALOG_BYTES:
@@ -130,7 +164,9 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise CatalogError(f"{path} is not UTF-8 text: {exc}") from exc
+        raise CatalogError(
+            f"{path} is not UTF-8 text ({exc}); save it as UTF-8 (in Excel: 'CSV UTF-8')"
+        ) from exc
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -142,7 +178,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
                 continue
             yield n, obj if isinstance(obj, dict) else "not a JSON object"
         return
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text), delimiter=_delimiter(text))
     if not reader.fieldnames or "sku" not in [f.strip().lower() for f in reader.fieldnames]:
         raise CatalogError(f"{path}: CSV header must include 'sku' (got {reader.fieldnames})")
     for n, rec in enumerate(reader, start=1):
