@@ -57,16 +57,23 @@ def _jpeg_header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _header_size(data: bytes) -> tuple[int, int, str]:
-    """(width, height, format) from the header only; no pixel data is decoded."""
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in _ALPHA_MODES or "transparency" in img.info
+
+
+def _header_size(data: bytes) -> tuple[int, int, str, bool]:
+    """(width, height, format, has transparency) from the header only; no pixel data is decoded."""
     jpeg = _jpeg_header_size(data)
     if jpeg is not None:
-        return jpeg[0], jpeg[1], "JPEG"
+        return jpeg[0], jpeg[1], "JPEG", False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                return int(img.width), int(img.height), str(img.format)
+                return int(img.width), int(img.height), str(img.format), _has_alpha(img)
     except Image.DecompressionBombError as exc:
         raise BadImage(f"image is a decompression bomb: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -81,16 +88,19 @@ def decode_image(
         raise BadImage("image is empty (0 bytes)")
     if len(data) > max_bytes:
         raise BadImage(f"image is {len(data)} bytes, more than the limit of {max_bytes}")
-    width, height, fmt = _header_size(data)
+    width, height, fmt, alpha = _header_size(data)
     if width < 1 or height < 1:
         raise BadImage(f"image header claims {width}x{height} pixels")
     if width * height > max_pixels:
         raise BadImage(f"image claims {width}x{height} pixels, more than the limit of {max_pixels}")
     if fmt == "JPEG" and not _jpeg_complete(data):
         raise BadImage("JPEG data is truncated (no end-of-image marker after the last scan)")
-    buf = np.frombuffer(data, dtype=np.uint8)
-    # IMREAD_COLOR: 8-bit BGR whatever the source (gray, alpha, 16-bit), EXIF orientation applied.
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    # A product cut out on a transparent background (the usual e-commerce PNG) goes onto white, as studio
+    # shots are: OpenCV would drop the alpha and leave whatever the transparent pixels hold (often black).
+    img = _decode_with_pil(data) if alpha else None
+    if img is None:
+        # IMREAD_COLOR: 8-bit BGR whatever the source (gray, 16-bit), EXIF orientation applied.
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         img = _decode_with_pil(data)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
@@ -112,12 +122,17 @@ def _jpeg_complete(data: bytes) -> bool:
 
 
 def _decode_with_pil(data: bytes) -> np.ndarray:
-    """Fallback for formats OpenCV lacks (e.g. GIF) or that it refuses; truncation is an error."""
+    """Images with transparency (composited onto white) and formats OpenCV lacks or refuses; truncation
+    is an error."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                rgb = np.asarray(img.convert("RGB"))
+                if _has_alpha(img):
+                    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                    rgb = np.asarray(Image.alpha_composite(white, img.convert("RGBA")).convert("RGB"))
+                else:
+                    rgb = np.asarray(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"image data is truncated or corrupt: {exc}") from exc
     return np.ascontiguousarray(rgb[:, :, ::-1])

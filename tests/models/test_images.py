@@ -50,6 +50,31 @@ def test_gray_alpha_palette_become_bgr(mode: str) -> None:
     assert decode_image(buf.getvalue()).shape == (40, 50, 3)
 
 
+@pytest.mark.parametrize(("fmt", "mode"), [("PNG", "RGBA"), ("PNG", "LA"), ("PNG", "P"), ("WEBP", "RGBA"),
+                                         ("GIF", "P")])  # fmt: skip
+def test_transparent_background_becomes_white(fmt: str, mode: str) -> None:
+    """A product cut out on transparency (e-commerce PNGs) lands on white like a studio shot, not on
+    whatever the transparent pixels hold (black here): the kiosk thumbnail and the embedding see white."""
+    rgba = np.zeros((40, 50, 4), np.uint8)  # transparent black everywhere ...
+    rgba[10:30, 15:35] = (200, 30, 30, 255)  # ... but an opaque red product
+    img = Image.fromarray(rgba)
+    if mode == "LA":
+        img = img.convert("LA")
+    elif mode == "P":
+        img = img.convert("RGB").quantize(4)
+        img.info["transparency"] = int(np.asarray(img)[0, 0])  # the background's palette entry
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    out = decode_image(buf.getvalue())
+    assert out.shape == (40, 50, 3)
+    assert (out[0, 0] == 255).all() and (out[39, 49] == 255).all(), out[0, 0]  # background: white
+    b, _, r = out[20, 25].astype(int)
+    if mode == "LA":
+        assert r == b < 120  # the red product in gray
+    else:
+        assert r > 150 and b < 80  # still red (BGR)
+
+
 @pytest.mark.parametrize(
     "data",
     [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 30],
