@@ -225,6 +225,8 @@ def fetch_image_bytes(
     source: str, base_dir: Path, *, s3_client: Any = None, max_bytes: int = MAX_IMAGE_BYTES
 ) -> bytes:
     """Read one catalog image's bytes with a size cap and timeout; raise FetchError on any failure."""
+    if re.match(r"^[A-Za-z]:[\\/]", source):
+        raise FetchError(f"{source!r} is a Windows path: give image paths relative to the catalog file")
     scheme = urllib.parse.urlsplit(source).scheme.lower()
     try:
         if scheme in ("http", "https"):
@@ -235,6 +237,8 @@ def fetch_image_bytes(
         elif scheme in ("", "file"):
             p = Path(urllib.parse.urlsplit(source).path if scheme == "file" else source)
             p = p if p.is_absolute() else base_dir / p
+            if not p.is_file() and scheme == "" and "\\" in source:  # folders as written on Windows
+                p = base_dir / source.replace("\\", "/")
             if not p.is_file():
                 raise FetchError(f"no such file {p}")
             with open(p, "rb") as fh:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud.catalog import CatalogError, _price, load_catalog
+from cloud.catalog import CatalogError, FetchError, _price, fetch_image_bytes, load_catalog
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,14 @@ def test_a_non_utf8_catalog_names_the_fix(tmp_path: Path) -> None:
     p.write_bytes("sku,title,images\nA1,Äpple,a.jpg\n".encode("cp1252"))
     with pytest.raises(CatalogError, match=r"not UTF-8.*CSV UTF-8"):
         load_catalog(p)
+
+
+def test_windows_style_image_paths(tmp_path: Path) -> None:
+    """Folders separated by backslashes (a catalog made on Windows) resolve; a drive path is named."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"jpeg bytes")
+    assert fetch_image_bytes("photos\\a.jpg", tmp_path) == b"jpeg bytes"
+    with pytest.raises(FetchError, match="Windows path"):
+        fetch_image_bytes("C:\\Users\\shop\\a.jpg", tmp_path)
+    with pytest.raises(FetchError, match="no such file"):
+        fetch_image_bytes("photos\\b.jpg", tmp_path)
