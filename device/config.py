@@ -130,6 +130,10 @@ class ScreenConfig(_Section):
     port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (tests)
     preview_fps: float = Field(default=10.0, gt=0, le=60)
     result_hold_s: float = Field(default=8.0, gt=0)  # how long an answer stays after the item left
+    # Prices as the store's shelf labels write them ("12,90 kr" for sv-SE + SEK); without a currency the
+    # catalog's number is shown as it is ("12.90").
+    currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")  # ISO 4217: SEK, EUR, USD
+    locale: str = Field(default="en-US", pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")  # BCP 47: sv-SE
 
 
 class OutboxConfig(_Section):

@@ -92,6 +92,11 @@ const ICON_PIN = `<svg viewBox="0 0 24 24" fill="#3ddc97"><path d="M12 2a7 7 0 0
   7-13a7 7 0 0 0-7-7zm0 9.5A2.5 2.5 0 1 1 12 6.5a2.5 2.5 0 0 1 0 5z"/></svg>`;
 const thumb = (u, role) => `<div class="thumb">${u ? `<img ${role ? 'data-role="thumb" ' : ""}` +
   `src="${esc(u)}" alt="">` : ""}</div>`;
+function money(p, f) {  // the catalog's "12.90" as the store writes prices, when a currency is set
+  if (!p || !f || !f.currency || !isFinite(Number(p))) return p || "";
+  try { return new Intl.NumberFormat(f.locale, {style: "currency", currency: f.currency}).format(Number(p)); }
+  catch (e) { return p; }
+}
 function show(state, html) {
   const a = document.getElementById("answer");
   a.dataset.state = state;
@@ -122,7 +127,7 @@ function render(s) {
   const t = r.results[0];
   let h = `<div class="hit"><h1 data-role="title">${esc(t.title || t.sku)}</h1><div class="row">` +
     thumb(t.thumbnail_url, true) + `<div class="info">` +
-    (t.price ? `<div class="price" data-role="price">${esc(t.price)}</div>` : "") +
+    (t.price ? `<div class="price" data-role="price">${esc(money(t.price, s.price_format))}</div>` : "") +
     (t.location ? `<div class="where">${ICON_PIN}<span data-role="location">${esc(t.location)}</span></div>`
       : "") + `</div></div></div>`;
   const others = r.results.slice(1, 4);
@@ -131,7 +136,7 @@ function render(s) {
       others.map(o => `<div class="other">${thumb(o.thumbnail_url, false)}` +
         `<div class="tl"><div class="t">${esc(o.title || o.sku)}</div>` +
         `<div class="l">${esc(o.location || "")}</div></div>` +
-        `<span class="p">${esc(o.price || "")}</span></div>`).join("") + `</div>`;
+        `<span class="p">${esc(money(o.price, s.price_format))}</span></div>`).join("") + `</div>`;
   }
   show("match", h);
 }

@@ -50,7 +50,8 @@ class ScreenServer:
         self._cond = threading.Condition()
         self._closing = threading.Event()
         self._state: dict[str, Any] = {"status": "starting", "camera": "stopped", "detect": "idle",
-                                       "snapshot": None, "model": None, "result": None, "version": 0}
+                                       "snapshot": None, "model": None, "result": None, "version": 0,
+                                       "price_format": {"currency": cfg.currency, "locale": cfg.locale}}
         self._preview: PreviewFrame | None = None
         self._jpeg: tuple[int, bytes] | None = None
         self._jpeg_lock = threading.Lock()

@@ -39,6 +39,12 @@ def test_missing_and_bad_values(tmp_path: Path) -> None:
         parse_config({**MINIMAL, "kiosk": {"store_id": "s1", "kiosk_id": "k/#"}})
     with pytest.raises(ConfigError, match="roi"):
         parse_config({**MINIMAL, "detection": {"mode": "roi"}})
+    with pytest.raises(ConfigError, match=r"screen\.currency"):  # ISO 4217 codes, not "kr"
+        parse_config({**MINIMAL, "screen": {"currency": "kr"}})
+    with pytest.raises(ConfigError, match=r"screen\.locale"):
+        parse_config({**MINIMAL, "screen": {"locale": "sv_SE.UTF-8"}})
+    cfg = parse_config({**MINIMAL, "screen": {"currency": "SEK", "locale": "sv-SE"}})
+    assert (cfg.screen.currency, cfg.screen.locale) == ("SEK", "sv-SE")
     p = tmp_path / "bad.toml"
     p.write_text("[kiosk\n")
     with pytest.raises(ConfigError, match="not valid TOML"):

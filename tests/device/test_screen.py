@@ -41,6 +41,7 @@ def test_page_state_and_thumbnails(screen: ScreenServer) -> None:
     code, body = _get(screen.url + "api/state")
     state = json.loads(body)
     assert state["status"] == "online" and state["snapshot"] == 3 and state["result"] is None
+    assert state["price_format"] == {"currency": None, "locale": "en-US"}  # the page formats prices with it
     assert _get(screen.url + "thumbs/thumbs/a.jpg") == (200, b"\xff\xd8jpeg")
     assert _get(screen.url + "thumbs/..%2Fsecret.txt")[0] == 404  # never outside the snapshot
     assert _get(screen.url + "preview.jpg")[0] == 404  # no frame yet

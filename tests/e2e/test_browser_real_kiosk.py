@@ -195,7 +195,8 @@ def start_kiosk(world: World, tmp_path: Path) -> Iterator[Callable[..., KioskPro
             "snapshots": {"state_dir": str(work / "state"), "public_keys": [str(world.public_key)],
                           "initial": str(world.snapshot)},
             "broker": broker_cfg,
-            "screen": {"host": "127.0.0.1", "port": screen_port, "result_hold_s": 30.0},
+            "screen": {"host": "127.0.0.1", "port": screen_port, "result_hold_s": 30.0,
+                       "currency": "SEK", "locale": "sv-SE"},
             "outbox": {"path": str(work / "outbox.sqlite")},
             "health": {"interval_s": 1.0},
         }
@@ -280,7 +281,8 @@ def test_kiosk_screen_shows_the_held_product_and_the_live_preview(
     sku, title, price, location = CATALOG[HELD]
     answer = page.wait_for_selector('#answer[data-state="match"]', timeout=KIOSK_WAIT_MS)
     assert answer.query_selector('[data-role="title"]').inner_text() == title
-    assert price in answer.query_selector('[data-role="price"]').inner_text()
+    shown = answer.query_selector('[data-role="price"]').inner_text()
+    assert shown.replace("\u00a0", " ") == price.replace(".", ",") + " kr", shown  # as a Swedish shelf label
     assert answer.query_selector('[data-role="location"]').inner_text() == location
     _loaded(page, '#answer [data-role="thumb"]')
     _loaded(page, "#preview")
