@@ -1,12 +1,6 @@
 """Catalog -> signed snapshot directory (full, or a delta against a previous one) plus a build report.
 
-The "no match" decision is calibrated from the catalog alone (never from query photos). A catalog of
-``MIN_ADAPTER_ITEMS`` or more items gets the LDA adapter and the open-set rule of ``cloud.open_set``.
-A smaller one gets a plain top-1 threshold, leave one image out: for every catalog vector, ``pos`` is its
-best similarity to another image of the same item and ``neg`` its best similarity to any other item; the
-threshold is the point that best separates the two (Youden's J), capped so at least 95% of ``pos`` pass.
-Either way, a catalog without enough items that have a second image has nothing that stands in for a store
-photo, so its snapshot never says "no match" (threshold ``NEVER_NO_MATCH``) and the report warns.
+The "no match" decision that ships with it is fitted by ``cloud.open_set.fit_for_snapshot``.
 """
 
 from __future__ import annotations
@@ -49,15 +43,8 @@ _LOGGER = logging.getLogger(__name__)
 DELTA_MAX_FRACTION = 0.30  # past this share of changed vectors a full rebuild is smaller and cleaner
 DEFAULT_EF = 100  # query ef recorded for kiosks: recall ~1.0 on catalogs up to ~100k at < 1 ms
 CANARIES = 8  # enough to catch a wrong model/index pairing; each costs dim*4 bytes in the manifest
-POS_PASS = 0.95  # share of same-item matches that must clear the threshold
 EXPIRES_DAYS = 30  # a kiosk flags its catalog stale after this (reliability A5)
 PROJECTION = "projection.bin"
-MIN_ADAPTER_ITEMS = 3  # LDA needs a few items to find directions that separate them
-# Share of right answers (simulated on the catalog) the "no match" rule may reject. The simulation is
-# optimistic for photos unlike the catalog (measured: 3% asked for, about half lost in the grocery demo),
-# and a wrong "ask staff" costs a store more than showing near candidates, so ask for little.
-OPEN_SET_KNOWN_LOSS = 0.01
-NEVER_NO_MATCH = -1.0  # the threshold of a snapshot without a "no match" rule: every similarity clears it
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -77,49 +64,6 @@ def thumb_name(sku: str) -> str:
     """Snapshot-relative thumbnail path for a sku: safe characters plus a hash against collisions."""
     safe = _SAFE.sub("_", sku).lstrip("._-")[:40] or "item"
     return f"{d.THUMBS}/{safe}-{hashlib.sha256(sku.encode()).hexdigest()[:8]}.jpg"
-
-
-def _uncalibrated(why: str) -> str:
-    return (f"kiosks will never answer \"no match\": {why}; add a second photo (a store-like one) of more "
-            "items to calibrate it")
-
-
-def calibrate_threshold(vectors: npt.NDArray[np.float32], skus: list[str]) -> tuple[float, dict[str, Any]]:
-    """Catalog-only "no match" threshold (see module docstring); returns (threshold, statistics)."""
-    n = len(skus)
-    if n < 2:
-        why = f"the catalog has {n} image(s)"
-        return NEVER_NO_MATCH, {"method": "uncalibrated", "n": n, "warning": _uncalibrated(why)}
-    ids = np.unique(np.asarray(skus), return_inverse=True)[1]
-    pos, neg = np.full(n, np.nan, np.float32), np.full(n, -1.0, np.float32)
-    for start in range(0, n, 1024):  # blocks keep memory at 1024 x n floats
-        sims = vectors[start : start + 1024] @ vectors.T
-        rows = np.arange(start, min(start + 1024, n))
-        same = ids[rows][:, None] == ids[None, :]
-        sims[np.arange(len(rows)), rows] = -np.inf  # never match itself
-        neg[rows] = np.where(same, -np.inf, sims).max(axis=1)
-        p = np.where(same, sims, -np.inf).max(axis=1)
-        pos[rows] = np.where(np.isfinite(p), p, np.nan)
-    pos_v = pos[np.isfinite(pos)]
-    neg_v = neg[np.isfinite(neg)]
-    stats: dict[str, Any] = {
-        "n": n,
-        "pos_n": int(pos_v.size),
-        "neg_mean": round(float(neg_v.mean()), 4) if neg_v.size else None,
-        "pos_mean": round(float(pos_v.mean()), 4) if pos_v.size else None,
-    }
-    if pos_v.size < 10:  # other items' catalog images are no stand-in for store photos (cloud.open_set)
-        why = f"only {pos_v.size} images have another image of the same item"
-        stats.update(method="uncalibrated", warning=_uncalibrated(why))
-        return NEVER_NO_MATCH, stats
-    grid = np.linspace(-1, 1, 401)
-    j = [(pos_v >= g).mean() + (neg_v < g).mean() for g in grid]
-    youden = float(grid[int(np.argmax(j))])
-    t = min(youden, float(np.quantile(pos_v, 1 - POS_PASS)))
-    stats.update(method="youden_capped_pos_p05", youden=round(youden, 4))
-    stats["pos_pass"] = round(float((pos_v >= t).mean()), 4)
-    stats["neg_reject"] = round(float((neg_v < t).mean()), 4)
-    return round(t, 4), stats
 
 
 def _canaries(vectors: npt.NDArray[np.float32], skus: list[str]) -> list[Canary]:
@@ -246,7 +190,7 @@ def build_snapshot(
         threshold = base_m.threshold
         tstats = {"method": "inherited", "from_version": base_m.version}
     else:
-        proj, tstats = _fit_projection(feats.vectors, skus, adapter)
+        proj, tstats = open_set.fit_for_snapshot(feats.vectors, skus, adapter)
         threshold = float(tstats["threshold"])  # type: ignore[arg-type]
     index_vectors = proj.apply(feats.vectors) if proj is not None else feats.vectors
     report.update(threshold=threshold, threshold_stats=tstats, adapter=adapter if proj else "none",
@@ -298,30 +242,6 @@ def build_snapshot(
         "built %s snapshot v%d of %s: %d items, %d vectors", kind, version, store, len(item_rows), len(skus)
     )
     return BuildResult(out_dir, read_manifest_unverified(out_dir), report, report_path)
-
-
-def _fit_projection(
-    vectors: npt.NDArray[np.float32], skus: list[str], adapter: str
-) -> tuple[retrieval.Adapter | None, dict[str, Any]]:
-    """Fit the catalog's LDA adapter and a cross-fitted threshold; or no projection and the plain one.
-
-    A catalog that cannot calibrate the open-set rule (too few items with a second image) gets none:
-    threshold ``NEVER_NO_MATCH`` (the kiosk always shows its nearest items) and a warning in the report,
-    rather than a threshold fitted on near-duplicates that would turn most right answers away."""
-    ids = np.unique(np.asarray(skus), return_inverse=True)[1]
-    if adapter == "lda" and ids.max(initial=0) + 1 >= MIN_ADAPTER_ITEMS:
-        proj = retrieval.fit_lda_adapter(vectors, ids)
-        try:
-            rule = open_set.calibrate_open_set(vectors, ids, max_known_loss=OPEN_SET_KNOWN_LOSS)
-        except retrieval.CalibrationError as e:
-            _LOGGER.warning("no \"no match\" rule: %s", e)
-            stats = {"method": "uncalibrated", "threshold": NEVER_NO_MATCH, "warning": _uncalibrated(str(e))}
-            return proj, stats
-        # The kiosk decides with storelens.matching.MatchRule (top1 + margin), see extra["open_set"].
-        return proj, {"method": "cross_fitted_lda_open_set", "threshold": round(rule.threshold, 4),
-                      "open_set": rule.to_dict()}
-    t, stats = calibrate_threshold(vectors, skus)
-    return None, {**stats, "threshold": t}
 
 
 def _read_projection(base: Path, base_m: SnapshotManifest) -> retrieval.Adapter | None:

@@ -7,12 +7,16 @@ stand-in for a store photo: an augmented view of an image that stays in the inde
 it (see ``cloud.retrieval.CalibrationError`` for what that did). Items with a single image therefore only
 stay in the index; a catalog with too few items that have two images gets no rule (``CalibrationError``)
 and the build ships a snapshot that always answers with its nearest items, saying so in its report.
+
+``fit_for_snapshot`` is what ``cloud.build`` ships: the adapter plus this rule, or for catalogs of fewer
+than ``MIN_ADAPTER_ITEMS`` items a plain top-1 threshold (``plain_threshold``).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,9 +29,12 @@ from cloud.retrieval import (
     HOLDOUT_FRACTION,
     I64,
     MIN_KNOWN_ANSWERS,
+    Adapter,
+    CalibrationError,
     _aug_inputs,
     _simulate,
     check_enough_answers,
+    fit_lda_adapter,
     item_scores,
     normalize_rows,
 )
@@ -221,3 +228,88 @@ def calibrate_open_set(
         len(items), threshold, rule.sim_known_kept, len(ok), rule.sim_unseen_rejected, len(un),
     )  # fmt: skip
     return rule
+
+
+# ---- what a snapshot build ships ----
+
+MIN_ADAPTER_ITEMS = 3  # LDA needs a few items to find directions that separate them
+# Share of right answers (simulated on the catalog) the "no match" rule may reject. The simulation is
+# optimistic for photos unlike the catalog (measured: 3% asked for, about half lost in the grocery demo),
+# and a wrong "ask staff" costs a store more than showing near candidates, so ask for little.
+OPEN_SET_KNOWN_LOSS = 0.01
+NEVER_NO_MATCH = -1.0  # the threshold of a snapshot without a "no match" rule: every similarity clears it
+POS_PASS = 0.95  # share of same-item matches that must clear the threshold
+
+
+def _uncalibrated(why: str) -> str:
+    return (f"kiosks will never answer \"no match\": {why}; add a second photo (a store-like one) of more "
+            "items to calibrate it")
+
+
+def plain_threshold(vectors: npt.NDArray[np.float32], skus: list[str]) -> tuple[float, dict[str, Any]]:
+    """A top-1 similarity threshold for catalogs too small for the adapter; (threshold, statistics).
+
+    Leave one image out: for every catalog vector, ``pos`` is its best similarity to another image of the
+    same item and ``neg`` its best similarity to any other item; the threshold is the point that best
+    separates the two (Youden's J), capped so at least ``POS_PASS`` of ``pos`` pass. Fewer than 10
+    ``pos``: no threshold (``NEVER_NO_MATCH``), as for the rule."""
+    n = len(skus)
+    if n < 2:
+        why = f"the catalog has {n} image(s)"
+        return NEVER_NO_MATCH, {"method": "uncalibrated", "n": n, "warning": _uncalibrated(why)}
+    ids = np.unique(np.asarray(skus), return_inverse=True)[1]
+    pos, neg = np.full(n, np.nan, np.float32), np.full(n, -1.0, np.float32)
+    for start in range(0, n, 1024):  # blocks keep memory at 1024 x n floats
+        sims = vectors[start : start + 1024] @ vectors.T
+        rows = np.arange(start, min(start + 1024, n))
+        same = ids[rows][:, None] == ids[None, :]
+        sims[np.arange(len(rows)), rows] = -np.inf  # never match itself
+        neg[rows] = np.where(same, -np.inf, sims).max(axis=1)
+        p = np.where(same, sims, -np.inf).max(axis=1)
+        pos[rows] = np.where(np.isfinite(p), p, np.nan)
+    pos_v = pos[np.isfinite(pos)]
+    neg_v = neg[np.isfinite(neg)]
+    stats: dict[str, Any] = {
+        "n": n,
+        "pos_n": int(pos_v.size),
+        "neg_mean": round(float(neg_v.mean()), 4) if neg_v.size else None,
+        "pos_mean": round(float(pos_v.mean()), 4) if pos_v.size else None,
+    }
+    if pos_v.size < 10:  # other items' catalog images are no stand-in for store photos
+        why = f"only {pos_v.size} images have another image of the same item"
+        stats.update(method="uncalibrated", warning=_uncalibrated(why))
+        return NEVER_NO_MATCH, stats
+    grid = np.linspace(-1, 1, 401)
+    j = [(pos_v >= g).mean() + (neg_v < g).mean() for g in grid]
+    youden = float(grid[int(np.argmax(j))])
+    t = min(youden, float(np.quantile(pos_v, 1 - POS_PASS)))
+    stats.update(method="youden_capped_pos_p05", youden=round(youden, 4))
+    stats["pos_pass"] = round(float((pos_v >= t).mean()), 4)
+    stats["neg_reject"] = round(float((neg_v < t).mean()), 4)
+    return round(t, 4), stats
+
+
+def fit_for_snapshot(
+    vectors: npt.NDArray[np.float32], skus: list[str], adapter: str
+) -> tuple[Adapter | None, dict[str, Any]]:
+    """What a snapshot ships to decide "no match": the catalog's LDA adapter (``adapter == "lda"``, three or
+    more items) with the open-set rule calibrated through it; else no projection and ``plain_threshold``.
+    Returns (adapter or None, statistics with the "threshold" and, for the rule, "open_set").
+
+    A catalog that cannot calibrate the open-set rule (too few items with a second image) gets none:
+    threshold ``NEVER_NO_MATCH`` (the kiosk always shows its nearest items) and a warning in the report,
+    rather than a threshold fitted on near-duplicates that would turn most right answers away."""
+    ids = np.unique(np.asarray(skus), return_inverse=True)[1]
+    if adapter == "lda" and ids.max(initial=0) + 1 >= MIN_ADAPTER_ITEMS:
+        proj = fit_lda_adapter(vectors, ids)
+        try:
+            rule = calibrate_open_set(vectors, ids, max_known_loss=OPEN_SET_KNOWN_LOSS)
+        except CalibrationError as e:
+            _LOGGER.warning("no \"no match\" rule: %s", e)
+            stats = {"method": "uncalibrated", "threshold": NEVER_NO_MATCH, "warning": _uncalibrated(str(e))}
+            return proj, stats
+        # The kiosk decides with storelens.matching.MatchRule (top1 + margin), see extra["open_set"].
+        return proj, {"method": "cross_fitted_lda_open_set", "threshold": round(rule.threshold, 4),
+                      "open_set": rule.to_dict()}
+    t, stats = plain_threshold(vectors, skus)
+    return None, {**stats, "threshold": t}

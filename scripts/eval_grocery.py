@@ -34,8 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cloud.build import OPEN_SET_KNOWN_LOSS  # noqa: E402
-from cloud.open_set import calibrate_open_set, is_match  # noqa: E402
+from cloud.open_set import OPEN_SET_KNOWN_LOSS, calibrate_open_set, is_match  # noqa: E402
 from cloud.retrieval import (  # noqa: E402
     Adapter,
     Calibration,

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.build import BuildError, build_snapshot, calibrate_threshold
+from cloud.build import BuildError, build_snapshot
 from cloud.catalog import load_catalog
 from cloud.delta import VECTORS, read_rows
+from cloud.open_set import plain_threshold
 from storelens import vindex
 from storelens.matching import MatchRule
 from storelens.snapshot import verify_snapshot
@@ -163,9 +164,9 @@ def test_threshold_separates_items() -> None:
     centres = rng.standard_normal((20, 16))
     vecs = np.repeat(centres, 3, axis=0) + 0.2 * rng.standard_normal((60, 16))
     vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
-    t, stats = calibrate_threshold(vecs, [f"s{i // 3}" for i in range(60)])
+    t, stats = plain_threshold(vecs, [f"s{i // 3}" for i in range(60)])
     assert stats["pos_mean"] > t > stats["neg_mean"]
     assert stats["pos_pass"] >= 0.95
     # one image per item: nothing to calibrate on, so never "no match" (not other items' images as a guess)
-    t1, stats1 = calibrate_threshold(vecs[::3].copy(), [f"s{i}" for i in range(20)])
+    t1, stats1 = plain_threshold(vecs[::3].copy(), [f"s{i}" for i in range(20)])
     assert (t1, stats1["method"]) == (-1.0, "uncalibrated") and "never" in stats1["warning"]

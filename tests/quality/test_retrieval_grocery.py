@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud.build import OPEN_SET_KNOWN_LOSS
-from cloud.open_set import OpenSetRule, calibrate_open_set, is_match
+from cloud.open_set import OPEN_SET_KNOWN_LOSS, OpenSetRule, calibrate_open_set, is_match
 from cloud.retrieval import fit_lda_adapter, item_scores
 from tests.conftest import REPO, shared_path
 
