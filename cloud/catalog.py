@@ -16,7 +16,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -146,6 +146,28 @@ def _validate(raw: dict[str, Any], row: int) -> Item:
     )
 
 
+# Other names shop exports give our columns (matched case-insensitively, spaces or underscores alike);
+# used only when the file lacks the column itself.
+_ALIASES = {
+    "name": "title", "product": "title", "product name": "title", "image": "images", "image url": "images",
+    "image urls": "images", "photo": "images", "photos": "images", "picture": "images", "pictures": "images",
+    "aisle": "location", "shelf": "location", "store": "stores",
+}  # fmt: skip
+
+
+def _columns(header: Sequence[str]) -> dict[str, str]:
+    """Header name -> the column it fills: our own names first, then the first alias of each."""
+    keys = {h: " ".join(h.replace("_", " ").split()).lower() for h in header}
+    names = {h: k.replace(" ", "_") for h, k in keys.items()}
+    taken = set(names.values())
+    for h, k in keys.items():
+        target = _ALIASES.get(k)
+        if target is not None and target not in taken:
+            names[h] = target
+            taken.add(target)
+    return names
+
+
 def _delimiter(text: str) -> str:
     """The CSV's field separator: the first of , ; tab whose header has a 'sku' column (spreadsheets in
     many European locales save "CSV" with semicolons, and some exports use tabs)."""
@@ -181,11 +203,12 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     reader = csv.DictReader(io.StringIO(text), delimiter=_delimiter(text))
     if not reader.fieldnames or "sku" not in [f.strip().lower() for f in reader.fieldnames]:
         raise CatalogError(f"{path}: CSV header must include 'sku' (got {reader.fieldnames})")
+    names = _columns(reader.fieldnames)
     for n, rec in enumerate(reader, start=1):
         if None in rec:
             yield n, "more fields than the header"
             continue
-        yield n, {k.strip().lower(): v for k, v in rec.items() if k is not None}
+        yield n, {names[k]: v for k, v in rec.items() if k is not None}
 
 
 def load_catalog(path: Path) -> Catalog:

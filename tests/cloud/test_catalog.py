@@ -65,3 +65,13 @@ def test_windows_style_image_paths(tmp_path: Path) -> None:
         fetch_image_bytes("C:\\Users\\shop\\a.jpg", tmp_path)
     with pytest.raises(FetchError, match="no such file"):
         fetch_image_bytes("photos\\b.jpg", tmp_path)
+
+
+def test_column_names_shops_use(tmp_path: Path) -> None:
+    """"Name", "Aisle", "Image URL" fill title, location, images; a file with its own title keeps it."""
+    p = tmp_path / "c.csv"
+    p.write_text("SKU,Product Name,Price,Aisle,Image_URL\nA1,Apple,1.00,Aisle 3,a.jpg\n", encoding="utf-8")
+    [item] = load_catalog(p).items
+    assert (item.title, item.location, item.images) == ("Apple", "Aisle 3", ("a.jpg",))
+    p.write_text("sku,name,title,images\nA1,internal-42,Apple,a.jpg\n", encoding="utf-8")
+    assert load_catalog(p).items[0].title == "Apple"
