@@ -29,6 +29,7 @@ from cloud.retrieval import (
     HOLDOUT_FRACTION,
     I64,
     MIN_KNOWN_ANSWERS,
+    MIN_MULTI_IMAGE_ITEMS,
     Adapter,
     CalibrationError,
     _aug_inputs,
@@ -36,6 +37,7 @@ from cloud.retrieval import (
     check_enough_answers,
     fit_lda_adapter,
     item_scores,
+    multi_image_items,
     normalize_rows,
 )
 from storelens.matching import OPEN_SET_KIND
@@ -196,7 +198,7 @@ def calibrate_open_set(
     known_scores: list[F32] = []
     unseen_scores: list[F32] = []
     right_total, done = 0, 0
-    multi_image = bool(np.any(np.unique(y, return_counts=True)[1] >= 2))
+    multi_image = multi_image_items(y)[0] >= MIN_MULTI_IMAGE_ITEMS
     # A small catalog answers few held-out queries a round: run more rounds (cheap at that size).
     while multi_image and (done < rounds or (right_total < MIN_KNOWN_ANSWERS and done < MAX_ROUNDS)):
         done += 1

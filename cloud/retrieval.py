@@ -37,8 +37,10 @@ DEFAULT_MAX_KNOWN_LOSS = 0.03
 # Share of items treated as unseen in each calibration round (mirrors the 20% open-set protocol).
 HOLDOUT_FRACTION = 0.2
 CALIBRATION_ROUNDS = 5
-# Right answers (over all rounds) below which a threshold is a guess: 5 rounds x 4 items with two images.
+# Below these a threshold is a guess: right held-out answers over all rounds (5 rounds x 4 items), and
+# distinct items with two or more images (more rounds over one item's photos only repeat that item).
 MIN_KNOWN_ANSWERS = 20
+MIN_MULTI_IMAGE_ITEMS = 4
 
 
 class CalibrationError(ValueError):
@@ -198,14 +200,21 @@ def _simulate(
     return _Round(fit, adapter.apply(x[fit]), adapter.apply(np.vstack(q_parts)), y[known])
 
 
+def multi_image_items(labels: npt.ArrayLike) -> tuple[int, int]:
+    """(items with two or more images, items)."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    return int(np.sum(counts >= 2)), len(counts)
+
+
 def check_enough_answers(right: int, labels: I64) -> None:
-    """CalibrationError unless the simulation answered ``MIN_KNOWN_ANSWERS`` held-out queries right."""
-    if right < MIN_KNOWN_ANSWERS:
-        counts = np.unique(labels, return_counts=True)[1]
+    """CalibrationError unless ``MIN_MULTI_IMAGE_ITEMS`` items have a second image and the simulation
+    answered ``MIN_KNOWN_ANSWERS`` held-out queries right."""
+    multi, items = multi_image_items(labels)
+    if right < MIN_KNOWN_ANSWERS or multi < MIN_MULTI_IMAGE_ITEMS:
         raise CalibrationError(
-            f"{int(np.sum(counts >= 2))} of {len(counts)} items have two or more images ({right} held-out "
-            f"right answers, {MIN_KNOWN_ANSWERS} needed); an item's only image cannot be held out as a "
-            "store photo"
+            f"{multi} of {items} items have two or more images ({MIN_MULTI_IMAGE_ITEMS} needed; {right} "
+            f"held-out right answers, {MIN_KNOWN_ANSWERS} needed); an item's only image cannot be held "
+            "out as a store photo"
         )
 
 

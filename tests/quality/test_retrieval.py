@@ -131,6 +131,9 @@ def test_open_set_rule_needs_items_with_a_second_image() -> None:
     small = y < 4  # four items with six images each: ~3 held-out answers a round, so more rounds
     rule = calibrate_open_set(x[small], y[small], holdout_neighbours=2, rounds=5, seed=0)
     assert rule.sim_known_correct >= 20 and rule.sim_unseen_total > 5 * 6
+    few = (y < 3) | np.isin(np.arange(len(y)), first)  # 3 multi-image items: more rounds only repeat them
+    with pytest.raises(CalibrationError, match="3 of 20 items have two or more images"):
+        calibrate_open_set(x[few], y[few], holdout_neighbours=2, rounds=5, seed=0)
 
 
 def test_open_set_score_handles_single_and_absent_items() -> None:
