@@ -133,6 +133,40 @@ def catalog_build(
     typer.echo(f"report: {res.report_path}")
 
 
+@catalog_app.command("check")
+def catalog_check(
+    catalog: Annotated[Path, typer.Option("--catalog", help="CSV or JSON Lines catalog")],
+    store: Annotated[str | None, typer.Option("--store", help="Only the items this store carries")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """Check a catalog before building: every row validated, every image fetched and decoded; no model.
+
+    Exit 2 when nothing could be built from it."""
+    from dataclasses import asdict
+
+    from cloud.check import check_catalog
+
+    rep = _guard(lambda: check_catalog(catalog, store=store))
+    if as_json:
+        typer.echo(json.dumps({**asdict(rep), "buildable": rep.buildable}, indent=1))
+    else:
+        for e in rep.bad_rows:
+            typer.echo(f"bad row {e['row']} ({e['sku']}): {e['error']}")
+        for e in rep.bad_images:
+            typer.echo(f"bad image row {e['row']} ({e['sku']}) {e['source']}: {e['error']}")
+        for sku in rep.items_without_images:
+            typer.echo(f"item {sku}: no usable image, it will not be in the snapshot")
+        for w in rep.warnings:
+            typer.echo(f"warning: {w}")
+        typer.echo(
+            f"{'OK' if rep.buildable else 'NOTHING TO BUILD'}: {rep.rows} rows, {rep.items} items "
+            f"({len(rep.bad_rows)} bad rows), {rep.images_ok} usable images ({len(rep.bad_images)} bad), "
+            f"{rep.items_multi_image} items with two or more"
+        )
+    if not rep.buildable:
+        raise typer.Exit(2)
+
+
 @catalog_app.command("verify")
 def catalog_verify(
     snapshot: Annotated[Path, typer.Argument(help="Snapshot directory or .tar archive")],

@@ -1,0 +1,71 @@
+"""`storelens catalog check`: what a build of this catalog would keep, skip and warn about, without a model.
+
+A retailer runs it on the file their shop system exported before handing it over: every row is validated,
+every image fetched and decoded (as the build would), and the "no match" readiness is estimated from how
+many items have two or more usable photos (``cloud.open_set``: one is held out as a customer's photo).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloud.catalog import FetchError, Item, fetch_image_bytes, load_catalog
+from cloud.retrieval import MIN_MULTI_IMAGE_ITEMS
+from models.errors import BadImage
+from models.images import decode_image
+
+WORKERS = 4  # fetching and decoding release the GIL; URLs wait on the network
+
+
+@dataclass(slots=True)
+class CheckReport:
+    rows: int = 0
+    items: int = 0  # valid rows (for the store, when one is given)
+    bad_rows: list[dict[str, Any]] = field(default_factory=list)
+    bad_images: list[dict[str, Any]] = field(default_factory=list)
+    items_without_images: list[str] = field(default_factory=list)  # every image of the item is bad
+    images_ok: int = 0
+    items_multi_image: int = 0  # items with two or more usable images
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def buildable(self) -> bool:
+        return self.items > len(self.items_without_images)
+
+
+def _image_error(source: str, base_dir: Path, s3_client: Any) -> str | None:
+    try:
+        decode_image(fetch_image_bytes(source, base_dir, s3_client=s3_client))
+    except (FetchError, BadImage) as exc:
+        return str(exc)
+    return None
+
+
+def check_catalog(path: Path, *, store: str | None = None, s3_client: Any = None) -> CheckReport:
+    """Validate ``path`` as ``catalog build`` would; CatalogError if the file itself is unreadable."""
+    cat = load_catalog(path)
+    items: list[Item] = cat.for_store(store) if store is not None else cat.items
+    rep = CheckReport(rows=len(cat.items) + len(cat.errors), items=len(items))
+    rep.bad_rows = [{"row": e.row, "sku": e.sku, "error": e.error} for e in cat.errors]
+    jobs = [(it, src) for it in items for src in it.images]
+    with ThreadPoolExecutor(WORKERS) as pool:
+        errors = list(pool.map(lambda j: _image_error(j[1], cat.base_dir, s3_client), jobs))
+    good: dict[str, int] = {it.sku: 0 for it in items}
+    for (it, src), err in zip(jobs, errors, strict=True):
+        if err is None:
+            good[it.sku] += 1
+        else:
+            rep.bad_images.append({"row": it.row, "sku": it.sku, "source": src, "error": err})
+    rep.images_ok = sum(good.values())
+    rep.items_without_images = [sku for sku, n in good.items() if n == 0]
+    rep.items_multi_image = sum(1 for n in good.values() if n >= 2)
+    if rep.items_multi_image < MIN_MULTI_IMAGE_ITEMS:
+        rep.warnings.append(
+            f"only {rep.items_multi_image} items have two or more usable photos ({MIN_MULTI_IMAGE_ITEMS} "
+            "at least, better dozens): kiosks will never answer \"no match\"; add a second, store-like "
+            "photo (on a shelf, in a hand) of more items"
+        )
+    return rep
