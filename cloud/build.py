@@ -176,6 +176,7 @@ def build_snapshot(
     plan, reason = None, None
     if base is not None and base_m is not None:
         reason = _delta_blocker(base, base_m, model_id, feats.dim)
+        reason = reason or open_set.recalibrate_reason(base_m, skus)
         if reason is None:
             plan = d.plan_delta(
                 d.read_rows(base / d.ITEMS), d.read_rows(base / d.VECTORS), item_rows, vec_rows
@@ -189,6 +190,9 @@ def build_snapshot(
         proj = _read_projection(base, base_m)
         threshold = base_m.threshold
         tstats = {"method": "inherited", "from_version": base_m.version}
+        base_stats = base_m.extra.get("threshold")
+        if isinstance(base_stats, dict) and isinstance(base_stats.get("warning"), str):
+            tstats["warning"] = base_stats["warning"]  # still true of this delta
     else:
         proj, tstats = open_set.fit_for_snapshot(feats.vectors, skus, adapter)
         threshold = float(tstats["threshold"])  # type: ignore[arg-type]

@@ -62,10 +62,11 @@ def check_catalog(path: Path, *, store: str | None = None, s3_client: Any = None
     rep.images_ok = sum(good.values())
     rep.items_without_images = [sku for sku, n in good.items() if n == 0]
     rep.items_multi_image = sum(1 for n in good.values() if n >= 2)
-    if rep.items_multi_image < MIN_MULTI_IMAGE_ITEMS:
+    need = min(MIN_MULTI_IMAGE_ITEMS, len(good))
+    if rep.items_multi_image < need:
         rep.warnings.append(
-            f"only {rep.items_multi_image} items have two or more usable photos ({MIN_MULTI_IMAGE_ITEMS} "
-            "at least, better dozens): kiosks will never answer \"no match\"; add a second, store-like "
-            "photo (on a shelf, in a hand) of more items"
+            f"only {rep.items_multi_image} items have two or more usable photos ({need} at least, better "
+            "dozens): kiosks will never answer \"no match\"; add a second, store-like photo (on a shelf, "
+            "in a hand) of more items"
         )
     return rep

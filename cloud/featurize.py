@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud.catalog import FetchError, Item, fetch_image_bytes
+from models.images import DECODE_VERSION
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -82,12 +83,12 @@ class EmbeddingCache:
 
     def get_thumb(self, sha: str) -> bytes | None:
         with self._lock:
-            row = self._db.execute("SELECT jpeg FROM thumb WHERE sha=?", (sha,)).fetchone()
+            row = self._db.execute("SELECT jpeg FROM thumb WHERE sha=?", (_thumb_key(sha),)).fetchone()
         return bytes(row[0]) if row else None
 
     def put_thumb(self, sha: str, jpeg: bytes) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO thumb VALUES (?, ?)", (sha, jpeg))
+            self._db.execute("INSERT OR REPLACE INTO thumb VALUES (?, ?)", (_thumb_key(sha), jpeg))
 
     def commit(self) -> None:
         with self._lock:
@@ -133,8 +134,12 @@ class _Job:
 
 
 def model_fingerprint(embedder: EmbedderLike) -> str:
-    """Cache key part naming the embedding space: model weights plus preprocessing."""
-    return f"{embedder.model_id}:{preprocessing_hash(embedder)}"
+    """Cache key part naming the embedding space: model weights, preprocessing and the image decoder."""
+    return f"{embedder.model_id}:{preprocessing_hash(embedder)}:d{DECODE_VERSION}"
+
+
+def _thumb_key(sha: str) -> str:
+    return f"{sha}:d{DECODE_VERSION}"
 
 
 def preprocessing_hash(embedder: EmbedderLike) -> str:

@@ -15,6 +15,7 @@ than ``MIN_ADAPTER_ITEMS`` items a plain top-1 threshold (``plain_threshold``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,18 +30,18 @@ from cloud.retrieval import (
     HOLDOUT_FRACTION,
     I64,
     MIN_KNOWN_ANSWERS,
-    MIN_MULTI_IMAGE_ITEMS,
     Adapter,
     CalibrationError,
     _aug_inputs,
     _simulate,
     check_enough_answers,
+    enough_multi_image_items,
     fit_lda_adapter,
     item_scores,
-    multi_image_items,
     normalize_rows,
 )
 from storelens.matching import OPEN_SET_KIND
+from storelens.snapshot import SnapshotManifest
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ DEFAULT_MARGIN_WEIGHT = 1.0
 # than the catalog, so a held-out image's near-duplicates must not stay behind to answer it.
 DEFAULT_HOLDOUT_NEIGHBOURS = 8
 MAX_ROUNDS = 50  # a 4-item catalog with 4 images each answers ~3 held-out queries a round
+SMALL_CATALOG = 2000  # vectors; above, each round refits the adapter for seconds: no extra rounds
 
 
 def open_set_score(scores: npt.ArrayLike, margin_weight: float = DEFAULT_MARGIN_WEIGHT) -> F32:
@@ -198,9 +200,10 @@ def calibrate_open_set(
     known_scores: list[F32] = []
     unseen_scores: list[F32] = []
     right_total, done = 0, 0
-    multi_image = multi_image_items(y)[0] >= MIN_MULTI_IMAGE_ITEMS
     # A small catalog answers few held-out queries a round: run more rounds (cheap at that size).
-    while multi_image and (done < rounds or (right_total < MIN_KNOWN_ANSWERS and done < MAX_ROUNDS)):
+    max_rounds = MAX_ROUNDS if len(x) <= SMALL_CATALOG else rounds
+    more = enough_multi_image_items(y)
+    while more and (done < rounds or (right_total < MIN_KNOWN_ANSWERS and done < max_rounds)):
         done += 1
         split = _open_set_round(x, y, holdout_neighbours, rng)
         r = _simulate(x, y, xa, src, split, fit_adapter=fit_adapter, fit_with_aug=fit_with_aug,
@@ -315,3 +318,14 @@ def fit_for_snapshot(
                       "open_set": rule.to_dict()}
     t, stats = plain_threshold(vectors, skus)
     return None, {**stats, "threshold": t}
+
+
+def recalibrate_reason(base: SnapshotManifest, skus: Sequence[str]) -> str | None:
+    """Why a delta on ``base`` must be a full build: the base ships no "no match" rule and the catalog now
+    has the photos to calibrate one (a delta inherits its base's rule). None otherwise."""
+    stats = base.extra.get("threshold")
+    if not (isinstance(stats, dict) and stats.get("method") == "uncalibrated"):
+        return None
+    if not enough_multi_image_items(np.unique(np.asarray(skus), return_inverse=True)[1]):
+        return None
+    return "the base has no \"no match\" rule and the catalog now has the photos to calibrate one"

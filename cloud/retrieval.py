@@ -206,13 +206,20 @@ def multi_image_items(labels: npt.ArrayLike) -> tuple[int, int]:
     return int(np.sum(counts >= 2)), len(counts)
 
 
-def check_enough_answers(right: int, labels: I64) -> None:
-    """CalibrationError unless ``MIN_MULTI_IMAGE_ITEMS`` items have a second image and the simulation
-    answered ``MIN_KNOWN_ANSWERS`` held-out queries right."""
+def enough_multi_image_items(labels: npt.ArrayLike) -> bool:
+    """``MIN_MULTI_IMAGE_ITEMS`` items with a second image (every item of a smaller catalog)."""
     multi, items = multi_image_items(labels)
-    if right < MIN_KNOWN_ANSWERS or multi < MIN_MULTI_IMAGE_ITEMS:
+    return multi >= min(MIN_MULTI_IMAGE_ITEMS, items)
+
+
+def check_enough_answers(right: int, labels: I64) -> None:
+    """CalibrationError unless enough items have a second image (``enough_multi_image_items``) and the
+    simulation answered ``MIN_KNOWN_ANSWERS`` held-out queries right."""
+    multi, items = multi_image_items(labels)
+    if right < MIN_KNOWN_ANSWERS or not enough_multi_image_items(labels):
+        need = min(MIN_MULTI_IMAGE_ITEMS, items)
         raise CalibrationError(
-            f"{multi} of {items} items have two or more images ({MIN_MULTI_IMAGE_ITEMS} needed; {right} "
+            f"{multi} of {items} items have two or more images ({need} needed; {right} "
             f"held-out right answers, {MIN_KNOWN_ANSWERS} needed); an item's only image cannot be held "
             "out as a store photo"
         )

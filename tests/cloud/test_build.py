@@ -126,6 +126,40 @@ def test_one_image_per_item_builds_without_a_no_match_rule(
     assert rule.is_match([-0.99]) and rule.is_match([0.1, 0.1])  # always the nearest items, never "ask staff"
 
 
+def test_a_delta_never_keeps_an_uncalibrated_base_once_photos_allow_a_rule(
+    embedder: CountingEmbedder, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """A delta inherits its base's "no match" decision: on a base without a rule it carries the warning
+    on, and once second photos make a rule possible (the runbook's fix) the build is full and has one."""
+    cat = make_catalog(tmp_path / "cat", n_items=12, per_item=1)
+    v1 = build_snapshot(cat.path, "s", tmp_path / "v1", signing_key, embedder=embedder, progress=False)
+    assert v1.manifest.extra["threshold"]["method"] == "uncalibrated"
+    cat.rows[5]["price"] = "9.99"
+    cat.write()
+    v2 = build_snapshot(cat.path, "s", tmp_path / "v2", signing_key, embedder=embedder, base=v1.out_dir,
+                        progress=False)  # fmt: skip
+    assert v2.report["kind"] == "delta" and 'never answer "no match"' in v2.report["warnings"][0]
+    for i in range(4):  # 4 new vectors of 16: small enough for a delta
+        cat.rows[i]["images"].append(
+            str(write_jpeg(cat.dir / "img" / f"item{i}_1.jpg", item_image(i, 1)).relative_to(cat.dir))
+        )
+    cat.write()
+    v3 = build_snapshot(cat.path, "s", tmp_path / "v3", signing_key, embedder=embedder, base=v1.out_dir,
+                        version=3, progress=False)  # fmt: skip
+    assert v3.report["kind"] == "full" and 'no "no match" rule' in v3.report["delta_fallback"]
+    assert v3.manifest.extra["threshold"]["method"] == "cross_fitted_lda_open_set"
+    assert not v3.report["warnings"]
+
+
+def test_three_items_with_photos_enough_get_a_rule(
+    embedder: CountingEmbedder, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """The smallest adapter catalog (3 items) calibrates when every item has several photos."""
+    cat = make_catalog(tmp_path / "cat", n_items=3, per_item=6)
+    res = build_snapshot(cat.path, "s", tmp_path / "snap", signing_key, embedder=embedder, progress=False)
+    assert res.manifest.extra["threshold"]["method"] == "cross_fitted_lda_open_set", res.report["warnings"]
+
+
 def test_cache_embeds_only_changed_images(
     catalog: CatalogFiles, signing_key: Ed25519PrivateKey, tmp_path: Path
 ) -> None:
@@ -148,6 +182,23 @@ def test_cache_embeds_only_changed_images(
         catalog.path, "s", tmp_path / "c", signing_key, embedder=other_model, cache_dir=cache, progress=False
     )
     assert other_model.calls == 36  # the cache is keyed by model: no cross-model reuse
+
+
+def test_cache_is_not_reused_across_decoder_versions(
+    catalog: CatalogFiles, signing_key: Ed25519PrivateKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When decode_image's pixels change (models.images.DECODE_VERSION), cached vectors and thumbnails of
+    the old pixels (e.g. transparent products on black) must not be served."""
+    import cloud.featurize
+
+    cache = tmp_path / "cache"
+    build_snapshot(catalog.path, "s", tmp_path / "a", signing_key, embedder=CountingEmbedder(),
+                   cache_dir=cache, progress=False)  # fmt: skip
+    monkeypatch.setattr(cloud.featurize, "DECODE_VERSION", cloud.featurize.DECODE_VERSION + 1)
+    again = CountingEmbedder()
+    res = build_snapshot(catalog.path, "s", tmp_path / "b", signing_key, embedder=again, cache_dir=cache,
+                         progress=False)  # fmt: skip
+    assert again.calls == 36 and res.report["cache_hits"] == 0
 
 
 def test_no_usable_items_is_a_clear_error(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:

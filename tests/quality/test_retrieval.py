@@ -125,7 +125,10 @@ def test_open_set_rule_needs_items_with_a_second_image() -> None:
         calibrate_open_set(x[first], y[first], aug_vectors=views, aug_source=np.repeat(np.arange(20), 4))
     multi = y < 6  # items 0-5 keep all their images, the rest one each
     rows = np.flatnonzero(multi | np.isin(np.arange(len(y)), first))
-    rule = calibrate_open_set(x[rows], y[rows], holdout_neighbours=2, rounds=5, seed=0)
+    single = np.flatnonzero(~multi[rows])  # positions in ``rows`` of the single-image items: 4 views each
+    views, src = np.repeat(x[rows][single], 4, axis=0) + 0.01, np.repeat(single, 4)
+    rule = calibrate_open_set(x[rows], y[rows], aug_vectors=views, aug_source=src, holdout_neighbours=2,
+                              rounds=5, seed=0)  # fmt: skip
     assert 20 <= rule.sim_known_correct <= 5 * 6  # at most one held-out image per multi-image item a round
     assert rule.sim_known_kept >= 0.95
     small = y < 4  # four items with six images each: ~3 held-out answers a round, so more rounds
