@@ -9,7 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.errors import BadImage
 
@@ -64,6 +64,9 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
 def _has_alpha(img: Image.Image) -> bool:
+    """Transparency to composite; high-bit-depth modes (PIL would clip them to white) stay with OpenCV."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return False
     return img.mode in _ALPHA_MODES or "transparency" in img.info
 
 
@@ -132,8 +135,9 @@ def _decode_with_pil(data: bytes) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 if _has_alpha(img):
-                    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                    rgb = np.asarray(Image.alpha_composite(white, img.convert("RGBA")).convert("RGB"))
+                    upright = ImageOps.exif_transpose(img)  # as OpenCV's IMREAD_COLOR does
+                    white = Image.new("RGBA", upright.size, (255, 255, 255, 255))
+                    rgb = np.asarray(Image.alpha_composite(white, upright.convert("RGBA")).convert("RGB"))
                 else:
                     rgb = np.asarray(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -75,6 +75,21 @@ def test_transparent_background_becomes_white(fmt: str, mode: str) -> None:
         assert r > 150 and b < 80  # still red (BGR)
 
 
+def test_transparent_path_keeps_orientation_and_deep_grays() -> None:
+    """The PIL path for transparency turns the image upright by its EXIF tag as OpenCV does, and leaves a
+    16-bit image with a transparent key to OpenCV (PIL would clip it to white)."""
+    rgba = np.zeros((20, 40, 4), np.uint8)
+    rgba[..., 3] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, "PNG", exif=exif.tobytes())
+    assert decode_image(buf.getvalue()).shape == (40, 20, 3)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((10, 10), 120 * 257, np.uint16)).save(buf, "PNG", transparency=0)
+    assert decode_image(buf.getvalue())[0, 0].tolist() == [120, 120, 120]
+
+
 @pytest.mark.parametrize(
     "data",
     [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 30],
