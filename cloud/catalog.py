@@ -87,37 +87,47 @@ def _as_list(value: Any) -> list[str]:
 
 # Currency marks a price may carry at either end, as shop systems and spreadsheets export them.
 _MARK = r"(?:[$€£¥]|(?:kr|sek|nok|dkk|eur|usd|gbp|chf|pln)\.?)"
-_CURRENCY = re.compile(rf"^{_MARK}\s*|\s*(?:{_MARK}|:-|,-)$", re.IGNORECASE)
-_GROUPING = re.compile(r"[\s\u00a0\u202f']")  # spaces, no-break and thin spaces, apostrophes: thousands
+_CURRENCY = re.compile(rf"^{_MARK}\s*|\s*(?:{_MARK}|[:,.]-)$", re.IGNORECASE)
+# A space, no-break or thin space or apostrophe between digits, before a group of exactly three: thousands.
+_GROUPING = re.compile(r"(?<=\d)[\s\u00a0\u202f'](?=\d{3}(?!\d))")
 
 
 def _price(value: Any) -> str | None:
-    """A price as "12.90". Accepts decimal commas and colons ("12,90", "12:90", "12:-"), grouping spaces
-    ("1 299,00"), both separators ("1.299,00", "1,299.00") and a currency mark at either end ("kr", "€",
-    "SEK"); refuses negatives, non-numbers and the ambiguous "1,299" and "1.299" (a thousand, or one?)."""
+    """A price as "12.90" (three decimals kept when given: "1.999"). Accepts decimal commas and colons
+    ("12,90", "12:90", "12:-"), grouping ("1 299,00", "1.299,00", "1,299.00") and a currency mark at
+    either end ("kr", "€", "SEK"); refuses negatives, non-numbers, malformed grouping and the ambiguous
+    "1,299" / "1.299" (a thousand, or about one?). JSON numbers are taken as they are."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool):
         raise ValueError(f"bad price {value!r}")
     text = str(value).strip()
-    for _ in range(2):  # a mark at each end: "SEK 12:-"
-        text = _CURRENCY.sub("", text).strip()
-    text = _GROUPING.sub("", text).replace(":", ",")
-    if "," in text and "." in text:  # the later one is the decimal separator
-        dec, group = (",", ".") if text.rfind(",") > text.rfind(".") else (".", ",")
-        text = text.replace(group, "").replace(dec, ".")
-    elif re.fullmatch(r"\d{1,3}[.,]\d{3}", text):  # 1,299 / 1.299: a thousand or about one?
-        raise ValueError(f"ambiguous price {value!r}: a thousands separator or three decimals? "
-                         "Write it with two decimals and no grouping, e.g. 1299.00")
-    elif text.count(",") == 1:
-        text = text.replace(",", ".")
+    if not isinstance(value, int | float):
+        text = _text_price(text, value)
     try:
         d = Decimal(text)
     except InvalidOperation as exc:
         raise ValueError(f"bad price {value!r}") from exc
     if not d.is_finite() or d < 0 or d > 1_000_000:
         raise ValueError(f"bad price {value!r}")
-    return f"{d.quantize(Decimal('0.01'))}"
+    places = Decimal("0.001") if d != d.quantize(Decimal("0.01")) else Decimal("0.01")
+    return f"{d.quantize(places)}"
+
+
+def _text_price(text: str, value: Any) -> str:
+    """A spreadsheet's price text as a plain decimal string (ValueError when ambiguous or malformed)."""
+    for _ in range(2):  # a mark at each end: "SEK 12:-"
+        text = _CURRENCY.sub("", text).strip()
+    text = _GROUPING.sub("", text).replace(":", ",")
+    if "," in text and "." in text:  # the later one is the decimal separator, the other groups thousands
+        dec, group = (",", ".") if text.rfind(",") > text.rfind(".") else (".", ",")
+        if not re.fullmatch(rf"\d{{1,3}}(?:{re.escape(group)}\d{{3}})+{re.escape(dec)}\d{{1,3}}", text):
+            raise ValueError(f"bad price {value!r}")
+        return text.replace(group, "").replace(dec, ".")
+    if re.fullmatch(r"[1-9]\d{0,2}[.,]\d{3}", text):  # 1,299 / 1.299: a thousand or about one?
+        raise ValueError(f"ambiguous price {value!r}: a thousands separator or three decimals? "
+                         "Write it with two decimals and no grouping, e.g. 1299.00")
+    return text.replace(",", ".") if text.count(",") == 1 else text
 
 
 def _validate(raw: dict[str, Any], row: int) -> Item:
@@ -151,7 +161,7 @@ def _validate(raw: dict[str, Any], row: int) -> Item:
 _ALIASES = {
     "name": "title", "product": "title", "product name": "title", "image": "images", "image url": "images",
     "image urls": "images", "photo": "images", "photos": "images", "picture": "images", "pictures": "images",
-    "aisle": "location", "shelf": "location", "store": "stores",
+    "aisle": "location", "shelf": "location",
 }  # fmt: skip
 
 

@@ -220,9 +220,10 @@ def _open_set(cat: Catalog, m: Method, queries: np.ndarray, qy: np.ndarray) -> d
             sub.vectors, sub.labels, aug_vectors=sub.aug, aug_source=sub.aug_source,
             fit_adapter=m.adapter, fit_with_aug=m.augment,
         )  # fmt: skip
-        threshold, cal_row = cal.threshold, {
+        cal_row: dict[str, Any] = {
             "known_kept": cal.known_kept, "unseen_rejected": cal.unseen_rejected,
             "known_correct": cal.known_correct, "unseen_total": cal.unseen_total}  # fmt: skip
+        threshold = cal.threshold
     except CalibrationError as e:  # one image per item: nothing to calibrate on, never "no match"
         threshold, cal_row = -1.0, {"none": str(e)}
     scores = _scores(adapter, sub, queries)

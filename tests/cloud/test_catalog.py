@@ -17,7 +17,8 @@ from cloud.catalog import CatalogError, FetchError, _price, fetch_image_bytes, l
         ("1 299,00", "1299.00"), ("1\u00a0299,5", "1299.50"), ("1.299,00", "1299.00"),
         ("1,299.00", "1299.00"),
         ("kr 12", "12.00"), ("12 kr", "12.00"), ("SEK 12:-", "12.00"), ("€1.20", "1.20"), ("$3", "3.00"),
-        ("EUR12,5", "12.50"), ("0", "0.00"), (3, "3.00"), (2.5, "2.50"), ("", None), (None, None),
+        ("EUR12,5", "12.50"), ("12.-", "12.00"), ("0", "0.00"), ("0,999", "0.999"), (3, "3.00"),
+        (2.5, "2.50"), (1.299, "1.299"), ("", None), (None, None),
     ],
 )  # fmt: skip
 def test_prices_are_read_as_spreadsheets_write_them(raw: object, want: str | None) -> None:
@@ -25,9 +26,11 @@ def test_prices_are_read_as_spreadsheets_write_them(raw: object, want: str | Non
     assert _price(raw) == want
 
 
-@pytest.mark.parametrize("raw", ["1,299", "1.299", "cheap", "-3", "12,90,1", True, "1e9"])
+@pytest.mark.parametrize("raw", ["1,299", "1.299", "cheap", "-3", "12,90,1", True, "1e9", "12 90", "1,2,3.4",
+                                 "12.90,5"])  # fmt: skip
 def test_ambiguous_or_bad_prices_are_refused_by_name(raw: object) -> None:
-    """A price that could mean a thousand or about one is refused, not guessed; so is garbage."""
+    """A price that could mean a thousand or about one is refused, not guessed; so are garbage and
+    malformed grouping (a space is a thousands separator only before three digits)."""
     with pytest.raises(ValueError, match=r"(ambiguous|bad) price"):
         _price(raw)
 
