@@ -94,7 +94,8 @@ const thumb = (u, role) => `<div class="thumb">${u ? `<img ${role ? 'data-role="
   `src="${esc(u)}" alt="">` : ""}</div>`;
 function money(p, f) {  // the catalog's "12.90" as the store writes prices, when a currency is set
   if (!p || !f || !f.currency || !isFinite(Number(p))) return p || "";
-  try { return new Intl.NumberFormat(f.locale, {style: "currency", currency: f.currency}).format(Number(p)); }
+  try { return new Intl.NumberFormat(f.locale, {style: "currency", currency: f.currency,
+    maximumFractionDigits: 3}).format(Number(p)); }
   catch (e) { return p; }
 }
 function show(state, html) {
