@@ -55,6 +55,9 @@ def test_kiosk_online_match_in_feed_then_offline_by_last_will(
                            timeout=WAIT_MS)
     assert page.inner_text("#feed li.no-match .match-title") == "No match"
     assert "Oat milk 1 l" in page.inner_text("#top-items")
+    # What customers looked for and the store could not answer: an assortment question for staff.
+    page.wait_for_selector("#top-missed:not([hidden])", timeout=WAIT_MS)
+    assert page.inner_text("#top-missed").startswith("Not found: 1 search")
     screenshot(page, "dashboard_match_feed")
 
     sim.kill()

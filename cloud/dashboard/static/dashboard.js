@@ -30,7 +30,7 @@
   const $ = (id) => document.getElementById(id);
   const state = {
     cfg: null, connected: false, everConnected: false, kiosks: new Map(), feed: [], seenIds: new Set(),
-    alerts: [], searches: [], announced: null, openedAt: Date.now(),
+    alerts: [], searches: [], misses: [], announced: null, openedAt: Date.now(),
   };
   window.__storelens = state; // for support staff poking at the page (and the browser tests)
 
@@ -175,6 +175,7 @@
     state.feed.unshift(item);
     state.feed.length = Math.min(state.feed.length, FEED_MAX);
     if (item.matched) state.searches.push({ at, sku: best.sku, title: best.title || best.sku });
+    else state.misses.push(at); // a customer held up something the kiosk could not answer
     prependFeed(item);
   }
 
@@ -460,6 +461,10 @@
       }));
     }
     $("top-empty").hidden = top.length > 0;
+    state.misses = state.misses.filter((at) => now - at < TOP_WINDOW_MS);
+    const n = state.misses.length;
+    text($("top-missed"), n ? `Not found: ${n} ${n === 1 ? "search" : "searches"} (items the store may not carry)` : "");
+    $("top-missed").hidden = n === 0;
     const since = now - state.openedAt < TOP_WINDOW_MS
       ? "since " + new Date(state.openedAt).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }) : "last hour";
     text($("top-window"), since);
