@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud import delta as d
 from cloud import open_set, retrieval
+from cloud.cache import EmbeddingCache
 from cloud.catalog import Catalog, load_catalog
-from cloud.featurize import EmbedderLike, EmbeddingCache, Features, featurize, preprocessing_hash
+from cloud.featurize import EmbedderLike, Features, featurize, preprocessing_hash
 from storelens import vindex
 from storelens.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 from storelens.snapshot import (

@@ -5,8 +5,9 @@ size, format and pixels) and makes each item's thumbnail from its first photo's 
 decoded photos in chunks over a short bounded queue to one embed thread per infer request, which call
 ``embed_one`` (the Embedder resizes on the calling thread, then runs one of its requests). Memory stays
 at a few decoded photos whatever the catalog size, and an inference error is reported against its
-image. The cache is SQLite keyed by (image sha256, model fingerprint): a rebuild after a small catalog
-change embeds only the images that changed. A bad image is reported with its item and source, never fatal.
+image. The cache (``cloud.cache``) is keyed by (image sha256, model fingerprint): a rebuild after a small
+catalog change embeds only the images that changed. A bad image is reported with its item and source,
+never fatal.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from cloud.cache import EmbeddingCache
 from cloud.catalog import FetchError, Item, fetch_image_bytes
 from models.images import DECODE_VERSION
 
@@ -52,52 +53,6 @@ class EmbedderLike(Protocol):
     @property
     def model_id(self) -> str: ...
     def embed(self, crops: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]: ...
-
-
-class EmbeddingCache:
-    """(image sha256, model fingerprint) -> vector, plus sha256 -> thumbnail JPEG; thread-safe."""
-
-    def __init__(self, path: Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS emb (sha TEXT, model TEXT, vec BLOB, PRIMARY KEY (sha, model))"
-        )
-        self._db.execute("CREATE TABLE IF NOT EXISTS thumb (sha TEXT PRIMARY KEY, jpeg BLOB)")
-        self._db.commit()
-
-    def get(self, sha: str, model: str, dim: int) -> npt.NDArray[np.float32] | None:
-        with self._lock:
-            row = self._db.execute("SELECT vec FROM emb WHERE sha=? AND model=?", (sha, model)).fetchone()
-        if row is None or len(row[0]) != 4 * dim:
-            return None
-        return np.frombuffer(row[0], dtype="<f4").astype(np.float32)
-
-    def put(self, sha: str, model: str, vec: npt.NDArray[np.float32]) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO emb VALUES (?, ?, ?)", (sha, model, vec.astype("<f4").tobytes())
-            )
-
-    def get_thumb(self, sha: str) -> bytes | None:
-        with self._lock:
-            row = self._db.execute("SELECT jpeg FROM thumb WHERE sha=?", (_thumb_key(sha),)).fetchone()
-        return bytes(row[0]) if row else None
-
-    def put_thumb(self, sha: str, jpeg: bytes) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO thumb VALUES (?, ?)", (_thumb_key(sha), jpeg))
-
-    def commit(self) -> None:
-        with self._lock:
-            self._db.commit()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.commit()
-            self._db.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +91,6 @@ class _Job:
 def model_fingerprint(embedder: EmbedderLike) -> str:
     """Cache key part naming the embedding space: model weights, preprocessing and the image decoder."""
     return f"{embedder.model_id}:{preprocessing_hash(embedder)}:d{DECODE_VERSION}"
-
-
-def _thumb_key(sha: str) -> str:
-    return f"{sha}:d{DECODE_VERSION}"
 
 
 def preprocessing_hash(embedder: EmbedderLike) -> str:
