@@ -244,10 +244,11 @@ class KioskApp:
         self._threads = []
 
     def run(self, *, max_seconds: float | None = None, exit_at_eof: bool = False) -> None:
-        """Start, block until the stop event (or EOF / ``max_seconds``), then stop."""
-        self.start()
+        """Start, block until the stop event (or EOF / ``max_seconds``), then stop (also after a failed
+        start: whatever had started is stopped before the error propagates)."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         try:
+            self.start()
             while not self.stop_event.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
                     break

@@ -30,13 +30,17 @@ def run(
     """Run the kiosk: camera, held-item detection, search, MQTT, local screen. SIGTERM/SIGINT stop it."""
     from device.app import KioskApp
     from device.config import ConfigError, load_config
+    from models.errors import ModelError
+    from storelens.signing import SigningKeyError
 
+    # What an installer gets wrong (a key, bundle or folder the config names): one line, exit 2.
+    setup_errors = (ConfigError, SigningKeyError, ModelError, OSError)
     try:
         cfg = load_config(config)
-    except ConfigError as exc:
+        app = KioskApp(cfg)
+    except setup_errors as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    app = KioskApp(cfg)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         _LOGGER.info("signal %d: stopping", signum)
@@ -45,4 +49,8 @@ def run(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    app.run(max_seconds=max_seconds, exit_at_eof=exit_at_eof)
+    try:
+        app.run(max_seconds=max_seconds, exit_at_eof=exit_at_eof)
+    except setup_errors as exc:  # the model failed to load at start; the kiosk stopped what had started
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,25 @@ def test_cli_refuses_a_bad_config_with_exit_code_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(kiosk_app, ["run", "--config", str(p)])
     assert result.exit_code == 2
     assert "unknown key 'kiosk.bogus'" in result.output
+
+
+def test_cli_names_a_missing_key_or_bundle_without_a_traceback(tmp_path: Path) -> None:
+    """A valid config naming a key file or model bundle that is not there: one line and exit 2 (the
+    example config on a machine without /etc/storelens printed a 40-line traceback)."""
+    from typer.testing import CliRunner
+
+    from device.cli import kiosk_app
+    from storelens.signing import generate_keypair
+
+    generate_keypair(tmp_path / "private.pem", tmp_path / "public.pem")
+    cfg = {**MINIMAL, "snapshots": {"state_dir": "state", "public_keys": ["missing.pub"]},
+           "screen": {"port": 0}, "camera": {"source": "synthetic"}}  # fmt: skip
+    p = tmp_path / "kiosk.toml"
+    for key, named in (("missing.pub", "missing.pub"), ("public.pem", "model")):  # then: no bundle "model"
+        cfg["snapshots"] = {"state_dir": "state", "public_keys": [key]}
+        p.write_text("\n".join(f"[{k}]\n" + "\n".join(f"{a} = {json.dumps(b)}" for a, b in v.items())
+                               for k, v in cfg.items()) + "\n")  # fmt: skip
+        result = CliRunner().invoke(kiosk_app, ["run", "--config", str(p), "--max-seconds", "5"])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and named in result.output
+        assert "Traceback" not in result.output and result.output.count("\n") == 1
