@@ -7,6 +7,7 @@ many items have two or more usable photos (``cloud.open_set``: one is held out a
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ class CheckReport:
     items_without_images: list[str] = field(default_factory=list)  # every image of the item is bad
     images_ok: int = 0
     items_multi_image: int = 0  # items with two or more usable images
+    shared_photos: list[list[str]] = field(default_factory=list)  # skus sharing an identical photo
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -36,12 +38,14 @@ class CheckReport:
         return self.items > len(self.items_without_images)
 
 
-def _image_error(source: str, base_dir: Path, s3_client: Any) -> str | None:
+def _image(source: str, base_dir: Path, s3_client: Any) -> tuple[str | None, str | None]:
+    """(sha256 of a usable image, error): exactly one is None."""
     try:
-        decode_image(fetch_image_bytes(source, base_dir, s3_client=s3_client))
+        data = fetch_image_bytes(source, base_dir, s3_client=s3_client)
+        decode_image(data)
     except (FetchError, BadImage) as exc:
-        return str(exc)
-    return None
+        return None, str(exc)
+    return hashlib.sha256(data).hexdigest(), None
 
 
 def check_catalog(path: Path, *, store: str | None = None, s3_client: Any = None) -> CheckReport:
@@ -52,13 +56,16 @@ def check_catalog(path: Path, *, store: str | None = None, s3_client: Any = None
     rep.bad_rows = [{"row": e.row, "sku": e.sku, "error": e.error} for e in cat.errors]
     jobs = [(it, src) for it in items for src in it.images]
     with ThreadPoolExecutor(WORKERS) as pool:
-        errors = list(pool.map(lambda j: _image_error(j[1], cat.base_dir, s3_client), jobs))
+        results = list(pool.map(lambda j: _image(j[1], cat.base_dir, s3_client), jobs))
     good: dict[str, int] = {it.sku: 0 for it in items}
-    for (it, src), err in zip(jobs, errors, strict=True):
-        if err is None:
+    skus_of: dict[str, set[str]] = {}
+    for (it, src), (sha, err) in zip(jobs, results, strict=True):
+        if sha is not None:
             good[it.sku] += 1
+            skus_of.setdefault(sha, set()).add(it.sku)
         else:
             rep.bad_images.append({"row": it.row, "sku": it.sku, "source": src, "error": err})
+    rep.shared_photos = sorted(sorted(s) for s in skus_of.values() if len(s) > 1)
     rep.images_ok = sum(good.values())
     rep.items_without_images = [sku for sku, n in good.items() if n == 0]
     rep.items_multi_image = sum(1 for n in good.values() if n >= 2)
@@ -69,4 +76,9 @@ def check_catalog(path: Path, *, store: str | None = None, s3_client: Any = None
             "dozens): kiosks will never answer \"no match\"; add a second, store-like photo (on a shelf, "
             "in a hand) of more items"
         )
+    for group in rep.shared_photos[:20]:
+        rep.warnings.append(f"items {', '.join(group)} share an identical photo: the kiosk cannot tell them "
+                            "apart by it")  # fmt: skip
+    if len(rep.shared_photos) > 20:
+        rep.warnings.append(f"... and {len(rep.shared_photos) - 20} more groups of items sharing a photo")
     return rep

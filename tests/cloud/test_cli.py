@@ -84,15 +84,17 @@ def test_check_reports_what_a_build_would_skip_without_a_model(tmp_path: Path) -
     write_jpeg(tmp_path / "a2.jpg", item_image(1, 1))
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     cat = tmp_path / "c.csv"
-    cat.write_text("sku;title;price;images\nA;Apple;12,90;a1.jpg|a2.jpg\nB;Pear;cheap;a1.jpg\n"
-                   "C;Plum;1;broken.jpg|missing.jpg\n", encoding="utf-8")  # fmt: skip
+    rows = ["sku;title;price;images", "A;Apple;12,90;a1.jpg|a2.jpg", "B;Pear;cheap;a1.jpg",
+            "C;Plum;1;broken.jpg|missing.jpg", "D;Apple, organic;2;a2.jpg"]  # fmt: skip
+    cat.write_text("\n".join(rows) + "\n", encoding="utf-8")
     r = runner.invoke(_app(), ["catalog", "check", "--catalog", str(cat)])
     assert r.exit_code == 0, r.output
     assert "bad row 2 (B): bad price 'cheap'" in r.output
     assert "broken.jpg" in r.output and "missing.jpg" in r.output
     assert "item C: no usable image" in r.output
     assert 'never answer "no match"' in r.output  # one item with two photos
-    assert "OK: 3 rows, 2 items (1 bad rows), 2 usable images (2 bad), 1 items with two or more" in r.output
+    assert "OK: 4 rows, 3 items (1 bad rows), 3 usable images (2 bad), 1 items with two or more" in r.output
+    assert "items A, D share an identical photo" in r.output  # the kiosk could never tell them apart
     cat.write_text("sku,title,images\nC,Plum,broken.jpg\n", encoding="utf-8")
     r = runner.invoke(_app(), ["catalog", "check", "--catalog", str(cat), "--json"])
     assert r.exit_code == 2 and '"buildable": false' in r.output and "Traceback" not in r.output
