@@ -94,7 +94,8 @@ _GROUPING = re.compile(r"(?<=\d)[\s\u00a0\u202f'](?=\d{3}(?!\d))")
 
 def _price(value: Any) -> str | None:
     """A price as "12.90" (three decimals kept when given: "1.999"). Accepts decimal commas and colons
-    ("12,90", "12:90", "12:-"), grouping ("1 299,00", "1.299,00", "1,299.00") and a currency mark at
+    ("12,90", "12:90"), whole amounts ("12:-", "1.299,-"), grouping ("1 299,00", "1.299,00", "1,299.00")
+    and a currency mark at
     either end ("kr", "€", "SEK"); refuses negatives, non-numbers, malformed grouping and the ambiguous
     "1,299" / "1.299" (a thousand, or about one?). JSON numbers are taken as they are."""
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -116,9 +117,14 @@ def _price(value: Any) -> str | None:
 
 def _text_price(text: str, value: Any) -> str:
     """A spreadsheet's price text as a plain decimal string (ValueError when ambiguous or malformed)."""
+    whole = bool(re.search(r"[:,.]-\s*(?:" + _MARK + r")?\s*$", text, re.IGNORECASE))  # "1.299,-": no cents
     for _ in range(2):  # a mark at each end: "SEK 12:-"
         text = _CURRENCY.sub("", text).strip()
     text = _GROUPING.sub("", text).replace(":", ",")
+    if whole:  # what is left can only be grouping: "1.299" / "1,299" here is a thousand
+        if not re.fullmatch(r"\d+|\d{1,3}(?:[.,]\d{3})+", text):
+            raise ValueError(f"bad price {value!r}")
+        return text.replace(".", "").replace(",", "")
     if "," in text and "." in text:  # the later one is the decimal separator, the other groups thousands
         dec, group = (",", ".") if text.rfind(",") > text.rfind(".") else (".", ",")
         if not re.fullmatch(rf"\d{{1,3}}(?:{re.escape(group)}\d{{3}})+{re.escape(dec)}\d{{1,3}}", text):
