@@ -95,9 +95,9 @@ _GROUPING = re.compile(r"(?<=\d)[\s\u00a0\u202f'](?=\d{3}(?!\d))")
 def _price(value: Any) -> str | None:
     """A price as "12.90" (three decimals kept when given: "1.999"). Accepts decimal commas and colons
     ("12,90", "12:90"), whole amounts ("12:-", "1.299,-"), grouping ("1 299,00", "1.299,00", "1,299.00")
-    and a currency mark at
-    either end ("kr", "€", "SEK"); refuses negatives, non-numbers, malformed grouping and the ambiguous
-    "1,299" / "1.299" (a thousand, or about one?). JSON numbers are taken as they are."""
+    and a currency mark at either end ("kr", "€", "SEK"); refuses negatives, non-numbers, malformed
+    grouping and the ambiguous "1,299" / "1.299" (a thousand, or about one?). JSON numbers are taken as
+    they are."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, bool):
