@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud.catalog import FetchError, Item, fetch_image_bytes, load_catalog
-from cloud.retrieval import MIN_MULTI_IMAGE_ITEMS
+from cloud.retrieval import multi_image_items
 from models.errors import BadImage
 from models.images import decode_image
 
@@ -57,22 +57,23 @@ def check_catalog(path: Path, *, store: str | None = None, s3_client: Any = None
     jobs = [(it, src) for it in items for src in it.images]
     with ThreadPoolExecutor(WORKERS) as pool:
         results = list(pool.map(lambda j: _image(j[1], cat.base_dir, s3_client), jobs))
-    good: dict[str, int] = {it.sku: 0 for it in items}
+    usable: list[str] = []  # the sku of every usable image, as the build would index them
     skus_of: dict[str, set[str]] = {}
     for (it, src), (sha, err) in zip(jobs, results, strict=True):
         if sha is not None:
-            good[it.sku] += 1
+            usable.append(it.sku)
             skus_of.setdefault(sha, set()).add(it.sku)
         else:
             rep.bad_images.append({"row": it.row, "sku": it.sku, "source": src, "error": err})
     rep.shared_photos = sorted(sorted(s) for s in skus_of.values() if len(s) > 1)
-    rep.images_ok = sum(good.values())
-    rep.items_without_images = [sku for sku, n in good.items() if n == 0]
-    rep.items_multi_image = sum(1 for n in good.values() if n >= 2)
-    need = min(MIN_MULTI_IMAGE_ITEMS, len(good))
-    if rep.items_multi_image < need:
+    rep.images_ok = len(usable)
+    with_images = set(usable)
+    rep.items_without_images = [it.sku for it in items if it.sku not in with_images]
+    multi = multi_image_items(usable)
+    rep.items_multi_image = multi.multi
+    if usable and not multi.enough:  # what the build's calibration requires
         rep.warnings.append(
-            f"only {rep.items_multi_image} items have two or more usable photos ({need} at least, better "
+            f"only {multi.multi} items have two or more usable photos ({multi.needed} at least, better "
             "dozens): kiosks will never answer \"no match\"; add a second, store-like photo (on a shelf, "
             "in a hand) of more items"
         )

@@ -27,17 +27,16 @@ from cloud.retrieval import (
     DEFAULT_MAX_KNOWN_LOSS,
     DEFAULT_SHRINKAGE,
     F32,
-    HOLDOUT_FRACTION,
-    I64,
     MIN_KNOWN_ANSWERS,
     Adapter,
     CalibrationError,
     _aug_inputs,
     _simulate,
     check_enough_answers,
-    enough_multi_image_items,
     fit_lda_adapter,
+    holdout_round,
     item_scores,
+    multi_image_items,
     normalize_rows,
 )
 from storelens.matching import OPEN_SET_KIND
@@ -138,30 +137,6 @@ def is_match(rule: OpenSetRule, item_scores_row: npt.ArrayLike) -> bool:
     return bool(open_set_score(row, rule.margin_weight)[0] >= rule.threshold)
 
 
-def _open_set_round(x: F32, y: I64, neighbours: int, rng: np.random.Generator) -> tuple[I64, I64, I64]:
-    """One round: (fit rows, known-query rows, unseen items). Each item with several images
-    gives one held-out known query and takes its ``neighbours`` nearest same-item images (cosine in model
-    space) out of the catalog with it, leaving at least one image of the item behind."""
-    items = np.unique(y)
-    unseen = rng.choice(items, size=max(1, round(HOLDOUT_FRACTION * len(items))), replace=False)
-    fit: list[int] = []
-    known: list[int] = []
-    for item in np.setdiff1d(items, unseen):
-        idx = np.flatnonzero(y == item)
-        if len(idx) < 2:  # nothing to hold out: an item's only image stays in the index
-            fit.append(int(idx[0]))
-            continue
-        held = int(rng.choice(idx))
-        rest = idx[idx != held]
-        drop = min(neighbours, len(rest) - 1)
-        if drop > 0:
-            sims = x[rest] @ x[held]
-            rest = rest[np.argsort(-sims, kind="stable")[drop:]]
-        known.append(held)
-        fit.extend(int(i) for i in rest)
-    return np.asarray(sorted(fit), np.int64), np.asarray(known, np.int64), unseen.astype(np.int64)
-
-
 def calibrate_open_set(
     vectors: npt.ArrayLike,
     labels: npt.ArrayLike,
@@ -202,10 +177,10 @@ def calibrate_open_set(
     right_total, done = 0, 0
     # A small catalog answers few held-out queries a round: run more rounds (cheap at that size).
     max_rounds = MAX_ROUNDS if len(x) <= SMALL_CATALOG else rounds
-    more = enough_multi_image_items(y)
+    more = multi_image_items(y).enough
     while more and (done < rounds or (right_total < MIN_KNOWN_ANSWERS and done < max_rounds)):
         done += 1
-        split = _open_set_round(x, y, holdout_neighbours, rng)
+        split = holdout_round(x, y, holdout_neighbours, rng)
         r = _simulate(x, y, xa, src, split, fit_adapter=fit_adapter, fit_with_aug=fit_with_aug,
                       shrinkage=shrinkage)  # fmt: skip
         n_known = len(r.known_labels)
@@ -326,6 +301,6 @@ def recalibrate_reason(base: SnapshotManifest, skus: Sequence[str]) -> str | Non
     stats = base.extra.get("threshold")
     if not (isinstance(stats, dict) and stats.get("method") == "uncalibrated"):
         return None
-    if not enough_multi_image_items(np.unique(np.asarray(skus), return_inverse=True)[1]):
+    if not multi_image_items(skus).enough:
         return None
     return "the base has no \"no match\" rule and the catalog now has the photos to calibrate one"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -129,23 +130,29 @@ class Calibration:
     notes: dict[str, float] = field(default_factory=dict)
 
 
-def _split_round(labels: I64, rng: np.random.Generator) -> tuple[I64, I64, I64]:
-    """One simulation round: (fit rows, known-query rows, unseen items). An item with several images gives
-    one held-out known query; an item's only image stays in the index (see ``CalibrationError``)."""
-    items = np.unique(labels)
-    n_unseen = max(1, round(HOLDOUT_FRACTION * len(items)))
-    unseen = rng.choice(items, size=n_unseen, replace=False)
+def holdout_round(x: F32, y: I64, neighbours: int, rng: np.random.Generator) -> tuple[I64, I64, I64]:
+    """One simulation round: (fit rows, known-query rows, unseen items). Each item with several images
+    gives one held-out known query and takes its ``neighbours`` nearest same-item images (cosine in model
+    space) out of the catalog with it, leaving at least one image of the item behind; an item's only
+    image stays in the index (see ``CalibrationError``)."""
+    items = np.unique(y)
+    unseen = rng.choice(items, size=max(1, round(HOLDOUT_FRACTION * len(items))), replace=False)
     fit: list[int] = []
     known: list[int] = []
     for item in np.setdiff1d(items, unseen):
-        idx = np.flatnonzero(labels == item)
-        if len(idx) >= 2:
-            held = int(rng.choice(idx))
-            known.append(held)
-            fit.extend(int(i) for i in idx if i != held)
-        else:
+        idx = np.flatnonzero(y == item)
+        if len(idx) < 2:  # nothing to hold out: an item's only image stays in the index
             fit.append(int(idx[0]))
-    return np.asarray(fit, np.int64), np.asarray(known, np.int64), unseen.astype(np.int64)
+            continue
+        held = int(rng.choice(idx))
+        rest = idx[idx != held]
+        drop = min(neighbours, len(rest) - 1)
+        if drop > 0:
+            sims = x[rest] @ x[held]
+            rest = rest[np.argsort(-sims, kind="stable")[drop:]]
+        known.append(held)
+        fit.extend(int(i) for i in rest)
+    return np.asarray(sorted(fit), np.int64), np.asarray(known, np.int64), unseen.astype(np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,26 +207,35 @@ def _simulate(
     return _Round(fit, adapter.apply(x[fit]), adapter.apply(np.vstack(q_parts)), y[known])
 
 
-def multi_image_items(labels: npt.ArrayLike) -> tuple[int, int]:
-    """(items with two or more images, items)."""
+class MultiImage(NamedTuple):
+    """How many items have a second image to hold out, and whether that is enough to calibrate on."""
+
+    multi: int  # items with two or more images
+    items: int
+
+    @property
+    def needed(self) -> int:
+        """``MIN_MULTI_IMAGE_ITEMS``, or every item of a smaller catalog."""
+        return min(MIN_MULTI_IMAGE_ITEMS, self.items)
+
+    @property
+    def enough(self) -> bool:
+        return self.multi >= self.needed
+
+
+def multi_image_items(labels: npt.ArrayLike) -> MultiImage:
+    """Count the items of ``labels`` (one per image) that have two or more images."""
     counts = np.unique(np.asarray(labels), return_counts=True)[1]
-    return int(np.sum(counts >= 2)), len(counts)
-
-
-def enough_multi_image_items(labels: npt.ArrayLike) -> bool:
-    """``MIN_MULTI_IMAGE_ITEMS`` items with a second image (every item of a smaller catalog)."""
-    multi, items = multi_image_items(labels)
-    return multi >= min(MIN_MULTI_IMAGE_ITEMS, items)
+    return MultiImage(int(np.sum(counts >= 2)), len(counts))
 
 
 def check_enough_answers(right: int, labels: I64) -> None:
-    """CalibrationError unless enough items have a second image (``enough_multi_image_items``) and the
+    """CalibrationError unless enough items have a second image (``MultiImage.enough``) and the
     simulation answered ``MIN_KNOWN_ANSWERS`` held-out queries right."""
-    multi, items = multi_image_items(labels)
-    if right < MIN_KNOWN_ANSWERS or not enough_multi_image_items(labels):
-        need = min(MIN_MULTI_IMAGE_ITEMS, items)
+    m = multi_image_items(labels)
+    if right < MIN_KNOWN_ANSWERS or not m.enough:
         raise CalibrationError(
-            f"{multi} of {items} items have two or more images ({need} needed; {right} "
+            f"{m.multi} of {m.items} items have two or more images ({m.needed} needed; {right} "
             f"held-out right answers, {MIN_KNOWN_ANSWERS} needed); an item's only image cannot be held "
             "out as a store photo"
         )
@@ -255,7 +271,7 @@ def calibrate_threshold(
     unseen_sims: list[float] = []
     known_total = 0
     for _ in range(rounds):
-        r = _simulate(x, y, xa, src, _split_round(y, rng), fit_adapter=fit_adapter,
+        r = _simulate(x, y, xa, src, holdout_round(x, y, 0, rng), fit_adapter=fit_adapter,
                       fit_with_aug=fit_with_aug, shrinkage=shrinkage)  # fmt: skip
         n_known = len(r.known_labels)
         sims = r.queries @ r.catalog.T
