@@ -1,9 +1,9 @@
 """The catalog build's embedding cache: (image sha256, model fingerprint) -> vector, and thumbnails.
 
 SQLite (WAL) in the build's cache directory, shared across stores and rebuilds: a rebuild after a small
-catalog change embeds only the changed images. Keys carry ``models.images.DECODE_VERSION`` through the
-fingerprint (``cloud.featurize.model_fingerprint``) and the thumbnail key, so pixels decoded differently
-by a newer decoder are never served from an older build's rows.
+catalog change embeds only the changed images. Both tables key an image by its sha256 and
+``models.images.DECODE_VERSION`` (``_pixels_key``), so pixels decoded differently by a newer decoder are
+never served from an older build's rows.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ class EmbeddingCache:
 
     def get(self, sha: str, model: str, dim: int) -> npt.NDArray[np.float32] | None:
         with self._lock:
-            row = self._db.execute("SELECT vec FROM emb WHERE sha=? AND model=?", (sha, model)).fetchone()
+            row = self._db.execute(
+                "SELECT vec FROM emb WHERE sha=? AND model=?", (_pixels_key(sha), model)
+            ).fetchone()
         if row is None or len(row[0]) != 4 * dim:
             return None
         return np.frombuffer(row[0], dtype="<f4").astype(np.float32)
@@ -42,17 +44,18 @@ class EmbeddingCache:
     def put(self, sha: str, model: str, vec: npt.NDArray[np.float32]) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO emb VALUES (?, ?, ?)", (sha, model, vec.astype("<f4").tobytes())
+                "INSERT OR REPLACE INTO emb VALUES (?, ?, ?)",
+                (_pixels_key(sha), model, vec.astype("<f4").tobytes()),
             )
 
     def get_thumb(self, sha: str) -> bytes | None:
         with self._lock:
-            row = self._db.execute("SELECT jpeg FROM thumb WHERE sha=?", (_thumb_key(sha),)).fetchone()
+            row = self._db.execute("SELECT jpeg FROM thumb WHERE sha=?", (_pixels_key(sha),)).fetchone()
         return bytes(row[0]) if row else None
 
     def put_thumb(self, sha: str, jpeg: bytes) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO thumb VALUES (?, ?)", (_thumb_key(sha), jpeg))
+            self._db.execute("INSERT OR REPLACE INTO thumb VALUES (?, ?)", (_pixels_key(sha), jpeg))
 
     def commit(self) -> None:
         with self._lock:
@@ -64,5 +67,6 @@ class EmbeddingCache:
             self._db.close()
 
 
-def _thumb_key(sha: str) -> str:
+def _pixels_key(sha: str) -> str:
+    """An image's rows are those of its bytes as the current decoder turns them into pixels."""
     return f"{sha}:d{DECODE_VERSION}"

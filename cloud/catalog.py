@@ -88,6 +88,7 @@ def _as_list(value: Any) -> list[str]:
 # Currency marks a price may carry at either end, as shop systems and spreadsheets export them.
 _MARK = r"(?:[$€£¥]|(?:kr|sek|nok|dkk|eur|usd|gbp|chf|pln)\.?)"
 _CURRENCY = re.compile(rf"^{_MARK}\s*|\s*(?:{_MARK}|[:,.]-)$", re.IGNORECASE)
+_WHOLE = re.compile(rf"[:,.]-\s*{_MARK}?\s*$", re.IGNORECASE)  # a whole amount: "12:-", "1.299,- kr"
 # A space, no-break or thin space or apostrophe between digits, before a group of exactly three: thousands.
 _GROUPING = re.compile(r"(?<=\d)[\s\u00a0\u202f'](?=\d{3}(?!\d))")
 
@@ -117,7 +118,7 @@ def _price(value: Any) -> str | None:
 
 def _text_price(text: str, value: Any) -> str:
     """A spreadsheet's price text as a plain decimal string (ValueError when ambiguous or malformed)."""
-    whole = bool(re.search(r"[:,.]-\s*(?:" + _MARK + r")?\s*$", text, re.IGNORECASE))  # "1.299,-": no cents
+    whole = _WHOLE.search(text) is not None  # "1.299,-": no cents
     for _ in range(2):  # a mark at each end: "SEK 12:-"
         text = _CURRENCY.sub("", text).strip()
     text = _GROUPING.sub("", text).replace(":", ",")

@@ -26,7 +26,6 @@ import numpy.typing as npt
 
 from cloud.cache import EmbeddingCache
 from cloud.catalog import FetchError, Item, fetch_image_bytes
-from models.images import DECODE_VERSION
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -89,8 +88,8 @@ class _Job:
 
 
 def model_fingerprint(embedder: EmbedderLike) -> str:
-    """Cache key part naming the embedding space: model weights, preprocessing and the image decoder."""
-    return f"{embedder.model_id}:{preprocessing_hash(embedder)}:d{DECODE_VERSION}"
+    """Cache key part naming the embedding space: model weights plus preprocessing."""
+    return f"{embedder.model_id}:{preprocessing_hash(embedder)}"
 
 
 def preprocessing_hash(embedder: EmbedderLike) -> str:

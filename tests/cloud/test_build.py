@@ -189,12 +189,12 @@ def test_cache_is_not_reused_across_decoder_versions(
 ) -> None:
     """When decode_image's pixels change (models.images.DECODE_VERSION), cached vectors and thumbnails of
     the old pixels (e.g. transparent products on black) must not be served."""
-    import cloud.featurize
+    import cloud.cache
 
     cache = tmp_path / "cache"
     build_snapshot(catalog.path, "s", tmp_path / "a", signing_key, embedder=CountingEmbedder(),
                    cache_dir=cache, progress=False)  # fmt: skip
-    monkeypatch.setattr(cloud.featurize, "DECODE_VERSION", cloud.featurize.DECODE_VERSION + 1)
+    monkeypatch.setattr(cloud.cache, "DECODE_VERSION", cloud.cache.DECODE_VERSION + 1)
     again = CountingEmbedder()
     res = build_snapshot(catalog.path, "s", tmp_path / "b", signing_key, embedder=again, cache_dir=cache,
                          progress=False)  # fmt: skip
