@@ -33,24 +33,20 @@ def run(
     from models.errors import ModelError
     from storelens.signing import SigningKeyError
 
-    # What an installer gets wrong (a key, bundle or folder the config names): one line, exit 2.
-    setup_errors = (ConfigError, SigningKeyError, ModelError, OSError)
+    # What an installer gets wrong (a key, bundle or folder the config names), whether found while
+    # building the kiosk or while its start loads the model: one line, exit 2 (the kiosk has stopped
+    # whatever had started).
     try:
-        cfg = load_config(config)
-        app = KioskApp(cfg)
-    except setup_errors as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        app = KioskApp(load_config(config))
+        if threading.current_thread() is threading.main_thread():
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        _LOGGER.info("signal %d: stopping", signum)
-        app.stop_event.set()
+            def on_signal(signum: int, frame: FrameType | None) -> None:
+                _LOGGER.info("signal %d: stopping", signum)
+                app.stop_event.set()
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-    try:
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
         app.run(max_seconds=max_seconds, exit_at_eof=exit_at_eof)
-    except setup_errors as exc:  # the model failed to load at start; the kiosk stopped what had started
+    except (ConfigError, SigningKeyError, ModelError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

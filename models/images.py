@@ -20,7 +20,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # 50 MiB: a 40 MP JPEG at quality 100 is ~20 MiB; anything bigger is not a photo we want.
 DEFAULT_MAX_BYTES = 50 << 20
 # Bumped when the pixels decode_image returns for some input change (2: transparency onto white), so
-# caches keyed by image bytes (cloud.featurize) do not serve vectors and thumbnails of the old pixels.
+# caches keyed by image bytes (cloud.cache) do not serve vectors and thumbnails of the old pixels.
 DECODE_VERSION = 2
 
 
