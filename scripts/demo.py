@@ -31,7 +31,13 @@ sys.path.insert(0, str(REPO))
 from cloud.build import build_snapshot  # noqa: E402
 from cloud.grocery import read_classes, write_grocery_catalog  # noqa: E402
 from cloud.publish import publish_snapshot  # noqa: E402
-from device.camera.synthetic import load_item_images, make_scene, render_items, write_video  # noqa: E402
+from device.camera.synthetic import (  # noqa: E402
+    load_item_images,
+    make_scene,
+    render_items,
+    store_photo,
+    write_video,
+)
 from models.export import export_model  # noqa: E402
 from storelens import protocol, signing  # noqa: E402
 from tests.support.mosquitto import Mosquitto  # noqa: E402
@@ -61,14 +67,14 @@ def grocery_inputs(shared: Path, work: Path, n_items: int) -> tuple[Path, list[t
 
 
 def synthetic_inputs(work: Path, n_items: int) -> tuple[Path, list[tuple[Path, str]]]:
-    """A rendered catalog (two views per item) and the held items drawn from it."""
-    imgs = render_items(n_items * 2, seed=3)
+    """A rendered catalog (a pack shot and a store photo per item) and the held items drawn from it."""
+    imgs = render_items(n_items, seed=3)
     (work / "items").mkdir(parents=True, exist_ok=True)
     rows, held = [], []
     for i in range(n_items):
         sku = f"SKU-{i:03d}"
         paths = []
-        for v, img in enumerate((imgs[i], cv2.flip(imgs[i], 1))):
+        for v, img in enumerate((imgs[i], store_photo(imgs[i], seed=i))):
             p = work / "items" / f"{sku}-{v}.png"
             cv2.imwrite(str(p), img)
             paths.append(str(p))

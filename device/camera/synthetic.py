@@ -174,6 +174,23 @@ def render_items(n: int, size: int = 200, seed: int = 0) -> list[Image]:
     return out
 
 
+def store_photo(img: Image, seed: int = 0, size: int = 320) -> Image:
+    """``img`` as a store photo shows it: off-centre on a shelf backdrop, tilted, rescaled, other light."""
+    rng = np.random.default_rng(seed)
+    out = _background(size, size, rng)
+    scale = float(rng.uniform(0.55, 0.8)) * size / max(img.shape[:2])
+    angle = float(rng.uniform(-10.0, 10.0))
+    h, w = img.shape[:2]
+    rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+    rot[:, 2] += (size / 2 - w / 2, size / 2 - h / 2) + rng.uniform(-0.08, 0.08, 2) * size
+    warped = cv2.warpAffine(img, rot, (size, size), flags=cv2.INTER_AREA, borderValue=(0, 0, 0))
+    mask = cv2.warpAffine(np.full((h, w), 255, np.uint8), rot, (size, size), flags=cv2.INTER_NEAREST)
+    out[mask > 0] = warped[mask > 0]
+    lit = cv2.convertScaleAbs(out, alpha=float(rng.uniform(0.8, 1.15)), beta=float(rng.uniform(-15, 15)))
+    noise = rng.normal(0.0, 3.0, lit.shape)
+    return np.clip(lit + noise, 0, 255).astype(np.uint8)
+
+
 def _hsv_bgr(h: int, s: int, v: int) -> tuple[int, int, int]:
     px = cv2.cvtColor(np.array([[[h, s, v]]], np.uint8), cv2.COLOR_HSV2BGR)[0, 0]
     return int(px[0]), int(px[1]), int(px[2])

@@ -22,7 +22,7 @@ from device.camera.sources import (
     redact,
     source_is_live,
 )
-from device.camera.synthetic import make_scene, render_items, write_video
+from device.camera.synthetic import make_scene, render_items, store_photo, write_video
 
 
 def _frames(n: int, value: int = 0) -> Iterator[Image]:
@@ -240,3 +240,17 @@ def test_video_file_and_image_folder_sources(tmp_path: Path) -> None:
     paced = factory()
     assert paced.open() and paced.read()[0]
     paced.release()
+
+
+def test_store_photo_is_the_item_on_a_backdrop_not_a_copy() -> None:
+    """The demo's second catalog view must differ from the pack shot like a store photo does: a mirror copy
+    made the calibrated "no match" rule turn away every camera crop of the synthetic demo."""
+    pack = render_items(4, seed=3)[2]
+    photo = store_photo(pack, seed=5, size=320)
+    assert photo.shape == (320, 320, 3) and photo.dtype == np.uint8
+    assert np.array_equal(photo, store_photo(pack, seed=5, size=320))
+    assert not np.array_equal(photo, store_photo(pack, seed=6, size=320))
+    base = pack[pack.shape[0] // 10, pack.shape[1] // 10].astype(int)  # the pack's background colour
+    near = np.abs(photo.astype(int) - base).max(axis=2) < 40
+    assert 0.1 < near.mean() < 0.6, near.mean()  # the item covers part of the photo, the shelf the rest
+    assert not near[0, 0] and not near[-1, -1]
