@@ -187,8 +187,8 @@ def store_photo(img: Image, seed: int = 0, size: int = 320) -> Image:
     mask = cv2.warpAffine(np.full((h, w), 255, np.uint8), rot, (size, size), flags=cv2.INTER_NEAREST)
     out[mask > 0] = warped[mask > 0]
     lit = cv2.convertScaleAbs(out, alpha=float(rng.uniform(0.8, 1.15)), beta=float(rng.uniform(-15, 15)))
-    noise = rng.normal(0.0, 3.0, lit.shape)
-    return np.clip(lit + noise, 0, 255).astype(np.uint8)
+    noisy: Image = np.clip(lit + rng.normal(0.0, 3.0, lit.shape), 0, 255).astype(np.uint8)
+    return noisy
 
 
 def _hsv_bgr(h: int, s: int, v: int) -> tuple[int, int, int]:
