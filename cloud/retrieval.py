@@ -96,15 +96,29 @@ def fit_lda_adapter(
     return Adapter(mu.astype(np.float32), matrix.astype(np.float32))
 
 
-def item_scores(similarities: npt.ArrayLike, vector_items: npt.ArrayLike, n_items: int) -> F32:
-    """(q, n_vectors) similarities -> (q, n_items): each item scores its best image (-inf if absent)."""
+def item_scores(
+    similarities: npt.ArrayLike, vector_items: npt.ArrayLike, n_items: int, per_item: int = 1
+) -> F32:
+    """(q, n_vectors) similarities -> (q, n_items): each item scores its best image (-inf if absent).
+
+    ``per_item`` > 1 is class-level scoring: the mean of the item's ``per_item`` best images (all of them
+    when it has fewer). `make eval` measures it; snapshots score by the best image (docs/NOTES.md).
+    """
     s = np.asarray(similarities, dtype=np.float32)
     items = np.asarray(vector_items, dtype=np.int64)
+    if per_item < 1:
+        raise ValueError(f"per_item must be >= 1, got {per_item}")
     out = np.full((s.shape[0], n_items), -np.inf, dtype=np.float32)
     order = np.argsort(items, kind="stable")
     sorted_items = items[order]
     starts = np.flatnonzero(np.r_[True, sorted_items[1:] != sorted_items[:-1]])
-    out[:, sorted_items[starts]] = np.maximum.reduceat(s[:, order], starts, axis=1)
+    if per_item == 1:
+        out[:, sorted_items[starts]] = np.maximum.reduceat(s[:, order], starts, axis=1)
+        return out
+    for start, stop in zip(starts, np.r_[starts[1:], len(order)], strict=True):
+        cols = s[:, order[start:stop]]
+        k = min(per_item, cols.shape[1])
+        out[:, sorted_items[start]] = -np.partition(-cols, k - 1, axis=1)[:, :k].mean(axis=1)
     return out
 
 

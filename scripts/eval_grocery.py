@@ -96,6 +96,7 @@ class Method:
     query: str  # key into the query sets
     proxy: bool = False
     tuned: bool = False  # embedded by a bundle tuned on the catalog (models.tune)
+    per_item: int = 1  # an item's score: its best image (1) or the mean of its best few (class-level)
 
 
 def _adapter(cat: Catalog, m: Method) -> Adapter:
@@ -108,9 +109,9 @@ def _adapter(cat: Catalog, m: Method) -> Adapter:
     return fit_lda_adapter(cat.vectors, cat.labels)
 
 
-def _scores(adapter: Adapter, cat: Catalog, queries: np.ndarray) -> np.ndarray:
+def _scores(adapter: Adapter, cat: Catalog, queries: np.ndarray, per_item: int = 1) -> np.ndarray:
     sims = adapter.apply(queries) @ adapter.apply(cat.vectors).T
-    return item_scores(sims, cat.labels, N_ITEMS)
+    return item_scores(sims, cat.labels, N_ITEMS, per_item)
 
 
 def _recall(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -270,14 +271,14 @@ def _row(cat: Catalog, m: Method, queries: dict[str, np.ndarray], labels: np.nda
          open_sets: Sets | None = None, proto: str = "B") -> dict[str, Any]:  # fmt: skip
     """R@1/R@5 on ``cat``; open-set figures on ``open_sets`` (a bundle that never saw the unseen items)."""
     adapter = _adapter(cat, m)
-    scores = _scores(adapter, cat, queries[m.query])
+    scores = _scores(adapter, cat, queries[m.query], m.per_item)
+    row = {"r1": _recall(scores, labels, 1), "r5": _recall(scores, labels, 5), "dim": adapter.out_dim,
+           "multi_frame_proxy": m.proxy, "per_item": m.per_item}  # fmt: skip
+    if m.per_item > 1:  # the "no match" rule is calibrated on best-image scores: no open-set figures
+        return {**row, "open_set": None}
     o_cat = cat if open_sets is None else (open_sets.cat_a if proto == "A" else open_sets.cat_b)
     o_q = queries if open_sets is None else open_sets.queries
-    return {
-        "r1": _recall(scores, labels, 1), "r5": _recall(scores, labels, 5),
-        "dim": adapter.out_dim, "multi_frame_proxy": m.proxy,
-        "open_set": _open_set(o_cat, m, o_q[m.query], labels),
-    }  # fmt: skip
+    return {**row, "open_set": _open_set(o_cat, m, o_q[m.query], labels)}
 
 
 def main() -> int:
@@ -300,6 +301,8 @@ def main() -> int:
         Method("+ query centre crop", adapter=True, augment=True, query="c875"),
         Method("baseline, multi-frame proxy", adapter=False, augment=False, query="frames", proxy=True),
         Method("full, multi-frame proxy", adapter=True, augment=True, query="frames", proxy=True),
+        Method("baseline, item = top-5 mean", adapter=False, augment=False, query="orig", per_item=5),
+        Method("+ LDA, item = top-5 mean", adapter=True, augment=False, query="orig", per_item=5),
     ]
     tuned_methods = [
         Method("tuned tail", adapter=False, augment=False, query="orig", tuned=True),
@@ -308,6 +311,8 @@ def main() -> int:
         Method("tuned tail + query centre crop", adapter=True, augment=True, query="c875", tuned=True),
         Method("tuned tail full, multi-frame", adapter=True, augment=True, query="frames", proxy=True,
                tuned=True),
+        Method("as built, item = top-5 mean", adapter=True, augment=False, query="orig", tuned=True,
+               per_item=5),
     ]  # fmt: skip
     results: dict[str, Any] = {"protocols": {}, "best": "tuned tail + LDA, aug. views"}
     for proto, cat in (("A", base.cat_a), ("B", base.cat_b)):
@@ -339,6 +344,8 @@ def main() -> int:
     results["timing_ms"] = timing
     cost = {"baseline": 1.0}
     for m in methods[1:]:
+        if m.per_item > 1:  # brute-force numpy here, not the kiosk's hnswlib search: not measured
+            continue
         embed = timing["embed_tuned_ms"] if m.tuned else timing["embed_ms"]
         search = timing["search_adapter_ms"] if m.adapter else timing["search_base_ms"]
         cost[m.name] = (embed + search) / base_cost

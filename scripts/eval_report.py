@@ -42,10 +42,17 @@ def print_table(results: dict[str, Any], methods: list[Any]) -> None:
     for m in methods:
         if m.proxy and not methods[methods.index(m) - 1].proxy:
             print("kiosk multi-frame proxy (not single-image results):")
+        if m.per_item > 1 and methods[methods.index(m) - 1].per_item == 1:
+            print(f"class-level scoring: an item scores the mean of its {m.per_item} best images, not its "
+                  "best one (no open-set rule for these):")
         if m.tuned and not methods[methods.index(m) - 1].tuned:
             print("bundle tuned on each protocol's own catalog (models.tune; open-set columns: tuned "
                   "without the unseen items):")
         cells = [f"{m.name:32}"]
+        if m.per_item > 1:
+            a, b = results["protocols"]["A"][m.name], results["protocols"]["B"][m.name]
+            print(f"{m.name:32} {a['r1']:6.3f} {a['r5']:6.3f} {'':33} {b['r1']:6.3f} {b['r5']:6.3f}")
+            continue
         for proto in ("A", "B"):
             r = results["protocols"][proto][m.name]
             o = r["open_set"]

@@ -8,35 +8,45 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cloud.retrieval import item_scores
 from models.embedder import Embedder
 from tests.conftest import shared_path
 from tests.models.grocery import load_iconic, load_split, recall_at_1
 
 _LOGGER = logging.getLogger(__name__)
+N_ITEMS = 81  # grocery classes
 
 
 @pytest.mark.slow
 @pytest.mark.shared
 def test_int8_matches_fp16_on_grocery(mobilenet_bundles: dict[str, Path]) -> None:
-    """int8 must not lose search quality: cosine >= 0.98 to fp16, protocol B R@1 within 1 point."""
+    """int8 must not lose search quality: cosine >= 0.98 to fp16, protocol B R@1 within 1 point, and plain
+    features reach the issue's 0.60 when an item scores the mean of its 5 nearest photos."""
     root = shared_path("data", "grocery")
     val, train, iconic = load_split(root, "val.txt"), load_split(root, "train.txt"), load_iconic(root)
     catalog = train.images + iconic.images
     catalog_labels = np.concatenate([train.labels, iconic.labels])
     queries: dict[str, np.ndarray] = {}
     recall: dict[str, float] = {}
+    item_recall: dict[str, float] = {}
     for precision, bundle in mobilenet_bundles.items():
         with Embedder(bundle, mode="latency") as embedder:
             queries[precision] = embedder.embed(val.images)
             items = embedder.embed(catalog)
         recall[precision] = recall_at_1(queries[precision], val.labels, items, catalog_labels)
+        scores = item_scores(queries[precision] @ items.T, catalog_labels, N_ITEMS, per_item=5)
+        item_recall[precision] = float(np.mean(scores.argmax(1) == val.labels))
     cosines = np.sum(queries["fp16"] * queries["int8"], axis=1)
-    _LOGGER.info("R@1 %s; int8-fp16 cosine min %.4f mean %.4f", recall, cosines.min(), cosines.mean())
+    _LOGGER.info("R@1 %s, class-level %s; int8-fp16 cosine min %.4f mean %.4f", recall, item_recall,
+                 cosines.min(), cosines.mean())
     assert cosines.min() >= 0.98
     assert abs(recall["int8"] - recall["fp16"]) <= 0.01 + 1e-9
-    # Plain pooled features of this MobileNetV2 with the recipe's centre crop: 0.578 measured (0.534 without
-    # the crop); the issue's 0.60 is not reached (docs/NOTES.md). Guard the level we have.
+    # Plain pooled features of this MobileNetV2 with the recipe's centre crop, nearest photo: 0.578 fp16 /
+    # 0.571 int8 measured (0.534 without the crop). Scoring an item by the mean of its 5 nearest photos
+    # (class-level, brute force): 0.632 / 0.632, the "roughly 0.64" baseline #6 quotes (docs/NOTES.md).
     assert min(recall.values()) >= 0.56
+    assert min(item_recall.values()) >= 0.60
+    assert abs(item_recall["int8"] - item_recall["fp16"]) <= 0.01 + 1e-9
 
 
 @pytest.mark.slow

@@ -66,6 +66,19 @@ def test_item_scores_takes_best_image_and_marks_absent_items() -> None:
     assert np.isneginf(s[0, 1]) and np.isneginf(s[0, 3])
 
 
+def test_item_scores_per_item_means_the_best_few_images() -> None:
+    """Class-level scoring averages an item's k best images (all when it has fewer), never its worst."""
+    sims = np.array([[0.1, 0.9, 0.3, 0.2, 0.7, 0.5]], np.float32)
+    s = item_scores(sims, np.array([2, 0, 2, 0, 0, 1]), 4, per_item=2)
+    assert s[0, 0] == pytest.approx(0.8)  # 0.9 and 0.7, not 0.2
+    assert s[0, 2] == pytest.approx(0.2) and s[0, 1] == pytest.approx(0.5)
+    assert np.isneginf(s[0, 3])
+    assert np.array_equal(item_scores(sims, np.array([2, 0, 2, 0, 0, 1]), 4, per_item=1),
+                          item_scores(sims, np.array([2, 0, 2, 0, 0, 1]), 4))  # fmt: skip
+    with pytest.raises(ValueError, match="per_item"):
+        item_scores(sims, np.array([2, 0, 2, 0, 0, 1]), 4, per_item=0)
+
+
 def test_aggregate_frames_is_unit_mean() -> None:
     """Averaging steady frames returns one unit vector; an empty set is an error."""
     v = aggregate_frames(np.eye(3, dtype=np.float32)[:2])
