@@ -51,7 +51,7 @@ def print_table(results: dict[str, Any], methods: list[Any]) -> None:
         cells = [f"{m.name:32}"]
         if m.per_item > 1:
             a, b = results["protocols"]["A"][m.name], results["protocols"]["B"][m.name]
-            print(f"{m.name:32} {a['r1']:6.3f} {a['r5']:6.3f} {'':33} {b['r1']:6.3f} {b['r5']:6.3f}")
+            print(f"{m.name:32} {a['r1']:6.3f} {a['r5']:6.3f} {'':25} {b['r1']:6.3f} {b['r5']:6.3f}")
             continue
         for proto in ("A", "B"):
             r = results["protocols"][proto][m.name]

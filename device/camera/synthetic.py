@@ -176,6 +176,7 @@ def render_items(n: int, size: int = 200, seed: int = 0) -> list[Image]:
 
 def store_photo(img: Image, seed: int = 0, size: int = 320) -> Image:
     """``img`` as a store photo shows it: off-centre on a shelf backdrop, tilted, rescaled, other light."""
+    # cloud.retrieval_augment makes such views for catalogs; the kiosk package never imports cloud.
     rng = np.random.default_rng(seed)
     out = _background(size, size, rng)
     scale = float(rng.uniform(0.55, 0.8)) * size / max(img.shape[:2])
@@ -183,9 +184,7 @@ def store_photo(img: Image, seed: int = 0, size: int = 320) -> Image:
     h, w = img.shape[:2]
     rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
     rot[:, 2] += (size / 2 - w / 2, size / 2 - h / 2) + rng.uniform(-0.08, 0.08, 2) * size
-    warped = cv2.warpAffine(img, rot, (size, size), flags=cv2.INTER_AREA, borderValue=(0, 0, 0))
-    mask = cv2.warpAffine(np.full((h, w), 255, np.uint8), rot, (size, size), flags=cv2.INTER_NEAREST)
-    out[mask > 0] = warped[mask > 0]
+    cv2.warpAffine(img, rot, (size, size), dst=out, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_TRANSPARENT)
     lit = cv2.convertScaleAbs(out, alpha=float(rng.uniform(0.8, 1.15)), beta=float(rng.uniform(-15, 15)))
     noisy: Image = np.clip(lit + rng.normal(0.0, 3.0, lit.shape), 0, 255).astype(np.uint8)
     return noisy

@@ -10,6 +10,8 @@ import numpy as np
 
 from models.images import load_image
 
+N_ITEMS = 81  # the data set's fine classes
+
 
 @dataclass(frozen=True, slots=True)
 class Split:

@@ -11,10 +11,9 @@ import pytest
 from cloud.retrieval import item_scores
 from models.embedder import Embedder
 from tests.conftest import shared_path
-from tests.models.grocery import load_iconic, load_split, recall_at_1
+from tests.models.grocery import N_ITEMS, load_iconic, load_split, recall_at_1
 
 _LOGGER = logging.getLogger(__name__)
-N_ITEMS = 81  # grocery classes
 
 
 @pytest.mark.slow

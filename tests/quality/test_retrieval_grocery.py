@@ -19,12 +19,12 @@ import pytest
 from cloud.open_set import OPEN_SET_KNOWN_LOSS, OpenSetRule, calibrate_open_set, is_match
 from cloud.retrieval import fit_lda_adapter, item_scores
 from tests.conftest import REPO, shared_path
+from tests.models.grocery import N_ITEMS
 
 _LOGGER = logging.getLogger(__name__)
 
 MOBILENET = ("models", "coral", "tf2_mobilenet_v2_1.0_224_ptq.tflite")
 GROCERY = ("data", "grocery")
-N_ITEMS = 81
 TRAIN_STEP = 2  # every other train photo: halves the embedding cost, costs ~1 point of R@1
 OPEN_SET_SEED = 6  # the 16 left-out items of scripts/eval_grocery.py
 CACHE = REPO / "build" / "test-cache" / "quality"
