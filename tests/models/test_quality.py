@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cloud.retrieval import item_scores
-from models.embedder import Embedder
+from models.embedder import REQUESTS_PER_STREAM, Embedder
 from tests.conftest import shared_path
 from tests.models.grocery import N_ITEMS, load_iconic, load_split, recall_at_1
 
@@ -123,7 +123,9 @@ def test_throughput_mode_runs_two_streams_only_when_safe(
     )
 
     with Embedder(mobilenet_bundles["fp16"], mode="throughput") as embedder:
-        assert embedder.streams == min(2, os.cpu_count() or 1) and embedder.num_requests == embedder.streams
+        streams = embedder.streams
+        assert streams == min(2, os.cpu_count() or 1)
+        assert embedder.num_requests == (1 if streams == 1 else REQUESTS_PER_STREAM * streams)
     with Embedder(mobilenet_bundles["fp16"], mode="latency") as embedder:
         assert (embedder.streams, embedder.num_requests) == (1, 1)
     loaded = load_source(str(shared_path("models", "coral", "tf2_mobilenet_v2_1.0_224_ptq.tflite")))
