@@ -190,7 +190,7 @@ class _Pipeline:
         self._embed: Callable[[npt.NDArray[np.uint8]], Any] = (
             one if callable(one) else lambda image: embedder.embed([image])[0]
         )
-        # One thread per infer request (the Embedder's throughput mode: one per OpenVINO stream); a plain
+        # One thread per infer request (the Embedder's throughput mode: two per OpenVINO stream); a plain
         # EmbedderLike need not be thread-safe: one thread. A third thread to resize while both requests
         # infer measured the same (0.78-0.82 vs 0.79-0.84 of embed() on pre-sized crops).
         self._n_embed = max(1, int(getattr(embedder, "num_requests", 1))) if callable(one) else 1
