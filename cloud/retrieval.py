@@ -7,7 +7,7 @@ What pays on the grocery data set (see scripts/eval_grocery.py for the figures):
 - scoring items, not images: an item's score is its best image (``item_scores``);
 - averaging the unit embeddings of the steady frames the kiosk already has (``aggregate_frames``);
 - a threshold calibrated from catalog-only statistics by simulating unseen items and held-out images
-  (``calibrate_threshold``; the rule snapshots ship is ``cloud.open_set``, built on ``_simulate`` here).
+  (``cloud.open_set``, built on ``holdout_round`` and ``_simulate`` here).
 Nothing here ever sees query photos.
 """
 
@@ -137,7 +137,6 @@ class Calibration:
 
     threshold: float
     known_correct: int  # held-out in-catalog queries answered right before thresholding
-    known_total: int
     known_kept: float  # share of those correct answers still above the threshold
     unseen_total: int
     unseen_rejected: float  # share of unseen-item queries whose top-1 falls below the threshold
@@ -253,63 +252,3 @@ def check_enough_answers(right: int, labels: I64) -> None:
             f"held-out right answers, {MIN_KNOWN_ANSWERS} needed); an item's only image cannot be held "
             "out as a store photo"
         )
-
-
-def calibrate_threshold(
-    vectors: npt.ArrayLike,
-    labels: npt.ArrayLike,
-    *,
-    aug_vectors: npt.ArrayLike | None = None,
-    aug_source: npt.ArrayLike | None = None,
-    fit_adapter: bool = True,
-    fit_with_aug: bool = True,
-    shrinkage: float = DEFAULT_SHRINKAGE,
-    max_known_loss: float = DEFAULT_MAX_KNOWN_LOSS,
-    rounds: int = CALIBRATION_ROUNDS,
-    seed: int = 0,
-) -> Calibration:
-    """Choose the "no match" threshold from the catalog alone.
-
-    Each round hides 20% of the items (their images become unseen-item queries) and one image of every
-    other item that has several (a known query; an item's only image stays in the index), refits
-    the adapter on the rest as the snapshot build would, and records top-1 similarities. The threshold is
-    the highest one that keeps all but ``max_known_loss`` of the correct known answers.
-    ``aug_source[j]`` is the row of ``vectors`` that augmented view ``j`` was made from; the views join
-    the adapter fit only with ``fit_with_aug`` (as in the snapshot build being simulated).
-    """
-    x = np.asarray(vectors, dtype=np.float32)
-    y = np.asarray(labels, dtype=np.int64)
-    xa, src = _aug_inputs(aug_vectors, aug_source)
-    rng = np.random.default_rng(seed)
-    correct_sims: list[float] = []
-    unseen_sims: list[float] = []
-    known_total = 0
-    for _ in range(rounds):
-        r = _simulate(x, y, xa, src, holdout_round(x, y, 0, rng), fit_adapter=fit_adapter,
-                      fit_with_aug=fit_with_aug, shrinkage=shrinkage)  # fmt: skip
-        n_known = len(r.known_labels)
-        sims = r.queries @ r.catalog.T
-        top = sims.argmax(1)
-        best = sims[np.arange(len(sims)), top]
-        right = y[r.fit][top[:n_known]] == r.known_labels
-        correct_sims.extend(best[:n_known][right].tolist())
-        unseen_sims.extend(best[n_known:].tolist())
-        known_total += n_known
-    check_enough_answers(len(correct_sims), y)
-    ok = np.sort(np.asarray(correct_sims))
-    threshold = float(np.quantile(ok, max_known_loss))
-    unseen_arr = np.asarray(unseen_sims)
-    cal = Calibration(
-        threshold=threshold,
-        known_correct=len(ok),
-        known_total=known_total,
-        known_kept=float(np.mean(ok >= threshold)),
-        unseen_total=len(unseen_arr),
-        unseen_rejected=float(np.mean(unseen_arr < threshold)) if len(unseen_arr) else float("nan"),
-        notes={"max_known_loss": max_known_loss, "rounds": float(rounds)},
-    )
-    _LOGGER.info(
-        "threshold %.4f: keeps %.3f of %d correct known answers, rejects %.3f of %d unseen",
-        cal.threshold, cal.known_kept, cal.known_correct, cal.unseen_rejected, cal.unseen_total,
-    )  # fmt: skip
-    return cal

@@ -3,7 +3,7 @@
 Protocols: (A) catalog = the 81 iconic images; (B) catalog = train photos + iconic images; queries are
 always the val photos, which nothing is ever fitted on. Open set: a fixed, seeded 20% of the items is
 left out of the catalog (and out of everything fitted on it); their queries should get "no match" at
-the threshold calibrated from the catalog alone (cloud.retrieval.calibrate_threshold).
+the threshold calibrated from the catalog alone (cloud.open_set.calibrate_threshold).
 
 Rows are cumulative. "Kiosk multi-frame proxy" rows average the embeddings of 5 views of each val
 photo (itself, a flip, two 80% centre crops, an 87.5% centre crop) to stand in for the steady frames a
@@ -33,13 +33,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cloud.open_set import OPEN_SET_KNOWN_LOSS, calibrate_open_set, is_match  # noqa: E402
+from cloud.open_set import (  # noqa: E402
+    OPEN_SET_KNOWN_LOSS,
+    calibrate_open_set,
+    calibrate_threshold,
+    is_match,
+)
 from cloud.retrieval import (  # noqa: E402
     Adapter,
     Calibration,
     CalibrationError,
     aggregate_frames,
-    calibrate_threshold,
     fit_lda_adapter,
     item_scores,
 )

@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from cloud.open_set import OpenSetRule, calibrate_open_set, is_match, open_set_score
+from cloud.open_set import OpenSetRule, calibrate_open_set, calibrate_threshold, is_match, open_set_score
 from cloud.retrieval import (
     Adapter,
     CalibrationError,
     aggregate_frames,
-    calibrate_threshold,
     fit_lda_adapter,
     item_scores,
     normalize_rows,
