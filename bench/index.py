@@ -155,7 +155,7 @@ def bench_size(n: int, dim: int, out_dir: Path) -> dict[str, Any]:
     x = clustered(n, dim)
     q = _queries(x)
     t0 = time.perf_counter()
-    index = vindex.build(x, np.arange(n, dtype=np.int64), M=16, ef_construction=200)
+    index = vindex.build(x, np.arange(n, dtype=np.int64), M=16, ef_construction=200, threads=-1)
     build_s = time.perf_counter() - t0
     exact: dict[str, float] = {}
 
@@ -257,7 +257,8 @@ def million(
     exact_ms = (time.perf_counter() - t0) / QUERIES * 1e3
     _LOGGER.info("1M: generated and reduced in %.0f s; building", gen_s)
     t0 = time.perf_counter()
-    index = vindex.build(reduced, np.arange(n, dtype=np.int64), M=16, ef_construction=ef_construction)
+    index = vindex.build(reduced, np.arange(n, dtype=np.int64), M=16, ef_construction=ef_construction,
+                         threads=-1)
     build_s = time.perf_counter() - t0
     del reduced
     sweep = _sweep(index, q, lambda: {"recall@10": truth.ids, "recall@10_vs_raw_exact": raw_truth.ids},

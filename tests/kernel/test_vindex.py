@@ -31,6 +31,17 @@ def test_recall_at_10_matches_brute_force(tmp_path: Path) -> None:
     assert recall >= 0.99
 
 
+def test_builds_are_byte_identical(tmp_path: Path) -> None:
+    """Guards irreproducible snapshots: hnswlib's level draws race across threads, so a multi-threaded
+    build of the same vectors differed from build to build (and a tamper test saw sizes differ)."""
+    x = _clustered(60, 5)
+    digests = set()
+    for i in range(4):
+        vindex.build(x, np.arange(60)).save(tmp_path / f"{i}.bin")
+        digests.add((tmp_path / f"{i}.bin").read_bytes())
+    assert len(digests) == 1
+
+
 def test_scores_are_cosine_similarities(tmp_path: Path) -> None:
     """Guards a distance/similarity mix-up (hnswlib 'ip' returns 1 - dot)."""
     x = _clustered(100, 16)
