@@ -5,7 +5,8 @@ the product's ResNet-50 int8 (random weights: speed does not depend on them). Ra
 on the same IR, measured in the same run:
 - ``pipeline_throughput_ratio``: frames/s through the whole pipeline (forced steady: every frame cropped,
   pre-sized, embedded, projected, searched, aggregated into a result) / benchmark_app's latency-hint FPS
-  on [1,480,640,3] (its graph does the resize in-graph);
+  on [1,480,640,3] (its graph does the resize in-graph): the median of ROUNDS rounds, each ours over the
+  mean of the benchmark_app runs just before and after it;
 - ``frame_to_event_vs_paced_inference_ratio``: capture -> MatchEvent committed to the outbox, p50, at a
   30 fps camera / OpenVINO's own single request run at the same 30 fps cadence (an idle CPU between
   frames makes one inference ~1.7x slower than benchmark_app's back-to-back latency, see docs/NOTES.md);
@@ -51,7 +52,8 @@ SHARED = Path(os.environ.get("SHARED", Path(__file__).resolve().parents[2] / "sh
 MNV2 = SHARED / "models" / "coral" / "tf2_mobilenet_v2_1.0_224_ptq.tflite"
 W, H = 640, 480
 CAMERA_FPS = 30.0
-THROUGHPUT_S = 10.0  # per measured loop: long enough for a stable rate on a shared 2-core machine
+THROUGHPUT_S = 5.0  # per measured loop (the first second is skipped as warm-up in ours)
+ROUNDS = 3  # throughput rounds, each bracketed by benchmark_app runs; the median round ratio is reported
 FILLER_ITEMS = 300  # catalog items besides the rendered ones: 3,000 vectors, a 256-d adapter
 FILLER_VIEWS = 10  # vectors per filler item (photos and augmented views of one product)
 LATENT_DIM = 48  # embeddings of one catalog live near a low-dimensional manifold (bench/index.py)
@@ -276,13 +278,21 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
     emb = Embedder(bundle, mode="latency")
     precision = emb.manifest.inference_precision
     snap = _snapshot(work / f"{bundle.name}-snap1", emb, items, 1)
-    ref = _benchmark_app(bundle, precision, "latency")
-    thr = _throughput(emb, snap, frames)
-    # The machine is shared: measure the reference again right after and compare with the mean of both.
-    ref_after = _benchmark_app(bundle, precision, "latency")
-    ref = {"fps": round((ref["fps"] + ref_after["fps"]) / 2, 2),
-           "latency_median_ms": round((ref["latency_median_ms"] + ref_after["latency_median_ms"]) / 2, 2),
-           "fps_before": ref["fps"], "fps_after": ref_after["fps"]}  # fmt: skip
+    # The machine is shared and its speed drifts within seconds (one round's ratio moved 0.79-0.97 for the
+    # same code): ROUNDS of ours, each between two benchmark_app runs, and the median of the round ratios.
+    refs = [_benchmark_app(bundle, precision, "latency")]
+    thrs = []
+    for _ in range(ROUNDS):
+        thrs.append(_throughput(emb, snap, frames))
+        refs.append(_benchmark_app(bundle, precision, "latency"))
+    round_ratios = [
+        t["fps"] / ((a["fps"] + b["fps"]) / 2) for t, a, b in zip(thrs, refs, refs[1:], strict=False)
+    ]
+    mid = int(np.argsort(round_ratios)[len(round_ratios) // 2])
+    thr: dict[str, Any] = {**thrs[mid], "fps_rounds": [t["fps"] for t in thrs]}
+    ref: dict[str, Any] = {"fps": round((refs[mid]["fps"] + refs[mid + 1]["fps"]) / 2, 2),
+           "latency_median_ms": round(float(np.median([r["latency_median_ms"] for r in refs])), 2),
+           "fps_runs": [r["fps"] for r in refs]}  # fmt: skip
     video = _video(emb, snap, write_video(scene, work / "clip.avi"))
     paced_ms = _paced_inference_ms(bundle, precision)
     outbox = Outbox(work / f"{bundle.name}-outbox.sqlite")
@@ -295,7 +305,8 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
         "precision": emb.manifest.precision,
         "benchmark_app_latency_hint": ref,
         "pipeline_in_memory": thr,
-        "pipeline_throughput_ratio": round(thr["fps"] / ref["fps"], 3),
+        "pipeline_throughput_ratio": round(round_ratios[mid], 3),  # the median round (its fps are above)
+        "pipeline_throughput_round_ratios": [round(r, 3) for r in round_ratios],
         "pipeline_video_file": video,
         "video_throughput_ratio": round(video["fps"] / ref["fps"], 3),
         # capture -> MatchEvent committed (fsync) to the outbox, 30 fps camera, one frame per answer
