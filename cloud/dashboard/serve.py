@@ -19,6 +19,8 @@ from typing import Annotated, Any
 
 import typer
 
+from storelens.protocol import ProtocolError
+
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_BUILD_DIR = Path(__file__).resolve().parents[2] / "build" / "dashboard"
@@ -93,10 +95,15 @@ class DashboardServer:
     ) -> None:
         if not (static_dir / "index.html").is_file() or not (static_dir / "mqtt.min.js").is_file():
             raise DashboardError(f"{static_dir} has no built dashboard; run `make setup`")
+        if snapshots_dir is not None and not snapshots_dir.is_dir():
+            raise DashboardError(f"snapshots folder {snapshots_dir} does not exist (thumbnails come from it)")
         handler = functools.partial(
             _Handler, directory=str(static_dir), config_json=config.to_json(), snapshots_dir=snapshots_dir
         )
-        self._httpd = ThreadingHTTPServer((host, port), handler)
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:  # port taken, no permission for it, unknown or foreign address
+            raise DashboardError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -191,6 +198,6 @@ def register(app: typer.Typer) -> None:
                 static_dir=static_dir,
                 snapshots_dir=snapshots_dir,
             )
-        except DashboardError as exc:
+        except (DashboardError, ProtocolError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc

@@ -63,7 +63,12 @@ class ScreenServer:
     def start(self) -> None:
         """Bind and serve on a named thread."""
         handler = type("Handler", (_Handler,), {"screen": self})
-        self._httpd = ThreadingHTTPServer((self._cfg.host, self._cfg.port), handler)
+        addr = (self._cfg.host, self._cfg.port)
+        try:
+            self._httpd = ThreadingHTTPServer(addr, handler)
+        except OSError as exc:  # port taken, no permission for it, unknown or foreign address: name it
+            raise OSError(exc.errno, f"kiosk screen cannot listen on {addr[0]}:{addr[1]} ([screen] in the "
+                                     f"config): {exc.strerror or exc}") from exc  # fmt: skip
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="screen-http", daemon=True)

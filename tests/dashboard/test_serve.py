@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -66,3 +67,31 @@ def test_register_adds_serve_command() -> None:
         assert opt in out.output
     bad = CliRunner().invoke(app, ["serve", "--store", "s1", "--static-dir", "/nonexistent", "--port", "0"])
     assert bad.exit_code == 2 and "make setup" in bad.output
+
+
+def test_serve_names_bad_store_taken_port_and_missing_folder(tmp_path: Path) -> None:
+    """A bad store id, a taken port or a missing snapshots folder must be one line, not a traceback."""
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "index.html").write_text("<html></html>")
+    (static / "mqtt.min.js").write_text("//")
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def _root() -> None:
+        """Force a group so the command is addressed by name."""
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cases = {
+            "store id 'a/b#'": ["--store", "a/b#", "--port", "0"],
+            f"cannot listen on 127.0.0.1:{port}": ["--store", "s1", "--host=127.0.0.1", "--port", f"{port}"],
+            "snapshots folder": ["--store", "s1", "--port", "0", "--snapshots-dir", str(tmp_path / "none")],
+        }
+        for expected, args in cases.items():
+            out = CliRunner().invoke(app, ["serve", "--static-dir", str(static), *args])
+            assert out.exit_code == 2, (args, out.output, out.exception)
+            assert expected in out.output and "Traceback" not in out.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -74,3 +75,15 @@ def _next_event(stream: object) -> str:
             data = line[6:]
         elif line == "\n" and data:
             return data
+
+
+def test_a_taken_port_names_the_address_and_the_config_section() -> None:
+    """Another process on the screen's port: the error must say where, not a bare "Address already in use"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        s = ScreenServer(ScreenConfig(host="127.0.0.1", port=port))
+        with pytest.raises(OSError, match=rf"127\.0\.0\.1:{port} \(\[screen\]"):
+            s.start()
+        s.stop()
