@@ -28,7 +28,7 @@ from device.pipeline import ItemResult, ModelPair, Pipeline, as_async, limit_bla
 from device.screen import ScreenServer
 from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync
 from device.update import JobsBridge, LoadedPair, Pair, Updater, configured_pair
-from device.update.pairs import close_embedder
+from device.update.pairs import RetiredModels, close_embedder
 from storelens import __version__
 from storelens.ha_discovery import HaDiscovery
 from storelens.protocol import (
@@ -84,9 +84,9 @@ class KioskApp:
         self._camera_down = False
         self._status_lock = threading.Lock()
         self._keys = [load_public_key(p) for p in cfg.snapshots.public_keys]
-        # Embedders no longer served, closed at stop: closing one at run time (OpenVINO AsyncInferQueue)
-        # was seen to make the process die with SIGSEGV at its next SIGTERM. One model each per switch.
-        self._retired: list[object] = []
+        # Embedders no longer served: closed by the health loop once their grace period is over, the rest
+        # at stop (they used to stay open until stop, one model's memory per update).
+        self._retired = RetiredModels(cfg.update.retired_close_s if cfg.update else 0.0)
 
         self.outbox = Outbox(cfg.outbox.path, max_rows=cfg.outbox.max_rows, max_age_s=cfg.outbox.max_age_s)
         inner = transport or make_transport(cfg.broker, cfg.kiosk.kiosk_id)
@@ -129,7 +129,7 @@ class KioskApp:
         settings = update_settings(cfg)
         self.updater: Updater | None = None if settings is None else Updater(
             settings, self.topics, self._keys, transport=self.transport, on_switch=self._on_switch_pair,
-            on_alert=self._alert, probe=self.probe, retire=self._retired.append,
+            on_alert=self._alert, probe=self.probe, retire=self._retired.retire,
             open_configured=self._open_configured,
         )
         self.jobs: JobsBridge | None = None
@@ -231,10 +231,10 @@ class KioskApp:
         self.pipeline.stop(timeout_s)
         if self.updater is not None:
             self.updater.close_loaded()
-        for emb in [*self._retired, self._base_embedder]:
-            if emb is not None:
-                close_embedder(emb)  # bounded: a hung close must not hang the kiosk's stop
-        self._retired, self._base_embedder = [], None
+        self._retired.close_all()  # each close bounded: a hung one must not hang the kiosk's stop
+        if self._base_embedder is not None:
+            close_embedder(self._base_embedder)
+        self._base_embedder = None
         if self.screen is not None:
             self.screen.stop(timeout_s)
         if self.sync is not None:
@@ -374,7 +374,7 @@ class KioskApp:
 
     def _on_update_progress(self, p: UpdateProgress) -> None:
         if p.step == "done" and self._base_embedder is not None and self._released:
-            self._retired.append(self._base_embedder)  # the configured bundle serves no more
+            self._retired.retire(self._base_embedder)  # the configured bundle serves no more
             self._base_embedder = None
         self._refresh_status()
 
@@ -451,6 +451,7 @@ class KioskApp:
             try:
                 self.connect_tasks.run_pending()
                 self._refresh_status()
+                self._retired.close_due()
                 if time.monotonic() >= next_health:
                     next_health += interval_s
                     self.comms.publish_health(self.health())

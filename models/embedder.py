@@ -17,6 +17,7 @@ one stream in every mode.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -63,6 +64,22 @@ def fit_to_input(crop: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+@functools.cache
+def shared_core() -> Any:
+    """The process's one OpenVINO Core, kept until exit; every Embedder compiles with it.
+
+    OpenVINO's CPU plugin gives the thread that first compiles with a Core an alternate signal stack of
+    its own, and unmaps it when that Core's plugin is destroyed, on whichever thread that happens. With a
+    Core per Embedder, a model closed off the thread that made it (a kiosk retiring a replaced model)
+    left that thread's alternate stack dangling, and the next SIGTERM killed the process with SIGSEGV
+    (``si_code`` SI_KERNEL: no stack to run the handler on). One Core keeps the plugin, and that stack,
+    alive; closing a model frees the model only.
+    """
+    import openvino as ov
+
+    return ov.Core()
+
+
 def _unit(vec: np.ndarray) -> np.ndarray:
     """Re-normalise in float32 (the graph already does; this removes fp16 drift in the last bits)."""
     out = np.array(vec, dtype=np.float32, copy=True)
@@ -103,7 +120,7 @@ class Embedder:
         if cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(cache_dir)
-        core = ov.Core()
+        core = shared_core()
         try:
             model = core.read_model(str(Path(bundle_dir) / "model.xml"))
             if mode == "latency" or has_unfolded_int_weights(model):

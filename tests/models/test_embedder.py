@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -212,8 +215,6 @@ def test_ports(tiny_bundle: Path) -> None:
 def test_openvino_sends_no_telemetry(tiny_bundle: Path) -> None:
     """`import openvino` starts Intel's usage telemetry (a sender thread, a subprocess per event) unless
     opted out: a kiosk must phone nobody. In a fresh process, an Embedder must leave no such thread."""
-    import subprocess
-    import sys
 
     code = (
         "import sys, threading, numpy as np\n"
@@ -228,3 +229,30 @@ def test_openvino_sends_no_telemetry(tiny_bundle: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          check=True, cwd=root, env=env)  # fmt: skip
     assert out.stdout.strip() == "['MainThread'] None", out.stdout + out.stderr
+
+
+_CLOSE_THEN_SIGTERM = """
+import os, signal, sys, threading
+import numpy as np
+from models.embedder import Embedder
+got = threading.Event()
+signal.signal(signal.SIGTERM, lambda signum, frame: got.set())
+emb = Embedder(sys.argv[1], mode="latency")
+emb.embed_one(np.zeros((32, 32, 3), np.uint8))
+closer = threading.Thread(target=emb.close)
+closer.start()
+closer.join()
+os.kill(os.getpid(), signal.SIGTERM)
+sys.exit(0 if got.wait(10) else 3)
+"""
+
+
+def test_a_model_closed_off_its_thread_leaves_the_process_able_to_take_sigterm(tiny_bundle: Path) -> None:
+    """A kiosk closes a replaced model on a helper thread. With a Core per Embedder, OpenVINO's CPU plugin
+    unmapped the alternate signal stack it had given the compiling thread, and the next SIGTERM killed
+    the process with SIGSEGV instead of running its stop path (exit -11)."""
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _CLOSE_THEN_SIGTERM, str(tiny_bundle)], cwd=repo,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr.decode(errors="replace")[-2000:])
