@@ -451,7 +451,7 @@ class KioskApp:
             try:
                 self.connect_tasks.run_pending()
                 self._refresh_status()
-                self._retired.close_due()
+                self._retired.close_due(in_use=self.pipeline.embedders_in_use())
                 if time.monotonic() >= next_health:
                     next_health += interval_s
                     self.comms.publish_health(self.health())

@@ -162,7 +162,7 @@ class UpdateConfig(_Section):
     # sub-millisecond models would otherwise fail on scheduler noise alone).
     probe_latency_factor: float = Field(default=2.0, gt=1)
     probe_latency_slack_ms: float = Field(default=20.0, ge=0)
-    # A model no longer served is closed this much later: items held across the swap finish with it first.
+    # A model no longer served is closed this much later at the earliest, never while an open item uses it.
     retired_close_s: float = Field(default=10.0, ge=0)
     jobs: bool = True  # transport "aws": take releases from AWS IoT Jobs as well as the desired topic
     thing_name: str | None = None  # the IoT thing for Jobs; defaults to the MQTT client id

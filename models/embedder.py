@@ -64,7 +64,9 @@ def fit_to_input(crop: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-@functools.cache
+_CORE_LOCK = threading.Lock()  # two first callers at once must not make two Cores
+
+
 def shared_core() -> Any:
     """The process's one OpenVINO Core, kept until exit; every Embedder compiles with it.
 
@@ -73,8 +75,15 @@ def shared_core() -> Any:
     Core per Embedder, a model closed off the thread that made it (a kiosk retiring a replaced model)
     left that thread's alternate stack dangling, and the next SIGTERM killed the process with SIGSEGV
     (``si_code`` SI_KERNEL: no stack to run the handler on). One Core keeps the plugin, and that stack,
-    alive; closing a model frees the model only.
+    alive; closing a model frees the model only. (A process-wide object on purpose, against the house
+    rule: OpenVINO's plugin state is process-wide already; the one-Core-per-application use it documents.)
     """
+    with _CORE_LOCK:
+        return _make_core()
+
+
+@functools.cache
+def _make_core() -> Any:
     import openvino as ov
 
     return ov.Core()

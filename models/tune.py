@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.bundle import input_hw, verify_bundle, write_bundle
+from models.embedder import shared_core
 from models.errors import BadImage, TuneError
 from models.tail import Tail, TorchTail, find_tail
 
@@ -59,7 +60,7 @@ class _Extractor:
         probe = ov.Model(outputs, model.get_parameters(), "tune_features")
         probe.reshape({probe.inputs[0]: ov.PartialShape([1, hw[0], hw[1], 3])})
         config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": inference_precision}
-        self.compiled = ov.Core().compile_model(probe, "CPU", config)
+        self.compiled = shared_core().compile_model(probe, "CPU", config)  # see shared_core
         self.tail_input_size = sum(math.prod(out.get_shape()) for out in self.compiled.outputs[:-1])
         self.hw = hw
         self._local = threading.local()

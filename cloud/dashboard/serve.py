@@ -95,8 +95,6 @@ class DashboardServer:
     ) -> None:
         if not (static_dir / "index.html").is_file() or not (static_dir / "mqtt.min.js").is_file():
             raise DashboardError(f"{static_dir} has no built dashboard; run `make setup`")
-        if snapshots_dir is not None and not snapshots_dir.is_dir():
-            raise DashboardError(f"snapshots folder {snapshots_dir} does not exist (thumbnails come from it)")
         handler = functools.partial(
             _Handler, directory=str(static_dir), config_json=config.to_json(), snapshots_dir=snapshots_dir
         )
@@ -148,6 +146,8 @@ def serve(
     """Serve the dashboard until interrupted, printing its URL."""
     from storelens.protocol import check_id
 
+    if snapshots_dir is not None and not snapshots_dir.is_dir():  # a typo would only show as missing images
+        raise DashboardError(f"snapshots folder {snapshots_dir} does not exist (thumbnails come from it)")
     config = PageConfig(
         broker_ws_url=broker_ws_url,
         store=check_id(store, "store id"),

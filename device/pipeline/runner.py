@@ -138,6 +138,10 @@ class Pipeline:
                 _LOGGER.error("pipeline thread %s still alive after %.1f s", t.name, timeout_s)
         self.done.set()
 
+    def embedders_in_use(self) -> list[object]:
+        """The embedders that items still open will embed their next crops with."""
+        return self.detect.embedders_in_use()
+
     def fps(self) -> float:
         """Processed frames per second over the last few seconds."""
         now = self._clock()

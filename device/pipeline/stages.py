@@ -179,6 +179,11 @@ class DetectStage:
         self.last_processed_t: float | None = None
         self.max_gap_s = 0.0  # longest wait between two processed frames (swap benchmark)
 
+    def embedders_in_use(self) -> list[object]:
+        """The embedders of items still open (any thread): a model retired by an update stays open for
+        them. ``dict.copy`` is one atomic step under the GIL, so the detect thread may go on meanwhile."""
+        return [pair.embedder for pair in self._item_pair.copy().values()]
+
     def run(self, stop: threading.Event) -> None:
         """Process frames until END or ``stop``; at END wait for in-flight crops, then pass END on."""
         try:

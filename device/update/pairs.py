@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,8 +79,8 @@ def open_pair(
 
 
 def close_embedder(embedder: Any) -> None:
-    """Close an embedder no longer served, on a helper thread with a bounded wait (OpenVINO's
-    AsyncInferQueue.wait_all has been seen to hang at close; the updater must never block on it)."""
+    """Close an embedder no longer served, on a helper thread with a bounded wait: a close that hangs
+    inside OpenVINO (seen with the AsyncInferQueue the Embedder once used) must not hang the caller."""
     close = getattr(embedder, "close", None)
     if not callable(close):
         return
@@ -101,10 +101,9 @@ def close_embedder(embedder: Any) -> None:
 
 
 class RetiredModels:
-    """Embedders no longer served, each closed ``grace_s`` after its retirement (``close_due``, called on a
-    periodic tick): by then no held item opened before the switch can still be embedding with it. Kept
-    open for the kiosk's whole run they cost memory per model update (ResNet-50 int8 ~50 MB, fp16 ~150 MB
-    of RSS, measured)."""
+    """Embedders no longer served, each closed by ``close_due`` (a periodic tick) once ``grace_s`` has
+    passed since its retirement and no item still open will embed with it. Kept open for the kiosk's whole
+    run they cost memory per model update (ResNet-50 int8 ~50 MB, fp16 ~150 MB of RSS, measured)."""
 
     def __init__(self, grace_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._grace_s = grace_s
@@ -117,15 +116,21 @@ class RetiredModels:
         with self._lock:
             self._items.append((self._clock(), embedder))
 
-    def close_due(self) -> int:
-        """Close those retired at least ``grace_s`` ago (each bounded by CLOSE_TIMEOUT_S); how many."""
+    def close_due(self, in_use: Collection[object] = ()) -> int:
+        """Close those retired at least ``grace_s`` ago and not ``in_use`` (by an item still open); each
+        close is bounded by CLOSE_TIMEOUT_S. Returns how many were closed."""
         now = self._clock()
+
+        def due(t: float, e: Any) -> bool:
+            return now - t >= self._grace_s and not any(e is u for u in in_use)
+
         with self._lock:
-            due = [e for t, e in self._items if now - t >= self._grace_s]
-            self._items = [(t, e) for t, e in self._items if now - t < self._grace_s]
-        for embedder in due:
+            closing = [e for t, e in self._items if due(t, e)]
+            self._items = [(t, e) for t, e in self._items if not due(t, e)]
+        for embedder in closing:
             close_embedder(embedder)
-        return len(due)
+            _LOGGER.info("closed a retired model %s", str(getattr(embedder, "model_id", "?"))[:12])
+        return len(closing)
 
     def close_all(self) -> None:
         """Close every retired embedder now (the kiosk is stopping)."""

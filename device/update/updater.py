@@ -84,7 +84,7 @@ class Updater:
         self._on_alert = on_alert
         self._probe = probe
         self._load = load_embedder
-        self._retire = retire  # an embedder no longer served (the app may defer its close to shutdown)
+        self._retire = retire  # an embedder no longer served (the app closes it after a grace period)
         self._open_configured = open_configured  # the app's configured pair, loaded again (rollback)
         self._active_lock = threading.Lock()  # adopt() (any thread) vs the worker's switch
         self.store = PairStore(settings.root)
@@ -316,7 +316,8 @@ class Updater:
             self._fail(rel, "failed", "abandoned", str(exc), remember=str(exc) == "deadline passed")
             return
         finally:
-            if new is not None:
+            # not switched to, or the switch failed before the pair became active: never retire what serves
+            if new is not None and (self.active is None or self.active.embedder is not new.embedder):
                 self._retire(new.embedder)
             steps.discard(staging)
             if self.active is None or self.active.pair.release != rel:

@@ -135,3 +135,24 @@ def test_forced_steady_embeds_every_frame(catalog: tuple) -> None:  # type: igno
     assert pipe.wait(30.0)
     pipe.stop()
     assert len(results) == 40
+
+
+def test_embedders_of_open_items_are_reported_until_the_items_close() -> None:
+    """An update may retire the model an item opened with; the kiosk must see that the item still uses it
+    (else it closes the model and the item's next crops fail)."""
+    frames: BoundedQueue[Frame] = BoundedQueue(4, OverflowPolicy.WAIT)
+    emb = FakeEmbedder(16)
+    seen = threading.Event()
+    pipe = Pipeline(frames, ForcedSteadyDetector(), emb, lambda: None, on_result=lambda r: None,
+                    on_frame=lambda f, d: seen.set(), aggregate_frames=3)
+    pipe.start()
+    try:
+        frames.put(Frame(0, 0.0, np.zeros((48, 64, 3), np.uint8)), threading.Event())
+        assert seen.wait(5.0)
+        in_use = pipe.embedders_in_use()  # item 1 has one of its three crops: still open
+        assert len(in_use) == 1 and getattr(in_use[0], "_inner", in_use[0]) is emb
+        frames.close()  # END: every open item is closed
+        assert pipe.wait(5.0)
+        assert pipe.embedders_in_use() == []
+    finally:
+        pipe.stop()

@@ -45,3 +45,12 @@ def test_an_embedder_without_close_or_failing_to_close_is_dropped() -> None:
     for emb in (object(), _Raises(), ok):
         retired.retire(emb)
     assert retired.close_due() == 3 and ok.closed.is_set() and len(retired) == 0
+
+
+def test_a_model_an_open_item_still_uses_waits_past_its_grace_period() -> None:
+    """An item held across the swap embeds its remaining crops with the model it opened with."""
+    retired = RetiredModels(0.0)
+    a = _Closable()
+    retired.retire(a)
+    assert retired.close_due(in_use=[a]) == 0 and not a.closed.is_set()
+    assert retired.close_due(in_use=[object()]) == 1 and a.closed.is_set()

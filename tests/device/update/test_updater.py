@@ -304,3 +304,29 @@ def test_restart_in_first_probation_then_regression_reopens_the_configured_pair(
     assert again.switches == [(configured.pair.model_id, 3)]
     p = PairStore(tmp_path / "k").pointer
     assert p.current == configured.pair and p.state == "stable" and "rel10" in p.failed
+
+
+def test_a_failed_switch_never_retires_the_model_now_serving(tmp_path: Path, releases: Releases) -> None:
+    """The app's half of a switch raising after the updater made the new pair active: the update's cleanup
+    retired that pair's model, which is now closed after a grace period, so every later crop would fail."""
+    retired: list[Any] = []
+
+    def on_switch(emb: Any, snap: Any) -> None:
+        raise RuntimeError("the app's switch failed")
+
+    updater = Updater(
+        UpdateSettings(tmp_path / "k", probation_s=0.2, probe_interval_s=0.02, compile_timeout_s=60),
+        Topics("s1", "k1"), [releases.key.public_key()], transport=None, on_switch=on_switch,
+        retire=retired.append,
+    )
+    updater.boot()
+    updater.start(subscribe=False)
+    try:
+        updater.submit(desired(releases.good1, "s1", "k1"))
+        assert updater.idle.wait(WAIT_S)
+        assert updater.last is not None and updater.last.step == "failed", updater.last
+        assert updater.active is not None and updater.active.pair.release == "rel10"
+        assert all(e is not updater.active.embedder for e in retired)
+    finally:
+        updater.stop()
+        updater.close_loaded()
