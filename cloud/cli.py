@@ -182,6 +182,9 @@ def catalog_verify(
     from storelens import signing
     from storelens.snapshot import unpack, verify_snapshot
 
+    if not snapshot.exists():
+        _fail(f"snapshot {snapshot} does not exist")
+
     def run() -> Any:
         keys = [signing.load_public_key(p) for p in public_key]
         model_id = model_dim = None
@@ -230,11 +233,14 @@ def catalog_eval(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
     """Recall@1/@5 (items), mean similarity of right vs wrong top-1, most confused pairs."""
-    from cloud.evaluate import evaluate
+    from cloud.evaluate import EvalError, evaluate
 
     def run() -> Any:
         from models.embedder import Embedder
+        from storelens.snapshot import MANIFEST
 
+        if not (snapshot / MANIFEST).is_file():  # before the model compiles: say what is wrong at once
+            raise EvalError(f"{snapshot} is not a snapshot directory (no {MANIFEST})")
         with Embedder(bundle, mode="throughput") as emb:
             return evaluate(snapshot, queries, emb)
 

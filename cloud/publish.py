@@ -26,7 +26,14 @@ from typing import Any, Protocol
 
 from storelens import protocol
 from storelens.fsutil import atomic_write_bytes, sha256_file
-from storelens.snapshot import SnapshotManifest, manifest_sha256, pack, read_manifest_unverified
+from storelens.snapshot import (
+    MANIFEST,
+    SIGNATURE,
+    SnapshotManifest,
+    manifest_sha256,
+    pack,
+    read_manifest_unverified,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -166,7 +173,13 @@ def _archive_of(snapshot: Path, workdir: Path) -> tuple[Path, SnapshotManifest, 
     """(archive path, manifest, manifest sha256) for a snapshot directory or an existing archive."""
     from storelens.snapshot import unpack
 
+    if not snapshot.exists():
+        raise PublishError(f"snapshot {snapshot} does not exist")
     if snapshot.is_dir():
+        missing = [n for n in (MANIFEST, SIGNATURE) if not (snapshot / n).is_file()]
+        if missing:  # kiosks refuse it anyway: say so before anything is uploaded or announced
+            raise PublishError(f"{snapshot} is not a signed snapshot (no {' or '.join(missing)}); "
+                               "`catalog build` signs what it builds with --key")  # fmt: skip
         archive = workdir / ARCHIVE
         pack(snapshot, archive)
         return archive, read_manifest_unverified(snapshot), manifest_sha256(snapshot)

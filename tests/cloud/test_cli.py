@@ -55,7 +55,7 @@ def test_verify_reports_ok_or_the_reason(catalog: CatalogFiles, tmp_path: Path) 
     r = runner.invoke(_app(), ["catalog", "verify", str(snap), "--public-key", pub])
     assert r.exit_code == 2 and "REJECTED hash_mismatch" in r.output
     r = runner.invoke(_app(), ["catalog", "verify", str(tmp_path / "nope"), "--public-key", pub])
-    assert r.exit_code == 2 and "No such file" in r.output and r.output.count("\n") == 1
+    assert r.exit_code == 2 and "does not exist" in r.output and r.output.count("\n") == 1
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
@@ -98,3 +98,27 @@ def test_check_reports_what_a_build_would_skip_without_a_model(tmp_path: Path) -
     cat.write_text("sku,title,images\nC,Plum,broken.jpg\n", encoding="utf-8")
     r = runner.invoke(_app(), ["catalog", "check", "--catalog", str(cat), "--json"])
     assert r.exit_code == 2 and '"buildable": false' in r.output and "Traceback" not in r.output
+
+
+def test_missing_or_unsigned_snapshots_are_named_before_any_work(tmp_path: Path) -> None:
+    """verify/publish/eval of a path that is not a snapshot said "FileNotFoundError: ... manifest.sig" (or
+    compiled the model first): name the snapshot and what it lacks, exit 2, nothing uploaded."""
+    (tmp_path / "pub.pem").write_text("unused")
+    unsigned = tmp_path / "unsigned"
+    unsigned.mkdir()
+    (unsigned / "manifest.json").write_text("{}")
+    cases = {
+        "snapshot {none} does not exist": ["verify", "{none}", "--public-key", "{pub}"],
+        "snapshot {none} does not exist ": ["publish", "{none}", "--to", "file://{out}"],
+        "{unsigned} is not a signed snapshot (no manifest.sig)": ["publish", "{unsigned}", "--to", "file://{out}"],
+        "{none} is not a snapshot directory (no manifest.json)": [
+            "eval", "--snapshot", "{none}", "--queries", "{pub}", "--bundle", "{out}"],
+    }
+    names = {"none": tmp_path / "none", "pub": tmp_path / "pub.pem", "out": tmp_path / "out",
+             "unsigned": unsigned}
+    for expected, args in cases.items():
+        r = runner.invoke(_app(), ["catalog", *[a.format(**names) for a in args]])
+        assert r.exit_code == 2, (args, r.output)
+        assert r.output == f"error: {expected.strip().format(**names)}" + (
+            "; `catalog build` signs what it builds with --key\n" if "signed" in expected else "\n")
+    assert not (tmp_path / "out").exists()
