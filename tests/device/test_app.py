@@ -209,32 +209,38 @@ def test_sync_made_at_a_model_switch_sees_the_retained_announcement(
         app.stop()
 
 
-def test_a_replaced_model_is_closed_while_the_kiosk_runs(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
+def test_a_replaced_model_is_closed_while_the_kiosk_runs(
+    tmp_path: Path, setup: tuple, monkeypatch: pytest.MonkeyPatch  # type: ignore[type-arg]
+) -> None:
     """Models replaced by updates were kept open until the kiosk stopped: one model's memory per update.
-    After probation the previous release's model must be closed by the running kiosk."""
+    Once a release passes probation, the running kiosk must close both the previous release's model and
+    the configured model it booted with."""
     import threading
 
+    import device.app
     from device.sync.active import ActiveSnapshot
     from device.update import LoadedPair, Pair
     from storelens.snapshot import verify_snapshot
 
     class ClosableFake(FakeEmbedder):
-        def __init__(self, dim: int, seed: int) -> None:
+        def __init__(self, dim: int, seed: int = 0) -> None:
             super().__init__(dim, seed=seed)
             self.closed = threading.Event()
 
         def close(self) -> None:
             self.closed.set()
 
+    base = ClosableFake(64)
+    assert base.model_id == FakeEmbedder(64).model_id  # the model the setup's snapshot was built with
+    monkeypatch.setattr(device.app, "make_embedder", lambda cfg: base)
     video, pub, snap, items, key = setup
     raw = _config(tmp_path, video, pub, snap).model_dump(mode="json")
     raw["update"] = {"state_dir": "upd", "retired_close_s": 0.0}
-    cfg = parse_config(raw, base_dir=tmp_path)
-    app = KioskApp(cfg, embedder=FakeEmbedder(64), transport=InMemoryTransport())
+    app = KioskApp(parse_config(raw, base_dir=tmp_path), transport=InMemoryTransport())
     app.start()
     try:
         updater = app.updater
-        assert updater is not None
+        assert updater is not None and app._base_embedder is base
         loaded = []
         for seq, seed in ((1, 7), (2, 8)):
             emb = ClosableFake(64, seed)
@@ -243,10 +249,11 @@ def test_a_replaced_model_is_closed_while_the_kiosk_runs(tmp_path: Path, setup: 
             s = ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()]))
             loaded.append(LoadedPair(Pair(f"rel{seq}", "b", "s", emb.model_id, 4 + seq, seq), emb, s))
             updater._switch(loaded[-1])  # what the worker does after the self-test
-        updater._probation("rel2", threading.Event(), probation_s=0.0)  # rel2 is good: rel1 retires
+        updater._probation("rel2", threading.Event(), probation_s=0.0)  # rel2 is good: rel1 and base retire
         first, second = (lp.embedder for lp in loaded)
         assert isinstance(first, ClosableFake) and isinstance(second, ClosableFake)
-        assert first.closed.wait(5.0), "the replaced model was not closed while the kiosk ran"
+        assert first.closed.wait(10.0), "the replaced release's model was not closed while the kiosk ran"
+        assert base.closed.wait(10.0), "the configured model was not closed while the kiosk ran"
         assert not second.closed.is_set() and app.model_id == second.model_id
     finally:
         app.stop()
