@@ -84,8 +84,8 @@ class KioskApp:
         self._camera_down = False
         self._status_lock = threading.Lock()
         self._keys = [load_public_key(p) for p in cfg.snapshots.public_keys]
-        # Embedders no longer served: closed by the health loop once their grace period is over, the rest
-        # at stop (they used to stay open until stop, one model's memory per update).
+        # Embedders no longer served: closed by the health loop after their grace period, once no open
+        # item uses them; the rest at stop (they used to stay open until stop: memory per update).
         self._retired = RetiredModels(cfg.update.retired_close_s if cfg.update else 0.0)
 
         self.outbox = Outbox(cfg.outbox.path, max_rows=cfg.outbox.max_rows, max_age_s=cfg.outbox.max_age_s)
