@@ -29,7 +29,6 @@ from cloud.retrieval import (
     F32,
     MIN_KNOWN_ANSWERS,
     Adapter,
-    Calibration,
     CalibrationError,
     _aug_inputs,
     _simulate,
@@ -209,32 +208,6 @@ def calibrate_open_set(
         len(items), threshold, rule.sim_known_kept, len(ok), rule.sim_unseen_rejected, len(un),
     )  # fmt: skip
     return rule
-
-
-def calibrate_threshold(
-    vectors: npt.ArrayLike,
-    labels: npt.ArrayLike,
-    *,
-    aug_vectors: npt.ArrayLike | None = None,
-    aug_source: npt.ArrayLike | None = None,
-    fit_adapter: bool = True,
-    fit_with_aug: bool = True,
-    shrinkage: float = DEFAULT_SHRINKAGE,
-    max_known_loss: float = DEFAULT_MAX_KNOWN_LOSS,
-    rounds: int = CALIBRATION_ROUNDS,
-    seed: int = 0,
-) -> Calibration:
-    """A plain top-1 similarity threshold (`make eval`'s reference): the rule without margin or neighbours."""
-    rule = calibrate_open_set(
-        vectors, labels, aug_vectors=aug_vectors, aug_source=aug_source, fit_adapter=fit_adapter,
-        fit_with_aug=fit_with_aug, shrinkage=shrinkage, max_known_loss=max_known_loss, margin_weight=0.0,
-        holdout_neighbours=0, rounds=rounds, seed=seed,
-    )  # fmt: skip
-    return Calibration(
-        threshold=rule.threshold, known_correct=rule.sim_known_correct, known_kept=rule.sim_known_kept,
-        unseen_total=rule.sim_unseen_total, unseen_rejected=rule.sim_unseen_rejected,
-        notes={"max_known_loss": max_known_loss, "rounds": float(rounds)},
-    )  # fmt: skip
 
 
 # ---- what a snapshot build ships ----

@@ -14,7 +14,7 @@ Nothing here ever sees query photos.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -129,18 +129,6 @@ def aggregate_frames(vectors: npt.ArrayLike) -> F32:
         raise ValueError(f"need a non-empty (n, dim) array, got shape {v.shape}")
     out: F32 = normalize_rows(normalize_rows(v).mean(0))[0]
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class Calibration:
-    """A "no match" threshold and the catalog-only simulation it came from."""
-
-    threshold: float
-    known_correct: int  # held-out in-catalog queries answered right before thresholding
-    known_kept: float  # share of those correct answers still above the threshold
-    unseen_total: int
-    unseen_rejected: float  # share of unseen-item queries whose top-1 falls below the threshold
-    notes: dict[str, float] = field(default_factory=dict)
 
 
 def holdout_round(x: F32, y: I64, neighbours: int, rng: np.random.Generator) -> tuple[I64, I64, I64]:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cloud.open_set import OpenSetRule, calibrate_open_set, calibrate_threshold, is_match, open_set_score
+from cloud.open_set import OpenSetRule, calibrate_open_set, is_match, open_set_score
 from cloud.retrieval import (
     Adapter,
     CalibrationError,
@@ -89,9 +89,9 @@ def test_aggregate_frames_is_unit_mean() -> None:
 def test_calibration_separates_unseen_items() -> None:
     """On well-separated items the catalog-only threshold keeps known answers and rejects unseen ones."""
     x, y = _clusters(noise=0.3, seed=2)
-    cal = calibrate_threshold(x, y, seed=0)
-    assert cal.known_kept >= 0.95
-    assert cal.unseen_rejected > 0.5
+    cal = calibrate_open_set(x, y, margin_weight=0.0, holdout_neighbours=0, seed=0)
+    assert cal.sim_known_kept >= 0.95
+    assert cal.sim_unseen_rejected > 0.5
     assert -1.0 <= cal.threshold <= 1.0
 
 
