@@ -29,7 +29,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bench.models import _benchmark_app, _shared, export_bench_bundle
+from bench import cpu
+from bench.models import BENCH_S, _benchmark_app, _shared, export_bench_bundle
 from cloud.catalog import Item
 from cloud.featurize import featurize
 from models.bundle import input_hw, read_manifest
@@ -76,11 +77,11 @@ def _by_folder(images: list[Path]) -> list[Item]:
     ]
 
 
-def _reference(bundle: Path, size: tuple[int, int], streams: int) -> dict[str, float]:
+def _reference(bundle: Path, size: tuple[int, int], streams: int, seconds: int = BENCH_S) -> dict[str, Any]:
     """benchmark_app in the Embedder's throughput configuration."""
     if streams == 1:
-        return _benchmark_app(bundle / "model.xml", "throughput", size, nstreams=1)
-    return _benchmark_app(bundle / "model.xml", "throughput", size)
+        return _benchmark_app(bundle / "model.xml", "throughput", size, nstreams=1, seconds=seconds)
+    return _benchmark_app(bundle / "model.xml", "throughput", size, seconds=seconds)
 
 
 def _measure(bundle: Path, images: list[Path], out_dir: Path) -> dict[str, Any]:
@@ -89,6 +90,7 @@ def _measure(bundle: Path, images: list[Path], out_dir: Path) -> dict[str, Any]:
     size = input_hw(manifest.preprocessing)  # what the Embedder feeds the graph (before its centre crop)
     single, grouped = _one_per_item(images), _by_folder(images)
     rates: dict[str, list[float]] = {"single": [], "catalog": []}
+    cpu_ms: dict[str, list[float]] = {"single": [], "catalog": []}  # this process's core-ms per photo
     with Embedder(bundle, mode="throughput") as embedder:
         streams, requests = embedder.streams, embedder.num_requests
     ref_before = _reference(bundle, size, streams)  # with no compiled model of ours alive
@@ -96,12 +98,18 @@ def _measure(bundle: Path, images: list[Path], out_dir: Path) -> dict[str, Any]:
         featurize(single[:16], embedder, base_dir=out_dir, progress=False)  # warm: threads, page cache
         for _ in range(ROUNDS):
             for key, items in (("single", single), ("catalog", grouped)):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), cpu.self_cpu_s()
                 feats = featurize(items, embedder, base_dir=out_dir, progress=False)
                 rates[key].append(feats.embedded / (time.perf_counter() - t0))
+                cpu_ms[key].append(1000.0 * (cpu.self_cpu_s() - c0) / max(1, feats.embedded))
     ref_after = _reference(bundle, size, streams)
+    ref_short = _reference(bundle, size, streams, seconds=1)  # its start-up CPU cancels the two runs'
     ref_fps = (ref_before["fps"] + ref_after["fps"]) / 2
+    ref_cpu = [cpu.per_inference_ms((r["cpu_s"], r["count"]), (ref_short["cpu_s"], ref_short["count"]))
+               for r in (ref_before, ref_after)]  # fmt: skip
+    ref_cpu_ms = statistics.mean(c for c in ref_cpu if c is not None) if all(ref_cpu) else None
     ours, ours_catalog = statistics.median(rates["single"]), statistics.median(rates["catalog"])
+    ours_cpu, ours_catalog_cpu = statistics.median(cpu_ms["single"]), statistics.median(cpu_ms["catalog"])
     return {
         "model": manifest.name,
         "precision": manifest.precision,
@@ -118,6 +126,15 @@ def _measure(bundle: Path, images: list[Path], out_dir: Path) -> dict[str, Any]:
         "benchmark_app_fps_before_after": [ref_before["fps"], ref_after["fps"]],
         "featurize_ratio": round(ours / ref_fps, 3),
         "featurize_catalog_ratio": round(ours_catalog / ref_fps, 3),
+        # Core-ms per photo (read, hash, decode, thumbnail, resize, inference: all threads) / benchmark_app's
+        # per inference: ~1 / the throughput ratio with both cores busy, and steadier (bench/cpu.py).
+        "ours_cpu_ms_per_image": round(ours_cpu, 3),
+        "ours_catalog_cpu_ms_per_image": round(ours_catalog_cpu, 3),
+        "benchmark_app_cpu_ms_per_inference": None if ref_cpu_ms is None else round(ref_cpu_ms, 3),
+        "featurize_cpu_cost_ratio": None if not ref_cpu_ms else round(ours_cpu / ref_cpu_ms, 3),
+        "featurize_catalog_cpu_cost_ratio": (
+            None if not ref_cpu_ms else round(ours_catalog_cpu / ref_cpu_ms, 3)
+        ),
     }
 
 

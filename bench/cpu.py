@@ -1,0 +1,90 @@
+"""CPU time accounting for the benches: core-milliseconds per image, ours beside benchmark_app's.
+
+A throughput ratio on this shared 2-core VM moves 5-10 points between runs of the same code: whatever
+else runs on the host takes cycles from both sides, never in the same amounts. The CPU time a process was
+given per image moves less, and it says where a pipeline's time goes: with both cores busy, ours
+per frame over benchmark_app's per inference (``*_cpu_cost_ratio``) is about the inverse of the
+throughput ratio, and the per-thread split names what the host work outside inference costs.
+Linux only (``/proc``, ``getrusage``); elsewhere the figures are None.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+_TASKS = Path("/proc/self/task")
+
+
+def self_cpu_s() -> float:
+    """CPU seconds (user + system) this process has used so far, all threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_measured(cmd: Sequence[str], timeout_s: float) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ``cmd`` to completion; its result and the CPU seconds it used (one child at a time)."""
+    before = _children_cpu_s()
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s, check=False)
+    return proc, _children_cpu_s() - before
+
+
+def iterations(stdout: str) -> int | None:
+    """benchmark_app's ``Count: N iterations``."""
+    m = re.search(r"Count:\s+(\d+)\s+iterations", stdout)
+    return int(m.group(1)) if m else None
+
+
+def per_inference_ms(long_run: tuple[float, int | None], short_run: tuple[float, int | None]) -> float | None:
+    """benchmark_app's CPU per inference without its start-up (read, compile: ~1 core-s here).
+
+    Each argument is (CPU seconds, iterations) of one run of the same command; the short run's start-up
+    cancels out: (cpu_long - cpu_short) / (count_long - count_short)."""
+    (c_long, n_long), (c_short, n_short) = long_run, short_run
+    if n_long is None or n_short is None or n_long <= n_short:
+        return None
+    return 1000.0 * (c_long - c_short) / (n_long - n_short)
+
+
+def thread_cpu_s() -> dict[int, float]:
+    """CPU seconds per live thread of this process (native id -> user + system), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    try:
+        tids = os.listdir(_TASKS)
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = (_TASKS / tid / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+def split_by_thread(
+    before: dict[int, float], after: dict[int, float], group: Callable[[str | None], str], n: int
+) -> dict[str, float]:
+    """Core-milliseconds per item (``n`` of them) between two ``thread_cpu_s`` readings, summed per
+    ``group(python thread name, or None for threads Python did not start: OpenVINO's)``."""
+    names: dict[int, str] = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    split: dict[str, float] = {}
+    for tid, cpu in after.items():
+        used = cpu - before.get(tid, 0.0)
+        if used > 0:
+            key = group(names.get(tid))
+            split[key] = split.get(key, 0.0) + used
+    return {k: round(1000.0 * v / max(1, n), 3) for k, v in sorted(split.items())}
+
