@@ -56,10 +56,12 @@ def per_inference_ms(long_run: tuple[float, int | None], short_run: tuple[float,
     return 1000.0 * (c_long - c_short) / (n_long - n_short)
 
 
-def thread_cpu_s() -> dict[int, float]:
-    """CPU seconds per live thread of this process (native id -> user + system), from /proc."""
+def thread_cpu_s() -> dict[int, tuple[str | None, float]]:
+    """Each live thread of this process: native id -> (its Python name, or None for threads Python did
+    not start, e.g. OpenVINO's; CPU seconds used so far, user + system), from /proc."""
+    names: dict[int, str] = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[int, float] = {}
+    out: dict[int, tuple[str | None, float]] = {}
     try:
         tids = os.listdir(_TASKS)
     except OSError:
@@ -70,21 +72,22 @@ def thread_cpu_s() -> dict[int, float]:
         except OSError:  # the thread ended meanwhile
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        out[int(tid)] = (names.get(int(tid)), (int(fields[11]) + int(fields[12])) / tick)  # utime, stime
     return out
 
 
 def split_by_thread(
-    before: dict[int, float], after: dict[int, float], group: Callable[[str | None], str], n: int
+    before: dict[int, tuple[str | None, float]],
+    after: dict[int, tuple[str | None, float]],
+    group: Callable[[str | None], str],
+    n: int,
 ) -> dict[str, float]:
     """Core-milliseconds per item (``n`` of them) between two ``thread_cpu_s`` readings, summed per
-    ``group(python thread name, or None for threads Python did not start: OpenVINO's)``."""
-    names: dict[int, str] = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    ``group(thread name)``. Read both while the threads of interest live: an ended thread leaves /proc."""
     split: dict[str, float] = {}
-    for tid, cpu in after.items():
-        used = cpu - before.get(tid, 0.0)
+    for tid, (name, cpu) in after.items():
+        used = cpu - before.get(tid, (name, 0.0))[1]
         if used > 0:
-            key = group(names.get(tid))
+            key = group(name)
             split[key] = split.get(key, 0.0) + used
     return {k: round(1000.0 * v / max(1, n), 3) for k, v in sorted(split.items())}
-

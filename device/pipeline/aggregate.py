@@ -40,8 +40,12 @@ def aggregate(
     """
     if len(vectors) == 1:  # one frame: its own vector is the mean and both votes are its scores
         hits = snapshot.search(np.asarray(vectors[0], dtype=np.float32)[None, :], k)[0]
-        # Hit(...) rather than dataclasses.replace: 5x cheaper, and this runs for every held item.
-        rounded = [Hit(h.sku, h.title, h.price, h.location, h.thumbnail, round(h.score, 6)) for h in hits]
+        # Hit(...) rather than dataclasses.replace (half the cost; this runs for every held item).
+        rounded = [
+            Hit(sku=h.sku, title=h.title, price=h.price, location=h.location, thumbnail=h.thumbnail,
+                score=round(h.score, 6))
+            for h in hits
+        ]  # fmt: skip
         return rounded, 1.0 if hits else 0.0
     v = np.stack([np.asarray(x, dtype=np.float32) for x in vectors])
     mean = v.mean(axis=0)

@@ -127,7 +127,8 @@ class Embedded:
 @dataclass(frozen=True, slots=True)
 class Close:
     """No more crops will be submitted for ``item_id``: ``submitted`` in total. Sent when an item ends
-    before its last crop (the detector closed it); a last crop says so itself (``Pending.final``)."""
+    before its last crop (the detector closed it, or the stream ended); a last crop says so itself
+    (``Pending.final``) and no Close follows it."""
 
     item_id: int
     submitted: int

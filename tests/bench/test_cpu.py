@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import pytest
 
@@ -12,29 +13,30 @@ from bench import cpu
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and getrusage")
 
 
-def _spin(seconds: float) -> None:
-    end = cpu.self_cpu_s() + seconds
-    while cpu.self_cpu_s() < end:
+def _spin_then_wait(seconds: float, spun: threading.Event, release: threading.Event) -> None:
+    end = time.thread_time() + seconds  # this thread's own CPU time
+    while time.thread_time() < end:
         sum(range(1000))
+    spun.set()
+    release.wait(30.0)  # stay alive (and in /proc) until the test has read the counters
 
 
 def test_a_busy_thread_is_charged_to_its_group_and_an_idle_one_is_not() -> None:
-    done = threading.Event()
-    busy = threading.Thread(target=_spin, args=(0.3,), name="busy-worker")
-    idle = threading.Thread(target=done.wait, args=(10.0,), name="idle-worker")
+    spun, release = threading.Event(), threading.Event()
+    busy = threading.Thread(target=_spin_then_wait, args=(0.3, spun, release), name="busy-worker")
+    idle = threading.Thread(target=release.wait, args=(30.0,), name="idle-worker")
     idle.start()
     before = cpu.thread_cpu_s()
     busy.start()
-    busy_id, after = busy.native_id, before
-    while busy.is_alive():  # read while both live: ended threads leave /proc
+    try:
+        assert spun.wait(30.0)
         after = cpu.thread_cpu_s()
-        if after.get(busy_id, 0.0) - before.get(busy_id, 0.0) >= 0.25:
-            break
+    finally:
+        release.set()
+        busy.join()
+        idle.join()
     split = cpu.split_by_thread(before, after, lambda name: name or "native", n=10)
-    done.set()
-    busy.join()
-    idle.join()
-    assert split["busy-worker"] >= 25.0  # >= 0.25 s over 10 items, in core-ms per item
+    assert split["busy-worker"] >= 25.0  # >= 0.25 s (clock ticks of 10 ms) over 10 items, in core-ms
     assert split.get("idle-worker", 0.0) < 5.0
 
 

@@ -178,14 +178,15 @@ class _ScriptedDetector:
         pass
 
 
-def _detect_only(detector: _ScriptedDetector, emb: FakeEmbedder, n_frames: int) -> list[object]:
+def _detect_only(detector: _ScriptedDetector, emb: object, n_frames: int) -> tuple[list[object], Counters]:
     """Run the detect stage alone over ``n_frames``; what it handed to the search stage, in order."""
     frames: BoundedQueue[Frame] = BoundedQueue(n_frames + 1, OverflowPolicy.WAIT)
     handoff: BoundedQueue[Handoff] = BoundedQueue(64, OverflowPolicy.WAIT)
+    counters = Counters()
     # No search stage releases the crops' slots: room for them beside the 8 that END takes back.
     stage = DetectStage(frames, detector, lambda: ModelPair(as_async(emb), None), handoff,
                         threading.Semaphore(8 + n_frames), max_inflight=8, aggregate_frames=3,
-                        counters=Counters())
+                        counters=counters)  # fmt: skip
     for i in range(n_frames):
         frames.put(Frame(i, 0.0, np.zeros((8, 8, 3), np.uint8)))
     frames.close()
@@ -193,19 +194,24 @@ def _detect_only(detector: _ScriptedDetector, emb: FakeEmbedder, n_frames: int) 
     out = []
     while (msg := handoff.get(0)) not in (None, END):
         out.append(msg)
-    return out
+    return out, counters
+
+
+def _search_only(emb: FakeEmbedder, snap: ActiveSnapshot, results: list[ItemResult]) -> SearchStage:
+    """A search stage fed by hand (``_handle``): its results go to ``results``."""
+    return SearchStage(BoundedQueue(1, OverflowPolicy.WAIT), threading.Semaphore(8),
+                       lambda: ModelPair(as_async(emb), snap), top_k=3, counters=Counters(),
+                       stats=LatencyStats(), on_result=results.append, on_shown=lambda i: None)  # fmt: skip
 
 
 def test_an_items_last_crop_carries_its_count_and_no_close_follows(catalog: tuple) -> None:  # type: ignore[type-arg]
     """A held item's third crop tells the search stage it was the last: three hand-offs, not four."""
     items, emb, snap, _ = catalog
-    msgs = _detect_only(_ScriptedDetector(items[2]), emb, n_frames=6)
+    msgs, _ = _detect_only(_ScriptedDetector(items[2]), emb, n_frames=6)
     assert [type(m).__name__ for m in msgs] == ["Embedded"] * 3
     assert [m.pending.final for m in msgs] == [0, 0, 3]  # type: ignore[attr-defined]
     results: list[ItemResult] = []
-    search = SearchStage(BoundedQueue(1, OverflowPolicy.WAIT), threading.Semaphore(8),
-                         lambda: ModelPair(as_async(emb), snap), top_k=3, counters=Counters(),
-                         stats=LatencyStats(), on_result=results.append, on_shown=lambda i: None)
+    search = _search_only(emb, snap, results)
     for m in reversed(msgs):  # out of order too: the last crop first
         search._handle(m)  # type: ignore[arg-type]
     assert len(results) == 1 and results[0].frames == 3 and results[0].hits[0].sku == "sku2"
@@ -213,13 +219,35 @@ def test_an_items_last_crop_carries_its_count_and_no_close_follows(catalog: tupl
 
 def test_an_item_the_detector_ends_early_is_answered_from_the_crops_it_had(catalog: tuple) -> None:  # type: ignore[type-arg]
     items, emb, snap, _ = catalog
-    msgs = _detect_only(_ScriptedDetector(items[4], end_at=3), emb, n_frames=5)  # 2 crops, then closed
+    msgs, _ = _detect_only(_ScriptedDetector(items[4], end_at=3), emb, n_frames=5)  # 2 crops, then closed
     assert [type(m).__name__ for m in msgs] == ["Embedded", "Embedded", "Close"]
     assert msgs[-1] == Close(1, 2)
     results: list[ItemResult] = []
-    search = SearchStage(BoundedQueue(1, OverflowPolicy.WAIT), threading.Semaphore(8),
-                         lambda: ModelPair(as_async(emb), snap), top_k=3, counters=Counters(),
-                         stats=LatencyStats(), on_result=results.append, on_shown=lambda i: None)
+    search = _search_only(emb, snap, results)
     for m in msgs:
         search._handle(m)  # type: ignore[arg-type]
     assert len(results) == 1 and results[0].frames == 2 and results[0].hits[0].sku == "sku4"
+
+
+class _FailsOnce:
+    """An async embedder whose ``fail_at``-th submit raises (e.g. a request lost mid-update)."""
+
+    def __init__(self, emb: FakeEmbedder, fail_at: int) -> None:
+        self._inner, self._fail_at, self.calls = as_async(emb), fail_at, 0
+        self.dim, self.model_id = emb.dim, emb.model_id
+
+    def submit(self, crop: np.ndarray, callback: Callable[..., None], userdata: object = None) -> None:
+        self.calls += 1
+        if self.calls == self._fail_at:
+            raise RuntimeError("submit failed")
+        self._inner.submit(crop, callback, userdata)
+
+
+def test_a_failed_last_crop_is_retried_on_the_next_steady_frame(catalog: tuple) -> None:  # type: ignore[type-arg]
+    items, emb, _, _ = catalog
+    flaky = _FailsOnce(emb, fail_at=3)
+    msgs, counters = _detect_only(_ScriptedDetector(items[1]), flaky, n_frames=6)
+    assert [type(m).__name__ for m in msgs] == ["Embedded"] * 3  # the item was not closed by the failure
+    assert [m.pending.final for m in msgs] == [0, 0, 3]  # type: ignore[attr-defined]
+    assert [m.pending.frame_seq for m in msgs] == [0, 1, 3]  # type: ignore[attr-defined]
+    assert counters.embed_errors == 1 and flaky.calls == 4
