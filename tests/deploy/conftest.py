@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.mosquitto import _wait_port, free_port, mosquitto_binary
+from tests.support.mosquitto import LOG_TO_STDERR, BrokerLog, free_port, mosquitto_binary
 from tests.support.pki import TestPKI
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
@@ -61,7 +61,7 @@ def render_config(
     # What Debian's main mosquitto.conf provides, test-sized; run as the invoking user (tmp is 0700).
     head = (
         f"user {getpass.getuser()}\npersistence false\n"
-        f"log_dest file {tmp / 'mosquitto.log'}\nlog_type all\n"
+        f"log_dest file {tmp / 'mosquitto.log'}\nlog_type all\n{LOG_TO_STDERR}\n"
     )
     return head + text
 
@@ -85,13 +85,12 @@ def store_broker(tmp_path: Path) -> Iterator[StoreBroker]:
     conf.write_text(render_config(tmp_path, pki=pki, http_dir=http_dir, **ports))
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        for p in ports.values():
-            _wait_port(p, proc, _START_TIMEOUT_S)
+        BrokerLog(proc).wait_running(_START_TIMEOUT_S)
     except (RuntimeError, TimeoutError) as exc:
         proc.kill()
-        _, err = proc.communicate(timeout=10)
+        proc.wait(timeout=10)
         log = (tmp_path / "mosquitto.log").read_text() if (tmp_path / "mosquitto.log").exists() else ""
-        raise AssertionError(f"deploy config did not start: {exc}\n{err.decode()}\n{log}") from exc
+        raise AssertionError(f"deploy config did not start: {exc}\n{log}") from exc
     yield StoreBroker(proc=proc, ca=pki.ca, http_dir=http_dir, log=tmp_path / "mosquitto.log", **ports)
     proc.terminate()
     try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -70,3 +72,25 @@ def test_tls_listener_requires_client_certificate(tls_broker: Mosquitto) -> None
     finally:
         bad.disconnect()
         bad.loop_stop()
+
+
+def test_start_returns_once_every_listener_accepts(tmp_path: Path) -> None:
+    """start() waits for the broker's own "running" line, logged after it opened all its listeners."""
+    broker = Mosquitto(tmp_path, tls=True, websockets=True).start()
+    try:
+        for port in (broker.port, broker.tls_port, broker.ws_port):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()  # no retry: open already
+    finally:
+        broker.stop()
+
+
+def test_a_broker_that_cannot_start_is_reported_with_its_own_words(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        broker = Mosquitto(tmp_path, port=taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match=r"mosquitto exited with .*Address already in use"):
+            broker.start()
+    finally:
+        taken.close()

@@ -7,7 +7,8 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,17 +31,42 @@ def mosquitto_binary() -> str | None:
     )
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited with {proc.returncode}")
+# What the broker needs in its config for BrokerLog: its log on stderr, with the "running" line.
+LOG_TO_STDERR = "log_dest stderr\nlog_type information"
+
+
+class BrokerLog:
+    """Reads a broker's stderr on a thread (a full pipe would stall the broker) and notes its "mosquitto
+    version X running" line, which it logs once every listener is open. Needs LOG_TO_STDERR."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+        self._settled = threading.Event()  # running, or stderr closed (the broker exited)
+        self.running = False
+        self.tail: deque[str] = deque(maxlen=20)
+        threading.Thread(target=self._read, name="mosquitto-log", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._proc.stderr is not None
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)  # polling a port that a child process is opening: no event to wait on
-    raise TimeoutError(f"mosquitto did not listen on {port} within {timeout_s}s")
+            for raw in self._proc.stderr:
+                line = raw.decode(errors="replace").rstrip()
+                self.tail.append(line)
+                if not self.running and line.endswith(" running"):
+                    self.running = True
+                    self._settled.set()
+        except (OSError, ValueError):  # the owner closed the pipe after stopping the broker
+            pass
+        finally:
+            self._settled.set()
+
+    def wait_running(self, timeout_s: float) -> None:
+        """Return once the broker runs; RuntimeError (with its last lines) if it exited, else TimeoutError."""
+        if self._settled.wait(timeout_s) and self.running:
+            return
+        if self._proc.poll() is not None or self._settled.is_set():
+            raise RuntimeError(f"mosquitto exited with {self._proc.wait(5)}: " + " | ".join(self.tail))
+        raise TimeoutError(f"mosquitto did not say it was running within {timeout_s}s")
 
 
 @dataclass
@@ -88,6 +114,7 @@ class Mosquitto:
             "persistence false",
             f"log_dest file {self.workdir / 'mosquitto.log'}",
             "log_type error\nlog_type warning\nlog_type notice",
+            LOG_TO_STDERR,
             f"listener {self.port} 127.0.0.1",
         ]
         if self.tls and self.pki is not None:
@@ -113,9 +140,7 @@ class Mosquitto:
         self.proc = subprocess.Popen(
             [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        for port in (self.port, self.tls_port, self.ws_port):
-            if port:
-                _wait_port(port, self.proc, _START_TIMEOUT_S)
+        BrokerLog(self.proc).wait_running(_START_TIMEOUT_S)
         return self
 
     def stop(self, *, kill: bool = False) -> None:
