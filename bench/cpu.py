@@ -11,12 +11,13 @@ Linux only (``/proc``, ``getrusage``); elsewhere the figures are None.
 from __future__ import annotations
 
 import os
-import re
 import resource
+import statistics
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 _TASKS = Path("/proc/self/task")
 
@@ -39,21 +40,16 @@ def run_measured(cmd: Sequence[str], timeout_s: float) -> tuple[subprocess.Compl
     return proc, _children_cpu_s() - before
 
 
-def iterations(stdout: str) -> int | None:
-    """benchmark_app's ``Count: N iterations``."""
-    m = re.search(r"Count:\s+(\d+)\s+iterations", stdout)
-    return int(m.group(1)) if m else None
-
-
-def per_inference_ms(long_run: tuple[float, int | None], short_run: tuple[float, int | None]) -> float | None:
-    """benchmark_app's CPU per inference without its start-up (read, compile: ~1 core-s here).
-
-    Each argument is (CPU seconds, iterations) of one run of the same command; the short run's start-up
-    cancels out: (cpu_long - cpu_short) / (count_long - count_short)."""
-    (c_long, n_long), (c_short, n_short) = long_run, short_run
-    if n_long is None or n_short is None or n_long <= n_short:
-        return None
-    return 1000.0 * (c_long - c_short) / (n_long - n_short)
+def per_inference_ms(runs: Sequence[Mapping[str, Any]], short: Mapping[str, Any]) -> float | None:
+    """benchmark_app's median CPU per inference over ``runs``, without its start-up (read, compile: ~1 core-s
+    here): each run's ``cpu_s`` and ``count`` (iterations) less those of a ``short`` run of the same command,
+    (cpu - cpu_short) / (count - count_short). None when no run can be told apart from the short one."""
+    per = [
+        1000.0 * (r["cpu_s"] - short["cpu_s"]) / (r["count"] - short["count"])
+        for r in runs
+        if r["count"] is not None and short["count"] is not None and r["count"] > short["count"]
+    ]
+    return statistics.median(per) if per else None
 
 
 def thread_cpu_s() -> dict[int, tuple[str | None, float]]:

@@ -105,9 +105,7 @@ def _measure(bundle: Path, images: list[Path], out_dir: Path) -> dict[str, Any]:
     ref_after = _reference(bundle, size, streams)
     ref_short = _reference(bundle, size, streams, seconds=1)  # its start-up CPU cancels the two runs'
     ref_fps = (ref_before["fps"] + ref_after["fps"]) / 2
-    ref_cpu = [cpu.per_inference_ms((r["cpu_s"], r["count"]), (ref_short["cpu_s"], ref_short["count"]))
-               for r in (ref_before, ref_after)]  # fmt: skip
-    ref_cpu_ms = statistics.mean(c for c in ref_cpu if c is not None) if all(ref_cpu) else None
+    ref_cpu_ms = cpu.per_inference_ms([ref_before, ref_after], ref_short)
     ours, ours_catalog = statistics.median(rates["single"]), statistics.median(rates["catalog"])
     ours_cpu, ours_catalog_cpu = statistics.median(cpu_ms["single"]), statistics.median(cpu_ms["catalog"])
     return {

@@ -49,15 +49,21 @@ def _benchmark_app(
            "-infer_precision", "f32", "-shape", shape]  # fmt: skip
     if nstreams is not None:
         cmd += ["-nstreams", str(nstreams), "-nireq", "2"]
-    proc, cpu_s = cpu.run_measured(cmd, timeout_s=BENCH_S * 10)
+    return run_benchmark_app(cmd, timeout_s=BENCH_S * 10)
+
+
+def run_benchmark_app(cmd: list[str], timeout_s: float) -> dict[str, Any]:
+    """Run one benchmark_app command: its FPS, median latency (ms), iterations and CPU seconds."""
+    proc, cpu_s = cpu.run_measured(cmd, timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark_app failed: {proc.stderr[-500:] or proc.stdout[-500:]}")
     fps = re.search(r"Throughput:\s+([\d.]+)\s+FPS", proc.stdout)
     median = re.search(r"Median:\s+([\d.]+)\s+ms", proc.stdout)
     if fps is None or median is None:
         raise RuntimeError(f"cannot parse benchmark_app output: {proc.stdout[-500:]}")
+    count = re.search(r"Count:\s+(\d+)\s+iterations", proc.stdout)
     return {"fps": float(fps.group(1)), "median_ms": float(median.group(1)), "cpu_s": cpu_s,
-            "count": cpu.iterations(proc.stdout)}
+            "count": int(count.group(1)) if count else None}  # fmt: skip
 
 
 def _ours(bundle: Path, size: tuple[int, int], ref: Callable[[], float]) -> dict[str, Any]:

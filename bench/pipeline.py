@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from bench import cpu
-from bench.models import export_bench_bundle
+from bench.models import export_bench_bundle, run_benchmark_app
 from cloud.retrieval import fit_lda_adapter
 from device.camera import BoundedQueue, Frame, GrabStage, OverflowPolicy
 from device.camera.sources import OpenCVSource, PacedSource, SyntheticSource
@@ -67,13 +66,7 @@ def _benchmark_app(bundle: Path, precision: str, hint: str, seconds: float = THR
     exe = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
     cmd = [exe, "-m", str(bundle / "model.xml"), "-d", "CPU", "-hint", hint, "-data_shape", f"[1,{H},{W},3]",
            "-infer_precision", precision, "-t", str(int(seconds))]
-    proc, cpu_s = cpu.run_measured(cmd, timeout_s=120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark_app failed: {proc.stderr[-500:] or proc.stdout[-500:]}")
-    out = proc.stdout
-    fps = float(re.search(r"Throughput:\s+([\d.]+) FPS", out).group(1))  # type: ignore[union-attr]
-    median = float(re.search(r"Median:\s+([\d.]+) ms", out).group(1))  # type: ignore[union-attr]
-    return {"fps": fps, "latency_median_ms": median, "cpu_s": cpu_s, "count": cpu.iterations(out)}
+    return run_benchmark_app(cmd, timeout_s=120)
 
 
 def _paced_inference_ms(bundle: Path, precision: str) -> float:
@@ -321,10 +314,9 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
     mid = int(np.argsort(round_ratios)[len(round_ratios) // 2])
     thr: dict[str, Any] = {**thrs[mid], "fps_rounds": [t["fps"] for t in thrs]}
     ref: dict[str, Any] = {"fps": round((refs[mid]["fps"] + refs[mid + 1]["fps"]) / 2, 2),
-           "latency_median_ms": round(float(np.median([r["latency_median_ms"] for r in refs])), 2),
+           "latency_median_ms": round(float(np.median([r["median_ms"] for r in refs])), 2),
            "fps_runs": [r["fps"] for r in refs]}  # fmt: skip
-    ref_cpu = [cpu.per_inference_ms((r["cpu_s"], r["count"]), (short["cpu_s"], short["count"])) for r in refs]
-    ref_cpu_ms = float(np.median([c for c in ref_cpu if c is not None])) if any(ref_cpu) else None
+    ref_cpu_ms = cpu.per_inference_ms(refs, short)
     ours_cpu_ms = float(np.median([t["cpu_ms_per_frame"] for t in thrs]))
     video = _video(emb, snap, write_video(scene, work / "clip.avi"))
     paced_ms = _paced_inference_ms(bundle, precision)

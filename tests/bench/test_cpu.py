@@ -41,19 +41,15 @@ def test_a_busy_thread_is_charged_to_its_group_and_an_idle_one_is_not() -> None:
 
 
 def test_a_child_process_cpu_is_measured_and_startup_cancels() -> None:
-    code = (
-        "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
-        "print('Count: {n} iterations')"
-    )
-    long_proc, long_cpu = cpu.run_measured([sys.executable, "-c", code.format(s=0.6, n=300)], timeout_s=60)
-    short_proc, short_cpu = cpu.run_measured([sys.executable, "-c", code.format(s=0.1, n=50)], timeout_s=60)
+    code = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass"
+    long_proc, long_cpu = cpu.run_measured([sys.executable, "-c", code.format(s=0.6)], timeout_s=60)
+    _, short_cpu = cpu.run_measured([sys.executable, "-c", code.format(s=0.1)], timeout_s=60)
     assert long_proc.returncode == 0 and long_cpu >= 0.6 and 0.1 <= short_cpu < long_cpu
-    runs = (long_cpu, cpu.iterations(long_proc.stdout)), (short_cpu, cpu.iterations(short_proc.stdout))
-    per = cpu.per_inference_ms(*runs)
+    per = cpu.per_inference_ms([{"cpu_s": long_cpu, "count": 300}], {"cpu_s": short_cpu, "count": 50})
     assert per is not None and 1.6 <= per <= 2.6  # 0.5 s over 250 "inferences", the interpreter start-up gone
 
 
-def test_unparsable_or_inconsistent_runs_give_no_figure() -> None:
-    assert cpu.iterations("no count here") is None
-    assert cpu.per_inference_ms((1.0, None), (0.5, 10)) is None
-    assert cpu.per_inference_ms((1.0, 10), (0.5, 10)) is None
+def test_runs_that_cannot_be_told_from_the_short_one_give_no_figure() -> None:
+    short = {"cpu_s": 0.5, "count": 10}
+    assert cpu.per_inference_ms([{"cpu_s": 1.0, "count": None}, {"cpu_s": 1.0, "count": 10}], short) is None
+    assert cpu.per_inference_ms([{"cpu_s": 1.0, "count": 10}, {"cpu_s": 1.5, "count": 20}], short) == 100.0
