@@ -6,6 +6,7 @@ Topic tree (AWS topic-design conventions: dt/ telemetry, cmd/ commands, bc/ broa
     dt/storelens/{store}/{kiosk}/health         retained, every health interval
     dt/storelens/{store}/{kiosk}/events/match   QoS 1, one per held item
     dt/storelens/{store}/{kiosk}/events/alert   QoS 1, camera lost, snapshot refused, outbox dropping...
+    dt/storelens/{store}/{kiosk}/events/feedback QoS 1, a customer's answer + crop (storelens.feedback)
     dt/storelens/{store}/{kiosk}/update         retained, progress of a model/snapshot update
     bc/storelens/{store}/snapshot               retained, the store's current snapshot announcement
     cmd/storelens/{store}/{kiosk}/desired       retained, the release this kiosk should run (fleet)
@@ -55,6 +56,7 @@ class Topics:
         self.health = f"{base}/health"
         self.match = f"{base}/events/match"
         self.alert = f"{base}/events/alert"
+        self.feedback = f"{base}/events/feedback"  # storelens.feedback: the customer's answers
         self.update = f"{base}/update"
         self.desired = f"cmd/{APP}/{store}/{kiosk}/desired"
         self.snapshot = snapshot_topic(store)
