@@ -225,7 +225,8 @@ def publish_snapshot(
         # The newest full snapshot rides along with every delta: a kiosk without the delta's base
         # installs it instead of staying behind (device/sync).
         full = entry if m.kind == "full" else _newest_full(latest, store)
-        model = m.extra.get("model") if isinstance(m.extra.get("model"), dict) else {}
+        raw_model = m.extra.get("model")
+        model: dict[str, Any] = raw_model if isinstance(raw_model, dict) else {}
         ann = protocol.SnapshotAnnouncement(
             store=m.store,
             version=m.version,
