@@ -26,6 +26,7 @@ from cloud import open_set, retrieval
 from cloud.cache import EmbeddingCache
 from cloud.catalog import Catalog, load_catalog
 from cloud.featurize import EmbedderLike, Features, featurize, preprocessing_hash
+from models.bundle import BundleManifest
 from storelens import vindex
 from storelens.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
 from storelens.snapshot import (
@@ -235,6 +236,9 @@ def build_snapshot(
         _write_full(tmp, item_rows, vec_rows, feats, index_vectors, M, ef_construction, ef)
     report["kind"] = kind
     extra["build"] = {k: report[k] for k in ("images_embedded", "cache_hits", "vectors", "items")}
+    bundle_m = getattr(embedder, "manifest", None)
+    if isinstance(bundle_m, BundleManifest):  # the dashboard shows this name, not the sha256
+        extra["model"] = bundle_m.describe()
     names = [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]
     manifest = SnapshotManifest(kind=kind, files=describe_files(tmp, names), extra=extra, **common)
     write_signed(tmp, manifest, private_key)

@@ -225,6 +225,8 @@ def publish_snapshot(
         # The newest full snapshot rides along with every delta: a kiosk without the delta's base
         # installs it instead of staying behind (device/sync).
         full = entry if m.kind == "full" else _newest_full(latest, store)
+        raw_model = m.extra.get("model")
+        model: dict[str, Any] = raw_model if isinstance(raw_model, dict) else {}
         ann = protocol.SnapshotAnnouncement(
             store=m.store,
             version=m.version,
@@ -236,6 +238,8 @@ def publish_snapshot(
             sha256=sha,
             url=url,
             full=None if m.kind == "full" or full is None else protocol.FullSnapshotRef.model_validate(full),
+            model_name=str(model["name"])[:128] if model.get("name") else None,
+            model_version=str(model["version"])[:64] if model.get("version") else None,
         )
         store.write_text(latest_key, json.dumps({**entry, "full": full}, sort_keys=True) + "\n")
     if broker:

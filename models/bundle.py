@@ -78,6 +78,10 @@ class BundleManifest:
         """A JSON-ready dict (deep copy)."""
         return dataclasses.asdict(self)
 
+    def describe(self) -> dict[str, str]:
+        """What people call this bundle: its name and version (the export time; the id is a sha256)."""
+        return {"name": self.name, "version": self.created_at}
+
     @classmethod
     def from_dict(cls, data: Any) -> BundleManifest:
         """Build from parsed JSON; BundleCorrupt naming the first bad field."""

@@ -229,9 +229,13 @@ class SnapshotAnnouncement(BaseModel):
     sha256: str  # of the archive
     url: str
     full: FullSnapshotRef | None = None  # deltas only; absent from older publishers' announcements
+    # The bundle's name and version (export time) for people (the dashboard); optional, shown only.
+    model_name: str | None = Field(default=None, max_length=128)
+    model_version: str | None = Field(default=None, max_length=64)
 
     def to_bytes(self) -> bytes:
-        omit = {"full"} if self.full is None else None  # unchanged bytes for what publishers sent before
+        # Unset optional fields are left out: unchanged bytes for what publishers sent before.
+        omit = {k for k in ("full", "model_name", "model_version") if getattr(self, k) is None}
         return json.dumps(self.model_dump(mode="json", exclude=omit), separators=(",", ":")).encode()
 
     def of_full(self) -> SnapshotAnnouncement:

@@ -44,7 +44,7 @@ class Sim:
         self.t = Topics(args.store, args.kiosk)
         self.args = args
         self.snapshot = 7
-        self.model = "mobilenetv3-emb@2"
+        self.model = args.model
         self.health_kw: dict[str, Any] = {"camera": "streaming", "outbox_dropped": 0, "outbox_depth": 0}
         self.connected = threading.Event()
         c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"sim-{args.kiosk}")
@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--username")
     p.add_argument("--password")
     p.add_argument("--health-interval-s", type=float, default=30.0)
+    p.add_argument("--model", default="mobilenetv3-emb@2")
     args = p.parse_args()
     sim = Sim(args)
     sim.c.connect("127.0.0.1", args.port, keepalive=5)

@@ -30,7 +30,8 @@
   const $ = (id) => document.getElementById(id);
   const state = {
     cfg: null, connected: false, everConnected: false, kiosks: new Map(), feed: [], seenIds: new Set(),
-    alerts: [], searches: [], misses: [], announced: null, openedAt: Date.now(),
+    alerts: [], searches: [], misses: [], announced: null, openedAt: Date.now(), attemptFailed: false,
+    models: {}, // model_id -> {name, version}: from the server's snapshots and the announcement
   };
   window.__storelens = state; // for support staff poking at the page (and the browser tests)
 
@@ -86,8 +87,29 @@
     url = url.replace("{host}", location.hostname || "127.0.0.1");
     return {
       store, url, username: cfg.username || undefined, password: cfg.password || undefined,
-      thumbnailBase: cfg.thumbnail_base || null,
+      thumbnailBase: cfg.thumbnail_base || null, review: !!cfg.review,
     };
+  }
+
+  async function loadModels() {
+    try {
+      const r = await fetch("api/models", { cache: "no-store" });
+      if (!r.ok) return;
+      const body = await r.json();
+      if (body && body.models && typeof body.models === "object") Object.assign(state.models, body.models);
+      render();
+    } catch (e) {
+      /* no server (mosquitto's http_dir): models show by id */
+    }
+  }
+
+  // "mobilenetv2 · 2026-11-20" for a model id (or a prefix of one) whose bundle name is known.
+  function modelLabel(id) {
+    if (!id) return "–";
+    const key = Object.keys(state.models).find((m) => m === id || m.startsWith(id));
+    const info = key && state.models[key];
+    if (!info || !info.name) return String(id).slice(0, 12);
+    return info.version ? info.name + " · " + String(info.version).slice(0, 10) : info.name;
   }
 
   // ---- MQTT ----
@@ -110,6 +132,7 @@
       render();
     });
     const lost = () => {
+      state.attemptFailed = true;
       if (state.connected || !state.everConnected) {
         state.connected = false;
         for (const k of state.kiosks.values()) k.statusLive = false;
@@ -128,6 +151,9 @@
     if (topic === "bc/" + APP + "/" + state.cfg.store + "/snapshot") {
       const a = decode(payload);
       if (a && typeof a.version === "number") state.announced = a.version;
+      if (a && typeof a.model_id === "string" && typeof a.model_name === "string") {
+        state.models[a.model_id] = { name: a.model_name, version: a.model_version || "" };
+      }
       return render();
     }
     const parts = topic.split("/");
@@ -242,13 +268,27 @@
 
   function renderConnection() {
     const conn = $("conn");
+    // One broker state, said once: a broker down from the start is "unreachable", never "connecting"
+    // beside an "All quiet" that nobody could know.
     let s = "connecting";
     if (state.connected) s = "connected";
     else if (state.everConnected) s = "reconnecting";
+    else if (state.attemptFailed) s = "unreachable";
     conn.dataset.state = s;
     conn.className = "conn conn-" + s;
-    text(conn, { connected: "Live", connecting: "Connecting…", reconnecting: "Reconnecting…" }[s]);
-    $("banner").hidden = s !== "reconnecting";
+    text(conn, { connected: "Live", connecting: "Connecting…", reconnecting: "Reconnecting…",
+                 unreachable: "Broker unreachable" }[s]);
+    $("banner").hidden = s !== "reconnecting" && s !== "unreachable";
+    text($("banner-title"), s === "unreachable" ? "Broker unreachable." : "Reconnecting…");
+    text($("banner-text"), s === "unreachable"
+      ? "The store broker cannot be reached (" + state.cfg.url + "); retrying every " + RECONNECT_MS / 1000 +
+        " s. Nothing on this page is live."
+      : "The connection to the store broker was lost. Figures below are the last known values and are not live.");
+    text($("alert-empty"), state.connected ? "No alerts. All quiet." : "Alerts unknown: not connected to the broker.");
+    if (state.cfg.store && typeof mqtt !== "undefined") {
+      text($("kiosk-empty"), state.connected || s === "connecting" ? "Waiting for kiosks to report…"
+        : "No kiosk data: not connected to the broker.");
+    }
     text($("clock"), new Date().toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }));
   }
 
@@ -313,13 +353,14 @@
     text(dr, h && typeof h.outbox_dropped === "number" ? String(h.outbox_dropped) : "–");
     dr.className = k.dropping ? "warn" : "";
     ob.className = k.dropping ? "warn" : "";
-    text(q("model"), (h && h.model) || s.model || "–");
+    const modelId = (h && h.model) || s.model || "";
+    text(q("model"), modelLabel(modelId));
     const snap = h && h.snapshot !== null && h.snapshot !== undefined ? h.snapshot : s.snapshot;
     const snapEl = q("snapshot");
     text(snapEl, snap === null || snap === undefined ? "–" : "v" + snap);
     snapEl.className = state.announced !== null && typeof snap === "number" && snap < state.announced ? "warn" : "";
     text(q("app"), s.app || k.app || "–");
-    q("model").title = q("model").textContent;
+    q("model").title = modelId || "";
 
     const body = q("latency").tBodies[0];
     const lat = (h && h.latency_ms) || {};
@@ -474,7 +515,9 @@
     state.cfg = await loadConfig();
     text($("store-name"), state.cfg.store || "(no store set)");
     document.title = "StoreLens · " + (state.cfg.store || "dashboard");
+    $("review-link").hidden = !state.cfg.review;
     render();
+    loadModels();
     if (!state.cfg.store) {
       text($("kiosk-empty"), "No store configured: open this page with ?store=<store id>.");
       return;
