@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync
+from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
 from storelens.protocol import SnapshotAnnouncement
 from storelens.snapshot import read_manifest_unverified, write_signed
 from tests.device.sync.snapbuild import MODEL_DIM, MODEL_ID, Built, archive, build_snapshot
@@ -26,7 +26,7 @@ def key() -> Ed25519PrivateKey:
 
 
 class Harness:
-    def __init__(self, root: Path, key: Ed25519PrivateKey) -> None:
+    def __init__(self, root: Path, key: Ed25519PrivateKey, sources: list[str] | None = None) -> None:
         self.swaps: list[ActiveSnapshot] = []
         self.refused: list[tuple[str, str]] = []
         self.store = SnapshotStore(root)
@@ -38,6 +38,7 @@ class Harness:
             model_dim=MODEL_DIM,
             on_swap=self.swaps.append,
             on_refused=lambda r, d: self.refused.append((r, d)),
+            sources=Sources(sources if sources is not None else [root.parent.as_uri() + "/"]),
             download_timeout_s=10,
         )
 
@@ -221,7 +222,7 @@ def test_announcements_install_over_http_and_file(
     v1 = build_snapshot(tmp_path / "a", key, version=1)
     v2 = build_snapshot(tmp_path / "b", key, version=2, seed=3)
     tar1, tar2 = archive(v1, www / "v1.tar"), archive(v2, www / "v2.tar")
-    h = Harness(tmp_path / "root", key)
+    h = Harness(tmp_path / "root", key, [f"{base}/", tmp_path.as_uri() + "/"])
     h.sync.start()
     try:
         h.sync.on_announcement("t", _announce(v1, tar1, f"{base}/v1.tar?X-Amz-Signature=secret"), True)
@@ -271,10 +272,10 @@ def test_malformed_announcements_are_refused_without_crashing(tmp_path: Path, ke
         tar = archive(built, tmp_path / "a.tar")
         for bad in (
             _announce(built, tar, "ftp://x/y", version=9),
-            _announce(built, tar, "file:///x", version=10, kind="delta", base_version=7),
-            _announce(built, tar, "file:///x", version=11, store="store2"),
-            _announce(built, tar, "file:///x", version=12, model_id="f" * 64),
-            _announce(built, tar, "file:///nonexistent", version=13),
+            _announce(built, tar, (tmp_path / "x").as_uri(), version=10, kind="delta", base_version=7),
+            _announce(built, tar, (tmp_path / "x").as_uri(), version=11, store="store2"),
+            _announce(built, tar, (tmp_path / "x").as_uri(), version=12, model_id="f" * 64),
+            _announce(built, tar, (tmp_path / "nonexistent").as_uri(), version=13),
         ):
             h.sync.on_announcement("t", bad, False)
             assert h.sync.idle.wait(10)
@@ -282,7 +283,7 @@ def test_malformed_announcements_are_refused_without_crashing(tmp_path: Path, ke
         h.sync.stop()
     assert h.reasons[: len(MALFORMED)] == ["bad_announcement"] * len(MALFORMED)
     assert h.reasons[len(MALFORMED) :] == [
-        "bad_url",
+        "source_not_allowed",
         "delta_base_mismatch",
         "wrong_store",
         "model_mismatch",
