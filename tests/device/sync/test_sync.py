@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -291,3 +292,24 @@ def test_malformed_announcements_are_refused_without_crashing(tmp_path: Path, ke
     ]
     assert h.sync.active is not None and h.sync.active.version == 1
     assert h.sync.active.search(np.asarray(built.vectors[:1]), 1)[0][0].sku == built.skus[0]
+
+
+def test_announcement_fields_must_match_the_signed_manifest(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """Guards: an announcement's own fields trusted beside the signed manifest (a version of 2**80 or 3
+    installing the signed v2, an unknown schema v=99 accepted)."""
+    v1 = build_snapshot(tmp_path / "a", key, version=1)
+    v2 = build_snapshot(tmp_path / "b", key, version=2, seed=3)
+    tar2 = archive(v2, tmp_path / "v2.tar")
+    h = Harness(tmp_path / "root", key)
+    h.sync.install(v1.directory)
+    url = tar2.as_uri()
+
+    def mutated(**over: object) -> bytes:
+        return json.dumps({**json.loads(_announce(v2, tar2, url)), **over}).encode()
+
+    for payload in (mutated(version=2**80), mutated(version=3), mutated(v=99)):
+        assert h.sync.handle_announcement(payload) is None
+    assert h.reasons == ["bad_announcement", "announcement_mismatch", "unsupported_schema"], h.refused
+    assert h.sync.active is not None and h.sync.active.version == 1
+    snap = h.sync.handle_announcement(_announce(v2, tar2, url))
+    assert snap is not None and snap.version == 2, h.refused
