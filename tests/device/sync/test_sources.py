@@ -1,4 +1,4 @@
-"""The kiosk's download allow-list: what an announcement or a release may point to, checked before connecting."""
+"""The kiosk's download allow-list: where announcements and releases may point, checked before connecting."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def test_an_empty_list_allows_nothing() -> None:
 
 
 def test_a_bad_source_in_the_config_is_refused_by_name(tmp_path: Path) -> None:
-    """Guards: an unusable prefix (user info, query, unknown scheme) silently widening or breaking the list."""
+    """Guards: an unusable prefix (user info, query, unknown scheme) silently widening or breaking it."""
     base = {
         "kiosk": {"store_id": "s1", "kiosk_id": "k1"},
         "model": {"kind": "fake"},

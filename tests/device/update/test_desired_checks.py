@@ -1,4 +1,4 @@
-"""What a desired release may ask of a kiosk: its own store and kiosk, a known schema, allowed sources only."""
+"""What a desired release may ask of a kiosk: its own store and kiosk, a known schema, allowed sources."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device.sync import Sources
-from device.update import Updater, UpdateSettings
-from device.update import steps
+from device.update import Updater, UpdateSettings, steps
 from storelens.protocol import DesiredRelease, Topics
 from storelens.release import Artifact, BundleRef, ReleaseManifest, StoreSnapshotRef
 from tests.device.sync.test_sources import _Server
@@ -65,9 +64,10 @@ def test_a_desired_release_outside_the_sources_is_never_fetched(tmp_path: Path) 
         with pytest.raises(steps.UpdateFailed) as err:
             u.accept_desired(_desired(url=f"{server.url}/release.json", sig_url=f"{server.url}/release.sig"))
         assert err.value.reason == "source_not_allowed"
-        d = DesiredRelease.model_validate_json(_desired(url=f"{server.url}/r.json", sig_url=f"{server.url}/s"))
-        with pytest.raises(steps.UpdateFailed) as err:
-            steps.fetch_release(d, [], timeout_s=5, sources=u.sources)  # the worker's own path, unchecked input
+        raw = _desired(url=f"{server.url}/r.json", sig_url=f"{server.url}/s")
+        d = DesiredRelease.model_validate_json(raw)
+        with pytest.raises(steps.UpdateFailed) as err:  # the worker's own path, given unchecked input
+            steps.fetch_release(d, [], timeout_s=5, sources=u.sources)
         assert err.value.reason == "source_not_allowed"
     finally:
         server.close()
