@@ -26,7 +26,7 @@ from device.config import KioskConfig
 from device.detect.detector import Detection, HeldItemDetector
 from device.pipeline import ItemResult, ModelPair, Pipeline, as_async, limit_blas_threads
 from device.screen import ScreenServer
-from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync
+from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
 from device.update import JobsBridge, LoadedPair, Pair, Updater, configured_pair
 from device.update.pairs import RetiredModels, close_embedder
 from storelens import __version__
@@ -84,6 +84,7 @@ class KioskApp:
         self._camera_down = False
         self._status_lock = threading.Lock()
         self._keys = [load_public_key(p) for p in cfg.snapshots.public_keys]
+        self._sources = Sources(cfg.sync.sources)  # where announcements and releases may point
         # Embedders no longer served: closed by the health loop after their grace period, once no open
         # item uses them; the rest at stop (they used to stay open until stop: memory per update).
         self._retired = RetiredModels(cfg.update.retired_close_s if cfg.update else 0.0)
@@ -130,7 +131,7 @@ class KioskApp:
         self.updater: Updater | None = None if settings is None else Updater(
             settings, self.topics, self._keys, transport=self.transport, on_switch=self._on_switch_pair,
             on_alert=self._alert, probe=self.probe, retire=self._retired.retire,
-            open_configured=self._open_configured,
+            open_configured=self._open_configured, sources=self._sources,
         )
         self.jobs: JobsBridge | None = None
 
@@ -155,7 +156,7 @@ class KioskApp:
         state = sync_dir(self.cfg.snapshots.state_dir, model_id, configured=configured)
         return SnapshotSync(
             SnapshotStore(state), self._keys, store_id=self.cfg.kiosk.store_id, model_id=model_id,
-            model_dim=dim, on_swap=self._on_swap, on_refused=self._on_refused,
+            model_dim=dim, on_swap=self._on_swap, on_refused=self._on_refused, sources=self._sources,
         )
 
     # -- lifecycle --
@@ -165,6 +166,9 @@ class KioskApp:
             raise RuntimeError("kiosk already started")
         self._started = True
         limit_blas_threads()
+        if not self._sources:
+            _LOGGER.warning("[sync] sources is empty: announced snapshots and releases will be refused "
+                            "(source_not_allowed); serving only stored or [snapshots] initial snapshots")
         loaded = self.updater.boot() if self.updater is not None else None  # a released pair wins
         if loaded is not None:
             embedder, model_id, self._released = loaded.embedder, loaded.pair.model_id, True

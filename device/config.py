@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from device.sync.sources import Sources
+
 DEFAULT_PASSWORD_ENV = "STORELENS_MQTT_PASSWORD"
 
 
@@ -102,6 +104,22 @@ class SnapshotConfig(_Section):
     initial: Path | None = None  # a snapshot directory or archive to install at first start
 
 
+class SyncConfig(_Section):
+    """Where announced snapshots and desired releases may be fetched from (``device.sync.sources``).
+
+    URL prefixes: ``file:///srv/storelens/snapshots/``, ``https://cdn.example.com/store-1/``,
+    ``s3://bucket/prefix/``. Empty (the default): every announced or released URL is refused
+    (``source_not_allowed``) and the kiosk serves only what it holds or ``[snapshots] initial``.
+    """
+
+    sources: list[str] = Field(default_factory=list, max_length=64)
+
+    @model_validator(mode="after")
+    def _check(self) -> SyncConfig:
+        Sources(self.sources)  # ValueError naming the bad prefix
+        return self
+
+
 class BrokerConfig(_Section):
     transport: Literal["paho", "aws", "none"] = "paho"
     url: str = "mqtt://127.0.0.1:1883"
@@ -176,6 +194,7 @@ class KioskConfig(_Section):
     detection: DetectionConfig = DetectionConfig()
     model: ModelConfig
     snapshots: SnapshotConfig
+    sync: SyncConfig = SyncConfig()
     broker: BrokerConfig = BrokerConfig()
     screen: ScreenConfig = ScreenConfig()
     outbox: OutboxConfig

@@ -294,6 +294,9 @@ cache_dir = "{work / "ov-cache"}"
 state_dir = "{work / "kiosk-state"}"
 public_keys = ["{work / "keys/public.pem"}"]
 
+[sync]
+sources = ["{(work / "store-bucket").as_uri()}/"]
+
 [broker]
 url = "{broker.url}"
 

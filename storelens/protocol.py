@@ -29,13 +29,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from storelens.snapshot import utc_now_iso
 
 SCHEMA_VERSION = 1
+KNOWN_SCHEMA_VERSIONS = frozenset({1})  # a payload naming another ``v`` is refused (unsupported_schema)
 APP = "storelens"
 MAX_PAYLOAD_BYTES = 128 * 1024  # AWS IoT Core's limit; larger inbound payloads are refused unparsed
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SHA256 = r"^[0-9a-f]{64}$"
+MAX_VERSION = 2**53  # versions and sequences stay exact in every JSON reader (and in the signed manifest)
 
 
 class ProtocolError(ValueError):
-    """A topic or payload that does not follow this protocol."""
+    """A topic or payload that does not follow this protocol; ``reason`` names the kind of problem
+    (``malformed``, ``too_large``, ``unsupported_schema``)."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def check_id(value: str, what: str) -> str:
@@ -199,35 +207,37 @@ class UpdateProgress(_Message):
 class FullSnapshotRef(BaseModel):
     """Where the store's newest *full* snapshot is: what a kiosk installs when it lacks a delta's base."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    version: int
-    manifest_sha256: str
-    size: int
-    sha256: str  # of the archive
-    url: str
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+    version: int = Field(ge=1, le=MAX_VERSION)
+    manifest_sha256: str = Field(pattern=_SHA256)
+    size: int = Field(ge=0, le=1 << 40)
+    sha256: str = Field(pattern=_SHA256)  # of the archive
+    url: str = Field(min_length=1, max_length=4096)
 
 
 class SnapshotAnnouncement(BaseModel):
     """Retained on ``bc/storelens/{store}/snapshot``: where to fetch the newest snapshot.
 
     A delta names its ``base_version`` (the signed manifest names the exact base); ``full``, optional,
-    points a kiosk that does not hold that base at the newest full snapshot instead.
+    points a kiosk that does not hold that base at the newest full snapshot instead. Strict types: the
+    kiosk checks every field against the signed manifest (``device/sync/service.py``), so "2" or 2.0 for
+    a version is refused rather than coerced.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
     TYPE: ClassVar[str] = "snapshot"
     v: int = SCHEMA_VERSION
     type: Literal["snapshot"] = "snapshot"
-    ts: str = Field(default_factory=utc_now_iso)
-    store: str
-    version: int
+    ts: str = Field(default_factory=utc_now_iso, max_length=64)
+    store: str = Field(pattern=_ID.pattern)
+    version: int = Field(ge=1, le=MAX_VERSION)
     kind: Literal["full", "delta"] = "full"
-    base_version: int | None = None
-    model_id: str
-    manifest_sha256: str
-    size: int
-    sha256: str  # of the archive
-    url: str
+    base_version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
+    model_id: str = Field(min_length=1, max_length=128)
+    manifest_sha256: str = Field(pattern=_SHA256)
+    size: int = Field(ge=0, le=1 << 40)
+    sha256: str = Field(pattern=_SHA256)  # of the archive
+    url: str = Field(min_length=1, max_length=4096)
     full: FullSnapshotRef | None = None  # deltas only; absent from older publishers' announcements
     # The bundle's name and version (export time) for people (the dashboard); optional, shown only.
     model_name: str | None = Field(default=None, max_length=128)
@@ -254,15 +264,20 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def decode(payload: bytes, cls: type[M]) -> M:
-    """Parse a payload into ``cls``; any problem (size, UTF-8, JSON, fields) raises ProtocolError."""
+    """Parse a payload into ``cls``; any problem (size, UTF-8, JSON, schema version, fields) raises
+    ProtocolError."""
     if len(payload) > MAX_PAYLOAD_BYTES:
-        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}", "too_large")
     try:
         raw = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(f"payload is not UTF-8 JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise ProtocolError("payload is not a JSON object")
+    v = raw.get("v", SCHEMA_VERSION)
+    if type(v) is not int or v not in KNOWN_SCHEMA_VERSIONS:
+        shown = v if type(v) is int and abs(v) < 10**6 else type(v).__name__
+        raise ProtocolError(f"schema version v={shown!s} is not one this kiosk knows", "unsupported_schema")
     want = getattr(cls, "TYPE", "")
     if want and raw.get("type") != want:
         raise ProtocolError(f"payload type {raw.get('type')!r}, expected {want!r}")
@@ -278,11 +293,13 @@ class DesiredRelease(_Message):
 
     A newer message replaces the old one; the kiosk abandons an update still running for the old one, and
     gives up on any update by ``deadline_s`` after it started, so one hung update never blocks the next.
+    The kiosk refuses one naming another store or kiosk (``Updater.check_desired``).
     """
 
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
     TYPE: ClassVar[str] = "desired"
     release: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    sequence: int = Field(ge=1)
+    sequence: int = Field(ge=1, le=MAX_VERSION)
     url: str = Field(min_length=1, max_length=4096)  # release.json
     sig_url: str = Field(min_length=1, max_length=4096)  # release.sig
     deadline_s: float = Field(default=1800.0, gt=0, le=7 * 24 * 3600)

@@ -4,6 +4,7 @@ from device.sync.active import ActiveSnapshot, Hit, Item, SnapshotLoadError
 from device.sync.download import DownloadError, fetch, redact_url
 from device.sync.errors import SnapshotRefused
 from device.sync.service import SnapshotSync
+from device.sync.sources import SourceError, Sources
 from device.sync.store import Pointer, SnapshotStore
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "SnapshotRefused",
     "SnapshotStore",
     "SnapshotSync",
+    "SourceError",
+    "Sources",
     "fetch",
     "redact_url",
 ]

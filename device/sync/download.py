@@ -1,8 +1,10 @@
 """Fetch a snapshot archive: file://, http(s):// (presigned S3 too), s3:// when boto3 is installed.
 
-Every fetch is capped at the announced size (aborted at size+1), bounded by an overall deadline, checked
-against the announced sha256 before anything unpacks it, and written to a temp file that is removed on
-failure. URLs are logged without their query string (presigned credentials).
+Every URL is checked against the kiosk's allow-list of sources (``device.sync.sources``) before anything
+connects, and each HTTP redirect again. Every fetch reads at most the announced size + 1 byte (so
+``file:///dev/zero`` stops at the cap), is bounded by an overall deadline, checked against the announced
+sha256 before anything unpacks it, and written to a temp file that is removed on failure. URLs are
+logged without their query string (presigned credentials).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from device.sync.sources import SourceError, Sources
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -50,9 +54,12 @@ def fetch(
     size: int,
     sha256: str,
     timeout_s: float,
+    sources: Sources,
     stop: threading.Event | None = None,
 ) -> None:
-    """Download ``url`` to ``dest`` (exactly ``size`` bytes with this ``sha256``) or raise DownloadError."""
+    """Download ``url`` to ``dest`` (exactly ``size`` bytes with this ``sha256``) or raise DownloadError;
+    a URL outside ``sources`` is refused (``source_not_allowed``) before anything connects."""
+    check_source(sources, url)
     deadline = time.monotonic() + timeout_s
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +67,7 @@ def fetch(
     total = 0
     try:
         with open(dest, "wb") as out:
-            for chunk in _open(url, min(timeout_s, SOCKET_TIMEOUT_S)):
+            for chunk in open_url(url, min(timeout_s, SOCKET_TIMEOUT_S), sources, limit=size + 1):
                 total += len(chunk)
                 if total > size:
                     raise DownloadError(
@@ -85,32 +92,60 @@ def fetch(
     _LOGGER.info("downloaded %d bytes from %s", total, redact_url(url))
 
 
+def check_source(sources: Sources, url: str) -> None:
+    """DownloadError ``source_not_allowed`` unless ``url`` lies under one of ``sources``."""
+    try:
+        sources.check(url)
+    except SourceError as exc:
+        raise DownloadError(exc.reason, str(exc)) from exc
+
+
 def _clean(exc: BaseException, url: str) -> str:
     return str(exc).replace(url, redact_url(url))
 
 
-def _open(url: str, socket_timeout_s: float) -> Iterator[bytes]:
-    scheme = urllib.parse.urlsplit(url).scheme
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only into the allow-list (a CDN may redirect; to a metadata endpoint, never)."""
+
+    def __init__(self, sources: Sources) -> None:
+        super().__init__()
+        self._sources = sources
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        check_source(self._sources, newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def open_url(url: str, socket_timeout_s: float, sources: Sources, *, limit: int) -> Iterator[bytes]:
+    """The body of ``url`` in chunks, at most ``limit`` bytes read in all (the caller checks the total).
+
+    The URL must already be checked against ``sources``; redirects are checked here."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme == "file":
         path = urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
         with open(path, "rb") as fh:
-            yield from _chunks(fh.read)
+            yield from _chunks(fh.read, limit)
     elif scheme in ("http", "https"):
         req = urllib.request.Request(url, headers={"User-Agent": "storelens-kiosk"})
-        with urllib.request.urlopen(req, timeout=socket_timeout_s) as resp:
-            yield from _chunks(resp.read)
+        opener = urllib.request.build_opener(_CheckedRedirects(sources))
+        with opener.open(req, timeout=socket_timeout_s) as resp:
+            yield from _chunks(resp.read, limit)
     elif scheme == "s3":
-        yield from _s3(url, socket_timeout_s)
+        yield from _s3(url, socket_timeout_s, limit)
     else:
         raise DownloadError("bad_url", f"unsupported url scheme {scheme!r}")
 
 
-def _chunks(read: Callable[[int], bytes]) -> Iterator[bytes]:
-    while chunk := read(CHUNK_BYTES):
+def _chunks(read: Callable[[int], bytes], limit: int) -> Iterator[bytes]:
+    left = limit
+    while left > 0 and (chunk := read(min(CHUNK_BYTES, left))):
+        left -= len(chunk)
         yield chunk
 
 
-def _s3(url: str, socket_timeout_s: float) -> Iterator[bytes]:
+def _s3(url: str, socket_timeout_s: float, limit: int) -> Iterator[bytes]:
     try:
         import boto3
         from botocore.config import Config
@@ -122,6 +157,6 @@ def _s3(url: str, socket_timeout_s: float) -> Iterator[bytes]:
     cfg = Config(connect_timeout=socket_timeout_s, read_timeout=socket_timeout_s, retries={"max_attempts": 3})
     body: Any = boto3.client("s3", config=cfg).get_object(Bucket=p.netloc, Key=p.path.lstrip("/"))["Body"]
     try:
-        yield from _chunks(body.read)
+        yield from _chunks(body.read, limit)
     finally:
         body.close()

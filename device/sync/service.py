@@ -7,6 +7,10 @@ A delta is installed only onto the active snapshot it chains to (base version an
 signed manifest names them): it is applied to a private, re-verified copy of the active generation
 (``device/sync/chain.py``), then loaded, canary-checked and swapped in like a full snapshot. A kiosk that
 lacks the base reports ``delta_base_mismatch`` and installs the announcement's ``full`` snapshot, if any.
+
+An announcement is only a pointer: its URLs must lie under the kiosk's sources (``source_not_allowed``,
+checked before anything connects) and, once verified, the signed manifest must say what it said (store,
+version, model, kind, base version, manifest sha256: ``announcement_mismatch``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device.sync.active import ActiveSnapshot, SnapshotLoadError
 from device.sync.chain import BASE_MISMATCH, CHAIN_TOO_LONG, Verified, Verifier
-from device.sync.download import DownloadError, fetch, redact_url
+from device.sync.download import DownloadError, check_source, fetch, redact_url
 from device.sync.errors import SnapshotRefused
+from device.sync.sources import Sources
 from device.sync.store import SnapshotStore
 from storelens.protocol import ProtocolError, SnapshotAnnouncement, decode
 from storelens.snapshot import SnapshotManifest, SnapshotRejected, manifest_sha256, unpack
@@ -48,6 +53,7 @@ class SnapshotSync:
         model_dim: int,
         on_swap: Callable[[ActiveSnapshot], None],
         on_refused: Callable[[str, str], None],
+        sources: Sources,
         download_timeout_s: float = DOWNLOAD_TIMEOUT_S,
         max_bytes: int = MAX_BYTES,
     ) -> None:
@@ -60,6 +66,7 @@ class SnapshotSync:
         self._model_dim = model_dim
         self._on_swap = on_swap
         self._on_refused = on_refused
+        self._sources = sources  # where announced archives may be fetched from
         self._download_timeout_s = download_timeout_s
         self._max_bytes = max_bytes
         self._install_lock = threading.Lock()
@@ -166,8 +173,15 @@ class SnapshotSync:
         try:
             ann = decode(payload, SnapshotAnnouncement)
         except ProtocolError as exc:
-            self._report("bad_announcement", str(exc)[:300])
+            reason = "unsupported_schema" if exc.reason == "unsupported_schema" else "bad_announcement"
+            self._report(reason, str(exc)[:300])
             return None
+        for url in (ann.url, *((ann.full.url,) if ann.full is not None else ())):
+            try:
+                check_source(self._sources, url)
+            except DownloadError as exc:
+                self._report(exc.reason, exc.detail)
+                return None
         return self._handle(ann)
 
     def _handle(self, ann: SnapshotAnnouncement, *, fallback: bool = True) -> ActiveSnapshot | None:
@@ -191,9 +205,10 @@ class SnapshotSync:
                 size=ann.size,
                 sha256=ann.sha256,
                 timeout_s=self._download_timeout_s,
+                sources=self._sources,
                 stop=self._stop,
             )
-            return self.install(archive, expect_manifest_sha256=ann.manifest_sha256)
+            return self.install(archive, expect_manifest_sha256=ann.manifest_sha256, announced=ann)
         except DownloadError as exc:
             if exc.reason != "cancelled":
                 self._report(exc.reason, exc.detail)
@@ -232,9 +247,16 @@ class SnapshotSync:
         return None
 
     # -- install --
-    def install(self, archive_or_dir: Path, *, expect_manifest_sha256: str | None = None) -> ActiveSnapshot:
+    def install(
+        self,
+        archive_or_dir: Path,
+        *,
+        expect_manifest_sha256: str | None = None,
+        announced: SnapshotAnnouncement | None = None,
+    ) -> ActiveSnapshot:
         """Unpack/copy, verify (a delta: apply it onto the active snapshot), load, check canaries, persist
-        the pointer, call on_swap; SnapshotRefused."""
+        the pointer, call on_swap; SnapshotRefused (``announcement_mismatch``: the signed manifest is not
+        what ``announced`` said)."""
         source = Path(archive_or_dir)
         with self._install_lock:
             staged = self._store.new_staging_dir("install")
@@ -250,6 +272,8 @@ class SnapshotSync:
                     raise SnapshotRefused(
                         "manifest_mismatch", "manifest sha256 differs from the announcement"
                     )
+                if announced is not None:
+                    _check_announced(announced, manifest)
                 name = self._store.dir_name(manifest.version, digest)
                 generation = staged
                 if manifest.kind == "delta":
@@ -308,3 +332,15 @@ class SnapshotSync:
             self._on_refused(reason, detail)
         except Exception:
             _LOGGER.exception("on_refused callback failed")
+
+
+def _check_announced(ann: SnapshotAnnouncement, manifest: SnapshotManifest) -> None:
+    """SnapshotRefused ``announcement_mismatch`` unless the signed manifest says what the announcement did."""
+    said = (ann.store, ann.version, ann.model_id, ann.kind, ann.base_version)
+    signed = (manifest.store, manifest.version, manifest.model_id, manifest.kind, manifest.base_version)
+    names = ("store", "version", "model_id", "kind", "base_version")
+    wrong = [n for n, a, b in zip(names, said, signed, strict=True) if a != b]
+    if wrong:
+        raise SnapshotRefused(
+            "announcement_mismatch", f"announced {', '.join(wrong)} differ from the signed manifest"
+        )

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from device.comms.port import Transport
+from device.update.steps import UpdateFailed
 from device.update.updater import Updater
 from storelens.protocol import UpdateProgress
 from storelens.release import desired_from_job
@@ -154,8 +155,12 @@ class JobsBridge:
         t = self._updater.topics
         try:
             desired = desired_from_job(doc, store=t.store, kiosk=t.kiosk)
+            self._updater.check_desired(desired)  # its URLs must lie under the kiosk's sources
         except ValueError as exc:
             self._send(job_id, "REJECTED", {"step": "verify", "error": str(exc)[:200]})
+            return
+        except UpdateFailed as exc:
+            self._send(job_id, "REJECTED", {"step": exc.step, "error": f"{exc.reason}: {exc.detail}"[:200]})
             return
         self._job = (job_id, desired.release)
         self._updater.submit(desired)

@@ -10,8 +10,6 @@ import logging
 import shutil
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,8 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device.sync.active import ActiveSnapshot, SnapshotLoadError
-from device.sync.download import DownloadError, fetch, redact_url
+from device.sync.download import DownloadError, check_source, fetch, open_url, redact_url
+from device.sync.sources import Sources
 from models.bundle import BundleManifest, verify_bundle
 from models.errors import ModelError
 from storelens.protocol import DesiredRelease
@@ -62,32 +61,39 @@ class Staged:
     snapshot_sha256: str
 
 
-def read_url(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
-    """A small file (release.json / .sig) over file:// or http(s)://, capped at ``max_bytes``."""
-    scheme = urllib.parse.urlsplit(url).scheme
+def read_url(url: str, *, max_bytes: int, timeout_s: float, sources: Sources) -> bytes:
+    """A small file (release.json / .sig) from an allowed source, at most ``max_bytes`` read."""
     try:
-        if scheme == "file":
-            with open(urllib.request.url2pathname(urllib.parse.urlsplit(url).path), "rb") as fh:
-                data = fh.read(max_bytes + 1)
-        elif scheme in ("http", "https"):
-            req = urllib.request.Request(url, headers={"User-Agent": "storelens-kiosk"})
-            with urllib.request.urlopen(req, timeout=min(timeout_s, SOCKET_TIMEOUT_S)) as resp:
-                data = resp.read(max_bytes + 1)
-        else:
-            raise UpdateFailed("download", "bad_url", f"unsupported url scheme {scheme!r}")
-    except OSError as exc:
+        check_source(sources, url)
+        data = b"".join(open_url(url, min(timeout_s, SOCKET_TIMEOUT_S), sources, limit=max_bytes + 1))
+    except DownloadError as exc:
+        raise UpdateFailed("download", exc.reason, exc.detail) from exc
+    except Exception as exc:  # urllib, OSError, botocore: any transport failure is a failed download
         raise UpdateFailed("download", "download_failed", f"{redact_url(url)}: {type(exc).__name__}") from exc
     if len(data) > max_bytes:
         raise UpdateFailed("download", "too_large", f"{redact_url(url)} is over {max_bytes} bytes")
-    return bytes(data)
+    return data
+
+
+def check_sources(release: ReleaseManifest, store: str, sources: Sources) -> None:
+    """Every URL the kiosk would fetch for ``release`` lies under an allowed source (before any fetch)."""
+    arts = [*release.bundle.files.values()]
+    ref = release.stores.get(store)
+    if ref is not None:
+        arts.append(ref.archive)
+    for art in arts:
+        try:
+            check_source(sources, art.url)
+        except DownloadError as exc:
+            raise UpdateFailed("verify", exc.reason, f"release.json names {exc.detail}") from exc
 
 
 def fetch_release(
-    desired: DesiredRelease, keys: list[Ed25519PublicKey], *, timeout_s: float
+    desired: DesiredRelease, keys: list[Ed25519PublicKey], *, timeout_s: float, sources: Sources
 ) -> ReleaseManifest:
     """Download release.json + release.sig, verify the signature, and check it is the one asked for."""
-    data = read_url(desired.url, max_bytes=MAX_RELEASE_BYTES, timeout_s=timeout_s)
-    sig = read_url(desired.sig_url, max_bytes=1024, timeout_s=timeout_s)
+    data = read_url(desired.url, max_bytes=MAX_RELEASE_BYTES, timeout_s=timeout_s, sources=sources)
+    sig = read_url(desired.sig_url, max_bytes=1024, timeout_s=timeout_s, sources=sources)
     try:
         m = verify_release(data, sig, keys)
     except ReleaseRejected as exc:
@@ -98,9 +104,17 @@ def fetch_release(
 
 
 def download(
-    release: ReleaseManifest, store: str, staging: Path, *, deadline: float, stop: threading.Event
+    release: ReleaseManifest,
+    store: str,
+    staging: Path,
+    *,
+    deadline: float,
+    stop: threading.Event,
+    sources: Sources,
 ) -> tuple[Path, Path, StoreSnapshotRef]:
-    """Fetch the bundle files and the store's snapshot archive into ``staging`` (sizes and hashes checked)."""
+    """Fetch the bundle files and the store's snapshot archive into ``staging`` (sizes and hashes checked);
+    every URL the signed release names is checked against ``sources`` before the first fetch."""
+    check_sources(release, store, sources)
     ref = release.stores.get(store)
     if ref is None:
         raise UpdateFailed(
@@ -115,7 +129,10 @@ def download(
         if remaining <= 0:
             raise UpdateFailed("download", "deadline", "update deadline passed while downloading")
         try:
-            fetch(art.url, dest, size=art.size, sha256=art.sha256, timeout_s=remaining, stop=stop)
+            fetch(
+                art.url, dest, size=art.size, sha256=art.sha256, timeout_s=remaining, sources=sources,
+                stop=stop,
+            )
         except DownloadError as exc:
             raise UpdateFailed("download", exc.reason, exc.detail) from exc
     return bundle_dir, staging / "snapshot.tar", ref

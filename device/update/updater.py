@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device.comms.port import Transport
 from device.sync.active import ActiveSnapshot
+from device.sync.download import DownloadError, check_source
+from device.sync.sources import Sources
 from device.update import steps
 from device.update.child import CompileFailed, compile_in_child
 from device.update.pairs import (
@@ -73,11 +75,13 @@ class Updater:
         load_embedder: Callable[[Path, Path | None], Any] = default_loader,
         retire: Callable[[Any], None] = close_embedder,
         open_configured: Callable[[Pair], LoadedPair] | None = None,
+        sources: Sources,
     ) -> None:
         if not public_keys:
             raise ValueError("at least one pinned public key is required")
         self.settings = settings
         self.topics = topics
+        self.sources = sources  # where release.json, its signature and its artifacts may come from
         self._keys = list(public_keys)
         self._transport = transport
         self._on_switch = on_switch
@@ -184,11 +188,36 @@ class Updater:
         if not payload:
             return
         try:
-            desired = decode(payload, DesiredRelease)
-        except ProtocolError as exc:
-            _LOGGER.warning("bad desired-release message on %s: %s", topic, exc)
+            desired = self.accept_desired(payload)
+        except steps.UpdateFailed as exc:
+            _LOGGER.warning("desired release on %s refused (%s): %s", topic, exc.reason, exc.detail)
+            self._alert("update_failed", f"desired release refused: {exc.reason}: {exc.detail}"[:500])
             return
         self.submit(desired)
+
+    def accept_desired(self, payload: bytes) -> DesiredRelease:
+        """Parse a desired-release payload and check it is for this kiosk (``check_desired``);
+        UpdateFailed with a named reason (``bad_desired``, ``unsupported_schema``, ``wrong_store``...)."""
+        try:
+            desired = decode(payload, DesiredRelease)
+        except ProtocolError as exc:
+            reason = "unsupported_schema" if exc.reason == "unsupported_schema" else "bad_desired"
+            raise steps.UpdateFailed("verify", reason, str(exc)[:300]) from exc
+        self.check_desired(desired)
+        return desired
+
+    def check_desired(self, desired: DesiredRelease) -> None:
+        """UpdateFailed unless ``desired`` names this kiosk and store and its URLs lie under the sources."""
+        t = self.topics
+        if desired.store != t.store:
+            raise steps.UpdateFailed("verify", "wrong_store", f"desired release for store {desired.store!r}")
+        if desired.kiosk != t.kiosk:
+            raise steps.UpdateFailed("verify", "wrong_kiosk", f"desired release for kiosk {desired.kiosk!r}")
+        for url in (desired.url, desired.sig_url):
+            try:
+                check_source(self.sources, url)
+            except DownloadError as exc:
+                raise steps.UpdateFailed("download", exc.reason, exc.detail) from exc
 
     def submit(self, desired: DesiredRelease) -> None:
         """Queue ``desired`` (never blocks: safe on a transport thread); a running update is abandoned."""
@@ -249,7 +278,9 @@ class Updater:
         new: LoadedPair | None = None
         try:
             self._report(rel, "download")
-            release = steps.fetch_release(desired, self._keys, timeout_s=desired.deadline_s)
+            release = steps.fetch_release(
+                desired, self._keys, timeout_s=desired.deadline_s, sources=self.sources
+            )
             if release.sequence <= self.store.pointer.highest_sequence:
                 raise steps.UpdateFailed(
                     "verify",
@@ -257,7 +288,8 @@ class Updater:
                     f"sequence {release.sequence} <= {self.store.pointer.highest_sequence}",
                 )
             bundle_dir, archive, ref = steps.download(
-                release, self.topics.store, staging, deadline=deadline, stop=self._cancel
+                release, self.topics.store, staging, deadline=deadline, stop=self._cancel,
+                sources=self.sources,
             )
             self._check(deadline, stop)
             self._report(rel, "verify")

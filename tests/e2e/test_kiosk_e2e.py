@@ -85,6 +85,7 @@ def _config(w: World, tmp: Path, broker_url: str, *, fps: float | None = 60.0) -
         "camera": camera,
         "model": {"bundle": str(w.bundle)},
         "snapshots": {"state_dir": str(tmp / "state"), "public_keys": [str(w.pub)], "initial": str(w.v1)},
+        "sync": {"sources": [(tmp / "artifacts").as_uri() + "/"]},  # where the tests publish
         "broker": {"url": broker_url},
         "screen": {"enabled": False},
         "outbox": {"path": str(tmp / "outbox.sqlite")},

@@ -16,6 +16,7 @@ import numpy as np
 from device.camera.buffer import BoundedQueue, OverflowPolicy
 from device.comms import Comms, Outbox
 from device.comms.paho_transport import PahoTransport
+from device.sync import Sources
 from device.update import Updater, UpdateSettings
 from storelens.protocol import Alert, KioskState, MatchEvent, MatchItem, Status, Topics
 from tests.fleet.helpers import N_ITEMS, item_image
@@ -32,6 +33,7 @@ class StandInKiosk:
         broker_url: str,
         public_key: Any,
         *,
+        sources: Sources,
         fps: float = 10.0,
         probation_s: float = 0.3,
     ) -> None:
@@ -49,6 +51,7 @@ class StandInKiosk:
             on_switch=self._on_switch,
             on_alert=self._on_alert,
             probe=self._probe,
+            sources=sources,
         )
         self.frames: BoundedQueue[np.ndarray] = BoundedQueue(16, OverflowPolicy.DROP_OLDEST, "frames")
         self._interval_s = 1.0 / fps

@@ -17,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.fleet.channel import MqttChannel
 from cloud.fleet.rollout import Outcome, desired_for, run_rollout
+from device.sync import Sources
 from tests.fleet.conftest import STORES, Releases
 from tests.fleet.helpers import desired
 from tests.fleet.standin import StandInKiosk
@@ -72,7 +73,10 @@ def fleet(
     broker = Mosquitto(root / "mosquitto").start()
     counter = MatchCounter(broker.port)
     kiosks = {
-        f"{s}/{k}": StandInKiosk(root / s / k, s, k, broker.url, releases.key.public_key())
+        f"{s}/{k}": StandInKiosk(
+            root / s / k, s, k, broker.url, releases.key.public_key(),
+            sources=Sources([releases.root.as_uri() + "/"]),
+        )
         for s, k in KIOSK_IDS
     }
     for kiosk in kiosks.values():

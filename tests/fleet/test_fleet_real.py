@@ -67,6 +67,7 @@ def _config(f_root: Path, r: Releases, store: str, kiosk: str, video: Path, pub:
         "model": {"bundle": str(r.root / "a")},  # model A, the one release 10 was built with
         "snapshots": {"state_dir": str(home / "snapshots"), "public_keys": [str(pub)],
                       "initial": _path(r.good1.manifest.stores[store].archive.url), "subscribe": False},
+        "sync": {"sources": [r.root.as_uri() + "/"]},  # the releases' artifact store
         "broker": {"url": url, "client_id": f"{store}-{kiosk}"},
         "screen": {"enabled": False},
         "outbox": {"path": str(home / "outbox.sqlite")},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync
+from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
 from storelens.protocol import SnapshotAnnouncement
 from storelens.snapshot import read_manifest_unverified, write_signed
 from tests.device.sync.snapbuild import MODEL_DIM, MODEL_ID, Built, archive, build_snapshot
@@ -26,7 +27,7 @@ def key() -> Ed25519PrivateKey:
 
 
 class Harness:
-    def __init__(self, root: Path, key: Ed25519PrivateKey) -> None:
+    def __init__(self, root: Path, key: Ed25519PrivateKey, sources: list[str] | None = None) -> None:
         self.swaps: list[ActiveSnapshot] = []
         self.refused: list[tuple[str, str]] = []
         self.store = SnapshotStore(root)
@@ -38,6 +39,7 @@ class Harness:
             model_dim=MODEL_DIM,
             on_swap=self.swaps.append,
             on_refused=lambda r, d: self.refused.append((r, d)),
+            sources=Sources(sources if sources is not None else [root.parent.as_uri() + "/"]),
             download_timeout_s=10,
         )
 
@@ -221,7 +223,7 @@ def test_announcements_install_over_http_and_file(
     v1 = build_snapshot(tmp_path / "a", key, version=1)
     v2 = build_snapshot(tmp_path / "b", key, version=2, seed=3)
     tar1, tar2 = archive(v1, www / "v1.tar"), archive(v2, www / "v2.tar")
-    h = Harness(tmp_path / "root", key)
+    h = Harness(tmp_path / "root", key, [f"{base}/", tmp_path.as_uri() + "/"])
     h.sync.start()
     try:
         h.sync.on_announcement("t", _announce(v1, tar1, f"{base}/v1.tar?X-Amz-Signature=secret"), True)
@@ -271,10 +273,10 @@ def test_malformed_announcements_are_refused_without_crashing(tmp_path: Path, ke
         tar = archive(built, tmp_path / "a.tar")
         for bad in (
             _announce(built, tar, "ftp://x/y", version=9),
-            _announce(built, tar, "file:///x", version=10, kind="delta", base_version=7),
-            _announce(built, tar, "file:///x", version=11, store="store2"),
-            _announce(built, tar, "file:///x", version=12, model_id="f" * 64),
-            _announce(built, tar, "file:///nonexistent", version=13),
+            _announce(built, tar, (tmp_path / "x").as_uri(), version=10, kind="delta", base_version=7),
+            _announce(built, tar, (tmp_path / "x").as_uri(), version=11, store="store2"),
+            _announce(built, tar, (tmp_path / "x").as_uri(), version=12, model_id="f" * 64),
+            _announce(built, tar, (tmp_path / "nonexistent").as_uri(), version=13),
         ):
             h.sync.on_announcement("t", bad, False)
             assert h.sync.idle.wait(10)
@@ -282,7 +284,7 @@ def test_malformed_announcements_are_refused_without_crashing(tmp_path: Path, ke
         h.sync.stop()
     assert h.reasons[: len(MALFORMED)] == ["bad_announcement"] * len(MALFORMED)
     assert h.reasons[len(MALFORMED) :] == [
-        "bad_url",
+        "source_not_allowed",
         "delta_base_mismatch",
         "wrong_store",
         "model_mismatch",
@@ -290,3 +292,24 @@ def test_malformed_announcements_are_refused_without_crashing(tmp_path: Path, ke
     ]
     assert h.sync.active is not None and h.sync.active.version == 1
     assert h.sync.active.search(np.asarray(built.vectors[:1]), 1)[0][0].sku == built.skus[0]
+
+
+def test_announcement_fields_must_match_the_signed_manifest(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """Guards: an announcement's own fields trusted beside the signed manifest (a version of 2**80 or 3
+    installing the signed v2, an unknown schema v=99 accepted)."""
+    v1 = build_snapshot(tmp_path / "a", key, version=1)
+    v2 = build_snapshot(tmp_path / "b", key, version=2, seed=3)
+    tar2 = archive(v2, tmp_path / "v2.tar")
+    h = Harness(tmp_path / "root", key)
+    h.sync.install(v1.directory)
+    url = tar2.as_uri()
+
+    def mutated(**over: object) -> bytes:
+        return json.dumps({**json.loads(_announce(v2, tar2, url)), **over}).encode()
+
+    for payload in (mutated(version=2**80), mutated(version=3), mutated(v=99)):
+        assert h.sync.handle_announcement(payload) is None
+    assert h.reasons == ["bad_announcement", "announcement_mismatch", "unsupported_schema"], h.refused
+    assert h.sync.active is not None and h.sync.active.version == 1
+    snap = h.sync.handle_announcement(_announce(v2, tar2, url))
+    assert snap is not None and snap.version == 2, h.refused

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync
+from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
 from device.sync import chain as chain_mod
 from storelens.fsutil import sha256_file
 from storelens.snapshot import manifest_sha256, read_manifest_unverified, write_signed
@@ -52,6 +52,7 @@ class Kiosk:
             model_dim=chain.model_dim,
             on_swap=self.swaps.append,
             on_refused=lambda r, d: self.refused.append((r, d)),
+            sources=Sources([root.parent.as_uri() + "/"]),
         )
 
     @property

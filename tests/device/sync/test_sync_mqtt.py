@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device.comms import Comms, Outbox
 from device.comms.paho_transport import PahoTransport
-from device.sync import ActiveSnapshot, SnapshotStore, SnapshotSync
+from device.sync import ActiveSnapshot, SnapshotStore, SnapshotSync, Sources
 from storelens.protocol import KioskState, SnapshotAnnouncement, Status, Topics
 from tests.device.sync.snapbuild import MODEL_DIM, MODEL_ID, archive, build_snapshot
 from tests.support.mosquitto import Mosquitto
@@ -58,6 +58,7 @@ def test_retained_announcement_installs_and_search_keeps_answering(broker: Mosqu
         model_dim=MODEL_DIM,
         on_swap=on_swap,
         on_refused=on_refused,
+        sources=Sources([tmp_path.as_uri() + "/"]),
     )
     box = Outbox(tmp_path / "o.db")
     comms = Comms(PahoTransport(broker.url, "kiosk1-sync"), box, topics, app_version="1.0")

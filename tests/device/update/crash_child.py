@@ -1,10 +1,10 @@
 """A kiosk's updater in its own process, killed on purpose at one step (for the power-loss tests).
 
-    python -m tests.device.update.crash_child ROOT PUBKEY DESIRED_JSON CRASH_AT
+    python -m tests.device.update.crash_child ROOT PUBKEY DESIRED_JSON CRASH_AT SOURCE
 
 CRASH_AT: a progress step (exit when it is reported), ``on_switch`` (inside the app's switch callback,
 after the pointer was committed), ``pointer_tmp`` (a pointer temp file written, never renamed), or
-``none``. Exit code 9 means it crashed where asked.
+``none``. SOURCE: the one allowed download source (URL prefix). Exit code 9 means it crashed where asked.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from device.sync import Sources
 from device.update import Updater, UpdateSettings
 from device.update import pointer as pointer_mod
 from storelens.protocol import DesiredRelease, Topics, UpdateProgress
@@ -23,7 +24,7 @@ CRASHED = 9
 
 
 def main() -> int:
-    root, pub, desired_json, crash_at = sys.argv[1:5]
+    root, pub, desired_json, crash_at, source = sys.argv[1:6]
     desired = DesiredRelease.model_validate_json(desired_json)
 
     def on_switch(embedder: Any, snap: Any) -> None:
@@ -52,6 +53,7 @@ def main() -> int:
         [load_public_key(Path(pub))],
         transport=None,
         on_switch=on_switch,
+        sources=Sources([source]),
     )
     u.listeners.append(on_progress)
     u.boot()

@@ -13,6 +13,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device.comms.paho_transport import PahoTransport
+from device.sync import Sources
 from device.update import JobsBridge, Updater, UpdateSettings
 from storelens.protocol import Topics
 from storelens.release import job_document
@@ -104,6 +105,7 @@ def kiosk(
         [releases.key.public_key()],
         transport=transport,
         on_switch=lambda e, s: None,
+        sources=Sources([releases.root.as_uri() + "/"]),
     )
     updater.boot()
     updater.start(subscribe=False)

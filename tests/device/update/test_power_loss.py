@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from device.sync import Sources
 from device.update import PairStore, Updater, UpdateSettings
 from device.update.pairs import close_embedder as _close
 from storelens.protocol import Topics
@@ -55,6 +56,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory, releases: Releases) -> t
             str(pub),
             desired(releases.good1, "s1", "k1").model_dump_json(),
             "none",
+            releases.root.as_uri() + "/",
         ],
         cwd=REPO,
         timeout=120,
@@ -73,6 +75,7 @@ def _assert_consistent(root: Path, releases: Releases) -> str:
         [releases.key.public_key()],
         transport=None,
         on_switch=lambda e, s: None,
+        sources=Sources([releases.root.as_uri() + "/"]),
     )
     loaded = u.boot()
     assert loaded is not None
@@ -107,6 +110,7 @@ def test_crash_at_step_leaves_old_or_new_pair(
             str(pub),
             desired(releases.good2, "s1", "k1").model_dump_json(),
             crash_at,
+            releases.root.as_uri() + "/",
         ],
         cwd=REPO,
         timeout=120,
@@ -134,6 +138,7 @@ def test_sigkill_at_arbitrary_times(
             str(pub),
             desired(releases.good2, "s1", "k1").model_dump_json(),
             "none",
+            releases.root.as_uri() + "/",
         ],
         cwd=REPO,
     )

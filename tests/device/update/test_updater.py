@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from device.comms import InMemoryTransport
+from device.sync import Sources
 from device.update import PairStore, Updater, UpdateSettings
 from device.update.child import CompileFailed, compile_in_child
 from storelens.protocol import Topics, UpdateProgress, decode
@@ -27,7 +28,13 @@ class Kiosk:
     """An Updater with the callbacks a kiosk app would give it, recording what it was told."""
 
     def __init__(
-        self, root: Path, releases: Releases, *, probation_s: float = 0.2, probe: Any = None
+        self,
+        root: Path,
+        releases: Releases,
+        *,
+        probation_s: float = 0.2,
+        probe: Any = None,
+        sources: Sources | None = None,
     ) -> None:
         self.transport = InMemoryTransport()
         self.transport.connect(will=None, timeout_s=1.0)
@@ -42,6 +49,7 @@ class Kiosk:
             on_switch=lambda emb, snap: self.switches.append((emb.model_id, snap.version)),
             on_alert=lambda kind, detail: self.alerts.append((kind, detail)),
             probe=probe,
+            sources=sources or Sources([releases.root.as_uri() + "/", root.parent.as_uri() + "/"]),
         )
 
     def progress(self) -> list[UpdateProgress]:
@@ -176,6 +184,7 @@ def test_hung_update_is_abandoned_by_deadline_and_next_release_installs(
         hung = desired(releases.good1, "s1", "k1", deadline_s=1.0).model_copy(
             update={"url": f"http://127.0.0.1:{port}/release.json", "sig_url": f"http://127.0.0.1:{port}/s"}
         )
+        kiosk.updater.sources = Sources([releases.root.as_uri() + "/", f"http://127.0.0.1:{port}/"])
         kiosk.updater.submit(hung)
         kiosk.wait_step("rel10", ("download",))
         final = kiosk.wait_step("rel10", ("failed",))
@@ -317,7 +326,7 @@ def test_a_failed_switch_never_retires_the_model_now_serving(tmp_path: Path, rel
     updater = Updater(
         UpdateSettings(tmp_path / "k", probation_s=0.2, probe_interval_s=0.02, compile_timeout_s=60),
         Topics("s1", "k1"), [releases.key.public_key()], transport=None, on_switch=on_switch,
-        retire=retired.append,
+        retire=retired.append, sources=Sources([releases.root.as_uri() + "/"]),
     )
     updater.boot()
     updater.start(subscribe=False)
