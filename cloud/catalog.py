@@ -231,6 +231,8 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
 def load_catalog(path: Path) -> Catalog:
     """Parse and validate a catalog file; bad rows land in ``errors`` with their row number."""
     path = Path(path)
+    if path.is_dir():
+        raise CatalogError(f"catalog {path} is a folder: give the catalog file in it (.csv or .jsonl)")
     if not path.is_file():
         raise CatalogError(f"catalog {path} does not exist")
     cat = Catalog(base_dir=path.resolve().parent)

@@ -201,6 +201,19 @@ class KioskConfig(_Section):
     health: HealthConfig = HealthConfig()
     update: UpdateConfig | None = None
 
+    @model_validator(mode="after")
+    def _check_login(self) -> KioskConfig:
+        # The store broker binds a login to its client id and grants a kiosk only the topics of its own
+        # kiosk id (deploy/mosquitto): any other username or client id would be refused every topic.
+        b, kiosk_id = self.broker, self.kiosk.kiosk_id
+        if b.transport == "paho" and b.username is not None:
+            if b.username != kiosk_id:
+                raise ValueError(f"broker.username {b.username!r} must be the kiosk id {kiosk_id!r}")
+            if b.client_id not in (None, kiosk_id):
+                raise ValueError(f"broker.client_id {b.client_id!r} must be the kiosk id {kiosk_id!r} "
+                                 "(the store broker uses the login as client id), or left out")
+        return self
+
 
 def _format_error(exc: ValidationError, source: str) -> str:
     lines = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -128,6 +129,11 @@ def should_resend(topic: str, payload: bytes) -> bool:
     return topic == HA_STATUS_TOPIC and payload.strip().lower() == b"online"
 
 
+# A retained config survives HA restarts; the re-send only covers a broker that lost it. One per this many
+# seconds is plenty, and anyone who may publish 'online' (HA's user) cannot make a kiosk flood the broker.
+RESEND_MIN_INTERVAL_S = 30.0
+
+
 class HaDiscovery:
     """Publishes one kiosk's discovery config and re-sends it when Home Assistant comes online."""
 
@@ -142,8 +148,13 @@ class HaDiscovery:
         model: str | None = None,
         health_interval_s: float = 30.0,
         latency_stage: str = "total",
+        resend_min_interval_s: float = RESEND_MIN_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._publish_fn = publish_fn
+        self._resend_min_interval_s = resend_min_interval_s
+        self._clock = clock
+        self._last_resend: float | None = None
         self._topics = topics
         self._payload = discovery_payload(
             topics, app_version=app_version, model=model, health_interval_s=health_interval_s,
@@ -170,6 +181,12 @@ class HaDiscovery:
         """Feed every received message; re-sends and returns True on HA's birth message."""
         if not should_resend(topic, payload):
             return False
+        now = self._clock()
+        if self._last_resend is not None and now - self._last_resend < self._resend_min_interval_s:
+            _LOGGER.debug("Home Assistant 'online' again within %.0f s; discovery not re-sent",
+                          self._resend_min_interval_s)
+            return False
+        self._last_resend = now
         _LOGGER.info("Home Assistant came online; re-sending discovery for %s", self._topics.kiosk)
         self.publish()
         return True

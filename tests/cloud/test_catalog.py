@@ -79,3 +79,11 @@ def test_column_names_shops_use(tmp_path: Path) -> None:
     assert (item.title, item.location, item.images) == ("Apple", "Aisle 3", ("a.jpg",))
     p.write_text("sku,name,title,images\nA1,internal-42,Apple,a.jpg\n", encoding="utf-8")
     assert load_catalog(p).items[0].title == "Apple"
+
+
+def test_a_folder_given_as_the_catalog_is_named_a_folder(tmp_path: Path) -> None:
+    """A folder was reported as 'does not exist', which sends the user looking for a typo."""
+    with pytest.raises(CatalogError, match=r"is a folder: give the catalog file in it"):
+        load_catalog(tmp_path)
+    with pytest.raises(CatalogError, match="does not exist"):
+        load_catalog(tmp_path / "missing.csv")

@@ -28,7 +28,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 VIEWPORT = {"width": 1280, "height": 800}  # the store back-office screen the page is designed for
-DEPLOY_ACL = (REPO / "deploy" / "mosquitto" / "acl").read_text()
+DEPLOY_ACL = (REPO / "deploy" / "mosquitto" / "acl").read_text().replace("@STORE@", "s042")  # as installed
 PASSWORDS = {"dashboard": "pw-dash", "k01": "pw-k01", "k02": "pw-k02"}  # kiosk users are kiosk ids (ACL)
 WAIT_MS = 15_000  # upper bound for one UI change; MQTT.js retries every 2 s after a broker restart
 

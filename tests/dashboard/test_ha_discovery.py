@@ -113,3 +113,18 @@ def test_retained_config_and_resend_on_ha_birth(broker: Mosquitto) -> None:
     finally:
         kiosk.close()
         ha.close()
+
+
+def test_ha_online_flood_resends_at_most_once_per_interval() -> None:
+    """201 'online' messages re-sent all discovery 201 times: one is re-sent per interval, then again."""
+    sent: list[str] = []
+    now = [1000.0]
+    disc = HaDiscovery(lambda topic, _p, _r: sent.append(topic), Topics("s042", "k01"),
+                       resend_min_interval_s=30.0, clock=lambda: now[0])
+    assert [disc.on_message(HA_STATUS_TOPIC, b"online") for _ in range(201)].count(True) == 1
+    assert len(sent) == 1
+    now[0] += 29.9
+    assert not disc.on_message(HA_STATUS_TOPIC, b"online")
+    now[0] += 0.2
+    assert disc.on_message(HA_STATUS_TOPIC, b"online")
+    assert len(sent) == 2

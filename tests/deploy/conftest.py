@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tests.support.pki import TestPKI
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto"
 STORE = "s042"
+# Kiosk logins are kiosk ids of STORE (the ACL is installed with @STORE@ replaced, as the runbook says).
 PASSWORDS = {
     "kA": "pw-kiosk-a",
     "kB": "pw-kiosk-b",
@@ -38,6 +40,12 @@ class StoreBroker:
     proc: subprocess.Popen[bytes]
 
 
+def install_acl(dest: Path, store: str) -> None:
+    """deploy/mosquitto/acl for ``store``, made the way README.md's runbook says: sed @STORE@."""
+    with dest.open("wb") as out:
+        subprocess.run(["sed", f"s/@STORE@/{store}/g", str(DEPLOY / "acl")], stdout=out, check=True)
+
+
 def render_config(
     tmp: Path, *, port: int, tls_port: int, ws_port: int, pki: TestPKI, http_dir: Path
 ) -> str:
@@ -45,7 +53,7 @@ def render_config(
     text = (DEPLOY / "storelens.conf").read_text()
     subs = {
         "/etc/mosquitto/storelens/passwd": str(tmp / "passwd"),
-        "/etc/mosquitto/storelens/acl": str(DEPLOY / "acl"),
+        "/etc/mosquitto/storelens/acl": str(tmp / "acl"),
         "/etc/mosquitto/storelens/tls/ca.crt": str(pki.ca),
         "/etc/mosquitto/storelens/tls/server.crt": str(pki.server.cert),
         "/etc/mosquitto/storelens/tls/server.key": str(pki.server.key),
@@ -58,6 +66,7 @@ def render_config(
     text, n2 = re.subn(r"^listener 8883$", f"listener {tls_port} 127.0.0.1", text, flags=re.M)
     text, n3 = re.subn(r"^listener 9001$", f"listener {ws_port} 127.0.0.1", text, flags=re.M)
     assert (n1, n2, n3) == (1, 1, 1), "listener lines changed; update this test"
+    assert text.count("use_username_as_clientid true") == 3, "each listener must bind client ids to logins"
     # What Debian's main mosquitto.conf provides, test-sized; run as the invoking user (tmp is 0700).
     head = (
         f"user {getpass.getuser()}\npersistence false\n"
@@ -66,16 +75,22 @@ def render_config(
     return head + text
 
 
-@pytest.fixture
-def store_broker(tmp_path: Path) -> Iterator[StoreBroker]:
-    """The deploy config on real mosquitto: loopback, TLS and websockets listeners, ACL, passwords."""
+@contextmanager
+def run_store_broker(
+    tmp_path: Path, passwords: dict[str, str] = PASSWORDS, acl_extra: str = ""
+) -> Iterator[StoreBroker]:
+    """The deploy config on real mosquitto (``acl_extra``: test-only lines appended to the installed ACL)."""
     binary = mosquitto_binary()
     if binary is None or shutil.which("mosquitto_passwd") is None:
         pytest.skip("mosquitto/mosquitto_passwd not installed; run `make setup`")
     pw = tmp_path / "passwd"
-    pw.write_text("".join(f"{u}:{p}\n" for u, p in PASSWORDS.items()))
+    pw.write_text("".join(f"{u}:{p}\n" for u, p in passwords.items()))
     pw.chmod(0o600)
     subprocess.run(["mosquitto_passwd", "-U", str(pw)], check=True, capture_output=True)
+    install_acl(tmp_path / "acl", STORE)
+    if acl_extra:
+        with (tmp_path / "acl").open("a") as f:
+            f.write(acl_extra)
     http_dir = tmp_path / "www"
     http_dir.mkdir()
     (http_dir / "index.html").write_text("<!doctype html><title>StoreLens</title>storelens-dashboard")
@@ -91,12 +106,21 @@ def store_broker(tmp_path: Path) -> Iterator[StoreBroker]:
         proc.wait(timeout=10)
         log = (tmp_path / "mosquitto.log").read_text() if (tmp_path / "mosquitto.log").exists() else ""
         raise AssertionError(f"deploy config did not start: {exc}\n{log}") from exc
-    yield StoreBroker(proc=proc, ca=pki.ca, http_dir=http_dir, log=tmp_path / "mosquitto.log", **ports)
-    proc.terminate()
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    if proc.stderr:
-        proc.stderr.close()
+        yield StoreBroker(proc=proc, ca=pki.ca, http_dir=http_dir, log=tmp_path / "mosquitto.log", **ports)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+@pytest.fixture
+def store_broker(tmp_path: Path) -> Iterator[StoreBroker]:
+    """The deploy config on real mosquitto: loopback, TLS and websockets listeners, ACL, passwords."""
+    with run_store_broker(tmp_path) as sb:
+        yield sb

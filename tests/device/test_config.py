@@ -94,3 +94,16 @@ def test_cli_names_a_missing_key_or_bundle_without_a_traceback(tmp_path: Path) -
         assert result.exit_code == 2, result.output
         assert result.output.startswith("error: ") and named in result.output
         assert "Traceback" not in result.output and result.output.count("\n") == 1
+
+
+def test_broker_login_must_be_the_kiosk_id() -> None:
+    """The store broker binds login = client id = kiosk id; any other login would be refused every topic
+    silently at run time, so the config names the mismatch at start instead."""
+    ok = parse_config({**MINIMAL, "broker": {"username": "k1"}})
+    assert ok.broker.username == "k1"
+    with pytest.raises(ConfigError, match=r"broker\.username 'k2' must be the kiosk id 'k1'"):
+        parse_config({**MINIMAL, "broker": {"username": "k2"}})
+    with pytest.raises(ConfigError, match=r"broker\.client_id 'other' must be the kiosk id 'k1'"):
+        parse_config({**MINIMAL, "broker": {"username": "k1", "client_id": "other"}})
+    # No login (a test or demo broker without the store ACL): the client id stays free.
+    assert parse_config({**MINIMAL, "broker": {"client_id": "s1-k1"}}).broker.client_id == "s1-k1"
