@@ -297,6 +297,8 @@ class KioskApp:
             self.screen.show_result(event.model_dump(mode="json"))
 
     def _on_camera_state(self, old: CameraState, new: CameraState) -> None:
+        if new is CameraState.STOPPED and self.stop_event.is_set():
+            return  # a deliberate stop: the camera is not lost, and the status says offline anyway
         if new not in HEALTHY and not self._camera_down:
             self._camera_down = True  # one alert per episode, however many reopen attempts it takes
             self._alert("camera_lost", f"camera {new.value}")

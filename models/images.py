@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -63,11 +64,21 @@ def _jpeg_header_size(data: bytes) -> tuple[int, int] | None:
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
 
+_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def _has_alpha(img: Image.Image) -> bool:
     """Transparency to composite; high-bit-depth modes (PIL would clip them to white) stay with OpenCV."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         return False
     return img.mode in _ALPHA_MODES or "transparency" in img.info
+
+
+def _pil_reason(exc: BaseException) -> str:
+    """PIL's message without the Python repr of the buffer it read (``<_io.BytesIO object at 0x..>``)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a known image format"
+    return _REPR.sub("the image", str(exc)) or type(exc).__name__
 
 
 def _header_size(data: bytes) -> tuple[int, int, str, bool]:
@@ -83,7 +94,7 @@ def _header_size(data: bytes) -> tuple[int, int, str, bool]:
     except Image.DecompressionBombError as exc:
         raise BadImage(f"image is a decompression bomb: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadImage(f"not a readable image: {exc}") from exc
+        raise BadImage(f"not a readable image: {_pil_reason(exc)}") from exc
 
 
 def decode_image(
@@ -141,7 +152,7 @@ def _decode_with_pil(data: bytes) -> np.ndarray:
                 else:
                     rgb = np.asarray(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadImage(f"image data is truncated or corrupt: {exc}") from exc
+        raise BadImage(f"image data is truncated or corrupt: {_pil_reason(exc)}") from exc
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 

@@ -257,3 +257,16 @@ def test_a_replaced_model_is_closed_while_the_kiosk_runs(
         assert not second.closed.is_set() and app.model_id == second.model_id
     finally:
         app.stop()
+
+
+def test_a_clean_stop_raises_no_camera_lost_alert(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
+    """A deliberate stop of a streaming camera used to publish camera_lost on every clean shutdown."""
+    video, pub, snap, _, _ = setup
+    cfg = _config(tmp_path, video, pub, snap)
+    cfg = cfg.model_copy(update={"camera": cfg.camera.model_copy(update={"loop": True})})
+    transport = InMemoryTransport()
+    app = KioskApp(cfg, transport=transport)
+    app.run(max_seconds=1.5)
+    assert app.grab.frames_in > 0
+    alerts = [decode(p, Alert) for p in transport.messages(Topics("s1", "k1").alert)]
+    assert [a.kind for a in alerts if a.kind in ("camera_lost", "camera_back")] == []

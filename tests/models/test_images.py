@@ -141,3 +141,13 @@ def test_load_image_names_the_path(tmp_path: Path) -> None:
         load_image(bad)
     with pytest.raises(BadImage, match=r"missing\.jpg"):
         load_image(tmp_path / "missing.jpg")
+
+
+def test_errors_name_the_problem_not_a_python_repr() -> None:
+    """PIL's 'cannot identify image file <_io.BytesIO object at 0x...>' reached operators as is."""
+    from models.images import BadImage, decode_image
+
+    for data in (b"GIF89a" + b"\x00" * 40, b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"not an image at all"):
+        with pytest.raises(BadImage) as err:
+            decode_image(data)
+        assert "object at 0x" not in str(err.value) and "BytesIO" not in str(err.value)
