@@ -83,10 +83,13 @@ function tail(ask, note) {
   const open = ask.state === "open";
   if (!open && ask.state !== "not_here") return "";
   return `<button class="nothere${ask.state === "not_here" ? " chosen" : ""}" data-role="not-here"` +
-    `${open ? "" : " disabled"}>Not here \u2014 the store doesn't seem to have it</button>` +
+    `${open ? "" : " disabled"}>Not here? Not sold in this store</button>` +
     (note && open ? `<div class="note" data-role="feedback-note">${NOTE}</div>` : "");
 }
+let rendered = -1;  // the state version on screen: an older one (the first fetch answering late) is ignored
 function render(s) {
+  if (s.version < rendered) return;
+  rendered = s.version;
   const st = document.getElementById("status");
   const [text, ok] = statusText(s);
   st.textContent = text;
@@ -153,6 +156,7 @@ function connect() {
   es.addEventListener("state", e => render(JSON.parse(e.data)));
   es.onopen = () => {  // after a kiosk restart the old MJPEG stream is dead: open a new one
     if (lost) document.getElementById("preview").src = "/preview.mjpg?t=" + Date.now();
+    if (lost) rendered = -1;  // a restarted kiosk counts its state versions from 0 again
     lost = false;
   };
   es.onerror = () => {
