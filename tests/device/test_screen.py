@@ -159,7 +159,8 @@ def test_an_unanswered_result_times_out_as_no_answer() -> None:
     try:
         s.show_result(_result("m1", ["a", "b"], matched=False))
         assert done.wait(5)
-        assert [(a.match_id, a.answer, a.sku, a.shown) for a in got] == [("m1", "no_answer", None, ("a", "b"))]
+        assert [(a.match_id, a.answer, a.sku, a.shown) for a in got] == [
+            ("m1", "no_answer", None, ("a", "b"))]
         assert got[0].answered_after_s >= 0.3
         assert s.state()["result"]["ask"]["state"] == "no_answer"
     finally:

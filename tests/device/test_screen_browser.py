@@ -38,6 +38,9 @@ class Answers:
         self.event.set()
 
 
+Kiosk = tuple[ScreenServer, "Answers"]
+
+
 @pytest.fixture
 def kiosk_screen(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[ScreenServer, Answers]]:
     snap = tmp_path / "snap"
@@ -62,7 +65,7 @@ def _result(match_id: str, matched: bool = True) -> dict[str, Any]:
         for i in range(5)]}
 
 
-def test_clicking_the_main_result_confirms_its_sku(kiosk_screen: tuple[ScreenServer, Answers], page: Any) -> None:
+def test_clicking_the_main_result_confirms_its_sku(kiosk_screen: Kiosk, page: Any) -> None:
     """A tap on the shown product must reach the kiosk as 'confirmed' for that sku, once, and thank."""
     screen, answers = kiosk_screen
     page.goto(screen.url, wait_until="domcontentloaded")
@@ -79,7 +82,7 @@ def test_clicking_the_main_result_confirms_its_sku(kiosk_screen: tuple[ScreenSer
     dash.screenshot(page, "kiosk-confirmed")
 
 
-def test_clicking_a_similar_item_or_not_here(kiosk_screen: tuple[ScreenServer, Answers], page: Any) -> None:
+def test_clicking_a_similar_item_or_not_here(kiosk_screen: Kiosk, page: Any) -> None:
     """A similar item's tap confirms that item; "Not here" on a not-found result says the store lacks it."""
     screen, answers = kiosk_screen
     page.goto(screen.url, wait_until="domcontentloaded")
@@ -96,7 +99,7 @@ def test_clicking_a_similar_item_or_not_here(kiosk_screen: tuple[ScreenServer, A
 
 
 @pytest.mark.parametrize("kiosk_screen", [0.5], indirect=True)
-def test_no_click_is_no_answer_after_the_timeout(kiosk_screen: tuple[ScreenServer, Answers], page: Any) -> None:
+def test_no_click_is_no_answer_after_the_timeout(kiosk_screen: Kiosk, page: Any) -> None:
     """Nobody taps: the kiosk gets no_answer after the configured time and the question leaves the page."""
     screen, answers = kiosk_screen
     page.goto(screen.url, wait_until="domcontentloaded")
@@ -109,7 +112,7 @@ def test_no_click_is_no_answer_after_the_timeout(kiosk_screen: tuple[ScreenServe
 
 
 def test_1280x800_shows_the_result_and_all_three_similar_items(
-    kiosk_screen: tuple[ScreenServer, Answers], page: Any
+    kiosk_screen: Kiosk, page: Any
 ) -> None:
     """Long titles at the kiosk panel's size: every tap target must be inside the viewport (the third
     similar item was clipped at 1280x800) and not cut off by its panel."""
