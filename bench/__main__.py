@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-SUITES = ["models", "featurize", "index", "pipeline"]
+SUITES = ["models", "featurize", "index", "pipeline", "feedback"]
 OUT = Path("build/bench")
 
 

@@ -24,6 +24,7 @@ from device.camera.sources import open_source_factory, source_is_live
 from device.comms import Comms, Outbox, Transport
 from device.config import KioskConfig
 from device.detect.detector import Detection, HeldItemDetector
+from device.feedback import FeedbackRecorder
 from device.pipeline import ItemResult, ModelPair, Pipeline, as_async, limit_blas_threads
 from device.screen import ScreenServer
 from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
@@ -99,9 +100,13 @@ class KioskApp:
         # The last announcement seen on the snapshot topic (= the broker's retained one): handed to the sync
         # made at a model switch, which would otherwise see it only at the next reconnect.
         self._announcement: tuple[str, bytes] | None = None
-        self.screen: ScreenServer | None = (
-            ScreenServer(cfg.screen, thumbs_dir=self._thumbs_dir) if cfg.screen.enabled else None
-        )
+        # The customer's answers on the screen -> feedback messages in the outbox (opt-in, [feedback]).
+        self.feedback = FeedbackRecorder(cfg.feedback, self.topics, self.comms.publish_event,
+                                         boot_id=self.boot_id)
+        self.screen: ScreenServer | None = ScreenServer(
+            cfg.screen, thumbs_dir=self._thumbs_dir, answer_timeout_s=cfg.feedback.answer_timeout_s,
+            feedback_note=cfg.feedback.enabled, on_answer=self.feedback.on_answer,
+        ) if cfg.screen.enabled else None
         cam = cfg.camera
         live = source_is_live(cam.source)
         drop = cam.overflow == "drop_oldest" or (cam.overflow == "auto" and live)
@@ -294,6 +299,7 @@ class KioskApp:
         _LOGGER.info("item %d: %s (%s, %.3f) v%d", r.item_id, "match" if r.matched else "no match",
                      items[0].sku if items else "-", items[0].score if items else 0.0, r.snapshot_version)
         if self.screen is not None:
+            self.feedback.remember(event.id, r)  # references only; built when the customer answers
             self.screen.show_result(event.model_dump(mode="json"))
 
     def _on_camera_state(self, old: CameraState, new: CameraState) -> None:
@@ -436,7 +442,8 @@ class KioskApp:
             self.comms.set_status(status)
         if self.screen is not None:
             self.screen.set_status(status=status.state.value, camera=status.camera, snapshot=status.snapshot,
-                                   model=self.model_id[:12])
+                                   model=self.model_id[:12],
+                                   broker="connected" if self.comms.connected else "offline")
 
     def health(self) -> Health:
         """The current health figures."""

@@ -154,6 +154,15 @@ class ScreenConfig(_Section):
     locale: str = Field(default="en-US", pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")  # BCP 47: sv-SE
 
 
+class FeedbackConfig(_Section):
+    """The store-learning loop's kiosk side (storelens.feedback): opt-in per store, off by default."""
+
+    enabled: bool = False  # publish the customer's answers with the held item's crop (README: privacy)
+    max_per_hour: int = Field(default=120, ge=0)  # messages sent per rolling hour; beyond: counted, not sent
+    jpeg_quality: int = Field(default=85, ge=30, le=95)  # first try; lowered until under the byte cap
+    answer_timeout_s: float = Field(default=15.0, gt=0, le=600)  # no tap this long: "no answer"
+
+
 class OutboxConfig(_Section):
     path: Path
     max_rows: int = Field(default=100_000, ge=1)
@@ -198,6 +207,7 @@ class KioskConfig(_Section):
     broker: BrokerConfig = BrokerConfig()
     screen: ScreenConfig = ScreenConfig()
     outbox: OutboxConfig
+    feedback: FeedbackConfig = FeedbackConfig()
     health: HealthConfig = HealthConfig()
     update: UpdateConfig | None = None
 

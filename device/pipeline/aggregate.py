@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +28,10 @@ class ItemResult:
     latency_ms: dict[str, float] = field(default_factory=dict)
     model_id: str = ""  # the model that embedded the item (the pair it was searched with)
     snapshot_dir: Path | None = None  # where that snapshot's thumbnails are
+    # For the store-learning loop (device.feedback), references only: the last embedded crop (a view of
+    # its frame) and the item's model-space vectors (before the snapshot's projection), not copied.
+    crop: npt.NDArray[Any] | None = None
+    vectors: tuple[npt.NDArray[np.float32], ...] = ()
 
 
 def aggregate(

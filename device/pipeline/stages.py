@@ -115,6 +115,7 @@ class Pending:
     t_submit: float
     pair: ModelPair  # read once when the item opened: its crops are embedded and searched with it
     final: int = 0  # on an item's last crop: how many it had in all (no Close message follows)
+    crop: npt.NDArray[np.uint8] | None = None  # the crop embedded (a reference: kept for feedback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +236,7 @@ class DetectStage:
         pair = self._item_pair[det.item_id]
         final = n + 1 if n + 1 >= self._aggregate else 0
         pending = Pending(det.item_id, frame.seq, frame.t_capture, (t0 - frame.t_capture) * 1000.0,
-                          (t1 - t0) * 1000.0, self._clock(), pair, final)
+                          (t1 - t0) * 1000.0, self._clock(), pair, final, det.crop)
         try:
             pair.embedder.submit(det.crop, self._on_embedded, pending)
         except Exception:
@@ -387,7 +388,7 @@ class SearchStage:
         self._stats.add_many(latency)
         result = ItemResult(item_id, matched, tuple(hits), snap.threshold, len(st.vectors), snap.version,
                             agreement, p.t_capture, latency, model_id=pair.model_id,
-                            snapshot_dir=snap.directory)
+                            snapshot_dir=snap.directory, crop=p.crop, vectors=tuple(st.vectors))
         self._counters.results += 1
         try:
             self._on_result(result)

@@ -1,8 +1,12 @@
 """The kiosk's own screen: a local web page (stdlib HTTP server), live MJPEG preview, SSE state pushes.
 
-Everything is served from the kiosk itself (page, preview, catalog thumbnails from the active snapshot),
-so the screen keeps working with the network down. JPEG encoding happens in the HTTP threads, lazily and
-at most ``preview_fps`` times a second, never on the frame path.
+Everything is served from the kiosk itself (page and its script from ``static/``, preview, catalog
+thumbnails from the active snapshot), so the screen keeps working with the network down. JPEG encoding
+happens in the HTTP threads, lazily and at most ``preview_fps`` times a second, never on the frame path.
+
+After a result the page asks "Is this it?" and posts the tap to ``POST /answer`` (JSON ``{"match_id",
+"answer": "confirmed"|"not_here", "sku"}``); the server checks it against what it showed (``AnswerBook``)
+and hands every resolved result, taps and timeouts alike, to ``on_answer``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 
 from device.camera.port import Image
 from device.config import ScreenConfig
-from device.screen.page import PAGE
+from device.screen.answers import Answer, AnswerBook, AnswerRefused
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -31,6 +35,12 @@ _WAIT_S: Final = 0.5  # streaming handlers re-check the closing flag this often
 _KEEPALIVE_S: Final = 15.0  # SSE comment line so proxies and the browser keep the stream open
 _PREVIEW_WIDTH: Final = 640  # preview is downscaled to this: enough for a kiosk panel, cheap to encode
 _BOX_COLOURS: Final = {"present": (0, 200, 255), "steady": (0, 140, 255), "result_shown": (80, 220, 60)}
+_STATIC: Final = Path(__file__).resolve().parent / "static"  # packaged with the wheel (hatch: all files)
+_STATIC_TYPES: Final = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+                        ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
+_MAX_ANSWER_BYTES: Final = 4096  # a tap is ~100 bytes of JSON; anything bigger is not the page
+_SHOWN_MATCH: Final = 4  # the page shows the top result and 3 similar items
+_SHOWN_NO_MATCH: Final = 3  # "not found": 3 candidates the customer may still recognise
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,16 +52,27 @@ class PreviewFrame:
 
 
 class ScreenServer:
-    """Serves ``/`` (page), ``/events`` (SSE), ``/preview.mjpg``/``.jpg``, ``/api/state``, ``/thumbs/``."""
+    """Serves ``/`` and ``/static/`` (page), ``/events`` (SSE), ``/preview.mjpg``/``.jpg``, ``/api/state``,
+    ``/thumbs/``; takes ``POST /answer``."""
 
-    def __init__(self, cfg: ScreenConfig, *, thumbs_dir: Callable[[], Path | None] = lambda: None) -> None:
+    def __init__(
+        self, cfg: ScreenConfig, *, thumbs_dir: Callable[[], Path | None] = lambda: None,
+        answer_timeout_s: float = 15.0, feedback_note: bool = False,
+        on_answer: Callable[[Answer], object] | None = None,
+    ) -> None:
         self._cfg = cfg
         self._thumbs_dir = thumbs_dir
         self._cond = threading.Condition()
         self._closing = threading.Event()
         self._state: dict[str, Any] = {"status": "starting", "camera": "stopped", "detect": "idle",
-                                       "snapshot": None, "model": None, "result": None, "version": 0,
+                                       "broker": None, "snapshot": None, "model": None, "result": None,
+                                       "version": 0, "feedback_note": feedback_note,
                                        "price_format": {"currency": cfg.currency, "locale": cfg.locale}}
+        self.answers = AnswerBook(answer_timeout_s)
+        self._on_answer = on_answer
+        self._answers_wake = threading.Event()
+        self._answers_thread: threading.Thread | None = None
+        self._static: dict[str, tuple[str, bytes]] = {}
         self._preview: PreviewFrame | None = None
         self._jpeg: tuple[int, bytes] | None = None
         self._jpeg_lock = threading.Lock()
@@ -61,7 +82,8 @@ class ScreenServer:
 
     # -- lifecycle --
     def start(self) -> None:
-        """Bind and serve on a named thread."""
+        """Load the page's files, bind and serve on a named thread; time out unanswered results."""
+        self._static = _load_static()
         handler = type("Handler", (_Handler,), {"screen": self})
         addr = (self._cfg.host, self._cfg.port)
         try:
@@ -73,11 +95,14 @@ class ScreenServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="screen-http", daemon=True)
         self._thread.start()
+        self._answers_thread = threading.Thread(target=self._answers_loop, name="screen-answers", daemon=True)
+        self._answers_thread.start()
         _LOGGER.info("kiosk screen on %s", self.url)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Close streams, stop serving, join."""
         self._closing.set()
+        self._answers_wake.set()
         with self._cond:
             self._cond.notify_all()
         if self._httpd is not None:
@@ -87,7 +112,9 @@ class ScreenServer:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 _LOGGER.error("screen thread still alive after %.1f s", timeout_s)
-        self._httpd = self._thread = None
+        if self._answers_thread is not None:
+            self._answers_thread.join(timeout_s)
+        self._httpd = self._thread = self._answers_thread = None
 
     @property
     def port(self) -> int:
@@ -104,7 +131,8 @@ class ScreenServer:
         with self._cond:
             self._preview = PreviewFrame(seq, image, box, state)
             changed = self._state["detect"] != state
-            expired = self._result_t is not None and now - self._result_t > self._cfg.result_hold_s
+            expired = (self._result_t is not None and now - self._result_t > self._cfg.result_hold_s
+                       and not self._asking())  # the question stays until answered or timed out
             if state == "idle" and expired:
                 self._state["result"], self._result_t, changed = None, None, True
             if changed:
@@ -114,13 +142,59 @@ class ScreenServer:
                 self._cond.notify_all()
 
     def show_result(self, result: dict[str, Any]) -> None:
-        """A held item's answer: {matched, results: [{sku,title,price,location,score,thumbnail}], ...}."""
+        """A held item's answer: {id, matched, results: [{sku,title,price,location,score,thumbnail}], ...};
+        with an ``id`` and results, the page asks "Is this it?" about the skus it shows."""
         shown = dict(result)
         shown["results"] = [dict(r, thumbnail_url=_thumb_url(r.get("thumbnail"))) for r in result["results"]]
-        with self._cond:
+        match_id = result.get("id")
+        skus = tuple(str(r["sku"]) for r in result["results"])[
+            : _SHOWN_MATCH if result.get("matched") else _SHOWN_NO_MATCH]
+        asking = isinstance(match_id, str) and bool(skus)
+        shown["ask"] = {"shown": list(skus), "state": "open", "sku": None} if asking else None
+        superseded: list[Answer] = []
+        with self._cond:  # offered and shown in one step: a tap cannot land in between
+            if asking:
+                superseded = self.answers.offer(str(match_id), skus)
             self._state["result"] = shown
             self._result_t = time.monotonic()
             self._bump()
+        self._answers_wake.set()
+        for a in superseded:
+            self._resolved(a)
+
+    def take_answer(self, match_id: str, answer: str, sku: str | None) -> Answer:
+        """A tap posted by the page; AnswerRefused (with an HTTP status) when it is not one we asked for."""
+        a = self.answers.answer(match_id, answer, sku)
+        self._resolved(a)
+        return a
+
+    def _resolved(self, a: Answer) -> None:
+        """Show the answer (when its result is still on screen) and hand it to the kiosk."""
+        with self._cond:
+            r = self._state["result"]
+            if r is not None and r.get("id") == a.match_id and r.get("ask"):
+                r["ask"] = dict(r["ask"], state=a.answer, sku=a.sku)
+                self._result_t = time.monotonic()  # "thank you" stays for the hold time
+                self._bump()
+        _LOGGER.info("result %s: %s%s after %.1f s", a.match_id[:12], a.answer,
+                     f" {a.sku}" if a.sku else "", a.answered_after_s)
+        if self._on_answer is not None:
+            try:
+                self._on_answer(a)
+            except Exception:
+                _LOGGER.exception("answer handler failed for result %s", a.match_id)
+
+    def _asking(self) -> bool:
+        r = self._state["result"]
+        return bool(r and r.get("ask") and r["ask"].get("state") == "open")
+
+    def _answers_loop(self) -> None:
+        """Resolve results nobody answered in time (``no_answer``), waking at the next deadline."""
+        while not self._closing.is_set():
+            for a in self.answers.expire():
+                self._resolved(a)
+            self._answers_wake.wait(self.answers.next_due_s())
+            self._answers_wake.clear()
 
     def set_status(self, **fields: Any) -> None:
         """Update status fields (status, camera, snapshot, model) and push them."""
@@ -179,6 +253,10 @@ class ScreenServer:
             self._jpeg = (pf.seq, buf.tobytes())
             return self._jpeg[1]
 
+    def static_file(self, path: str) -> tuple[str, bytes] | None:
+        """(content type, bytes) of the page's own files, loaded at start."""
+        return self._static.get(path)
+
     def thumb_path(self, rel: str) -> Path | None:
         """A thumbnail file inside the active snapshot, or None (never outside it)."""
         root = self._thumbs_dir()
@@ -187,6 +265,19 @@ class ScreenServer:
         root = root.resolve()
         p = (root / rel).resolve()
         return p if root in p.parents and p.is_file() else None
+
+
+def _load_static() -> dict[str, tuple[str, bytes]]:
+    """URL path -> (content type, bytes) of every file under static/ (``/`` is index.html)."""
+    files: dict[str, tuple[str, bytes]] = {}
+    for p in sorted(_STATIC.rglob("*")):
+        if p.is_file() and p.suffix in _STATIC_TYPES:
+            files["/static/" + p.relative_to(_STATIC).as_posix()] = (_STATIC_TYPES[p.suffix], p.read_bytes())
+    index = files.get("/static/index.html")
+    if index is None:
+        raise FileNotFoundError(f"kiosk screen page missing: {_STATIC / 'index.html'} (broken install?)")
+    files["/"] = files["/index.html"] = index
+    return files
 
 
 def _thumb_url(path: object) -> str | None:
@@ -205,8 +296,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
         try:
-            if path in ("/", "/index.html"):
-                self._send(200, "text/html; charset=utf-8", PAGE.encode())
+            static = self.screen.static_file(path)
+            if static is not None:
+                self._send(200, static[0], static[1])
             elif path == "/api/state":
                 self._send(200, "application/json", json.dumps(self.screen.state()).encode())
             elif path == "/events":
@@ -230,6 +322,46 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(404, "text/plain", b"not found")
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             _LOGGER.debug("screen client went away")
+
+    def do_POST(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        try:
+            if path != "/answer":
+                self._send(404, "text/plain", b"not found")
+                return
+            try:
+                match_id, answer, sku = self._answer_body()
+                a = self.screen.take_answer(match_id, answer, sku)
+            except AnswerRefused as exc:
+                _LOGGER.warning("screen answer refused (%d): %s", exc.status, exc)
+                self._send(exc.status, "application/json", json.dumps({"error": str(exc)}).encode())
+                return
+            self._send(200, "application/json", json.dumps({"ok": True, "answer": a.answer}).encode())
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            _LOGGER.debug("screen client went away")
+
+    def _answer_body(self) -> tuple[str, str, str | None]:
+        """The posted tap as (match_id, answer, sku); AnswerRefused(400/413) naming what is wrong."""
+        try:
+            length = int(self.headers.get("Content-Length") or "")
+        except ValueError:
+            self.close_connection = True
+            raise AnswerRefused(411, "answer needs a Content-Length") from None
+        if length < 0 or length > _MAX_ANSWER_BYTES:
+            self.close_connection = True  # the body is not read: the connection cannot be reused
+            raise AnswerRefused(413, f"answer body of {length} bytes (at most {_MAX_ANSWER_BYTES})")
+        try:
+            body = json.loads(self.rfile.read(length))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise AnswerRefused(400, f"answer is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise AnswerRefused(400, "answer must be a JSON object")
+        match_id, answer, sku = body.get("match_id"), body.get("answer"), body.get("sku")
+        if not isinstance(match_id, str) or not isinstance(answer, str):
+            raise AnswerRefused(400, "answer needs match_id and answer (strings)")
+        if sku is not None and not isinstance(sku, str):
+            raise AnswerRefused(400, "sku must be a string")
+        return match_id, answer, sku
 
     def _send(self, code: int, ctype: str, body: bytes, *, cache: bool = False) -> None:
         self.send_response(code)

@@ -26,7 +26,7 @@ from storelens.matching import MatchRule
 from storelens.projection import Adapter
 from storelens.snapshot import SnapshotManifest
 
-OVERFETCH = 4  # several vectors per sku: ask hnswlib for k*OVERFETCH labels to fill k distinct skus
+OVERFETCH = 4  # several vectors per sku: ask hnswlib for k*OVERFETCH labels first, x4 while short of k skus
 
 
 class SnapshotLoadError(Exception):
@@ -139,11 +139,25 @@ class ActiveSnapshot:
         return np.ascontiguousarray(q, dtype=np.float32)
 
     def search(self, vectors: npt.NDArray[np.float32], k: int) -> list[list[Hit]]:
-        """Top-k distinct skus per query row, best first (scores are cosine similarities)."""
+        """Top-k distinct skus per query row, best first (scores are cosine similarities).
+
+        A store photo's nearest vectors are mostly other photos of the same product (grocery: ~30 per
+        sku), so a fixed over-fetch often filled one sku and left "Similar items" empty: the fetch grows
+        (x4, up to the whole index) until every row has k distinct skus or nothing is left to fetch.
+        """
         q = self.project(vectors)
-        if self.index.count == 0:
+        count = self.index.count
+        if count == 0:
             return [[] for _ in range(q.shape[0])]
-        labels, sims = self.index.search(q, k * OVERFETCH)
+        fetch = k * OVERFETCH
+        while True:
+            out = self._distinct(q, k, fetch)
+            if fetch >= count or all(len(hits) >= min(k, len(self._skus)) for hits in out):
+                return out
+            fetch = min(count, fetch * OVERFETCH)
+
+    def _distinct(self, q: npt.NDArray[np.float32], k: int, fetch: int) -> list[list[Hit]]:
+        labels, sims = self.index.search(q, fetch)
         known = (labels >= 0) & (labels < self._label_sku.size)
         positions = np.where(known, self._label_sku[np.where(known, labels, 0)], -1)  # one numpy pass
         out: list[list[Hit]] = []

@@ -1,0 +1,31 @@
+"""Search returns k distinct products even when each product has many photos in the index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device.sync.active import OVERFETCH, ActiveSnapshot
+from storelens.snapshot import verify_snapshot
+from tests.device.snapshots import make_snapshot
+
+
+def test_similar_items_are_filled_when_every_product_has_many_photos(tmp_path: Path) -> None:
+    """30 photos per product, all nearer to the query than any other product: a fixed k*OVERFETCH fetch
+    returned one product and left "Similar items" empty; the search must still give k distinct skus."""
+    rng = np.random.default_rng(3)
+    n_items, per_item, dim, k = 8, 30, 32, 5
+    assert per_item > k * OVERFETCH  # the case the fixed over-fetch could not fill
+    centres = rng.normal(size=(n_items, dim))
+    vecs = np.repeat(centres, per_item, axis=0) + 0.05 * rng.normal(size=(n_items * per_item, dim))
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    skus = [f"p{i}" for i in range(n_items)]
+    key = Ed25519PrivateKey.generate()
+    d = make_snapshot(tmp_path / "snap", vecs, [s for s in skus for _ in range(per_item)], key,
+                      model_id="ab" * 32)
+    snap = ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()]))
+    hits = snap.search(vecs[:1], k)[0]
+    assert len({h.sku for h in hits}) == len(hits) == k
+    assert hits[0].sku == "p0"
