@@ -198,3 +198,7 @@ class Outbox:
             self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass
+        try:  # a failed write is usually a full disk: give the WAL's space back (it only grows otherwise)
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass

@@ -50,10 +50,13 @@ class TinyDisk:
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[TinyDisk]:
-    """A 4 MiB tmpfs under tmp_path (needs root or CAP_SYS_ADMIN: skipped with the reason otherwise)."""
+    """A 16 MiB tmpfs under tmp_path (needs root or CAP_SYS_ADMIN: skipped with the reason otherwise).
+
+    Larger than SQLite's WAL at its auto-checkpoint (1000 pages, ~4 MB), so draining it really frees room.
+    """
     mnt = tmp_path / "tinydisk"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
                          capture_output=True, text=True, check=False)
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs to fill (needs root): {res.stderr.strip()}")
