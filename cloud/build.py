@@ -28,17 +28,19 @@ from cloud.catalog import Catalog, load_catalog
 from cloud.featurize import EmbedderLike, Features, featurize, preprocessing_hash
 from models.bundle import BundleManifest
 from storelens import vindex
-from storelens.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir
+from storelens.fsutil import atomic_write_bytes, atomic_write_json
 from storelens.snapshot import (
     Canary,
     HnswParams,
     Projection,
     SnapshotManifest,
     describe_files,
+    pack,
     read_manifest_unverified,
     utc_now_iso,
     write_signed,
 )
+from storelens.swap import install_output, recover_for_reading, recover_output, staging_archive, staging_dir
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -127,8 +129,17 @@ def build_snapshot(
     delta_max_fraction: float = DELTA_MAX_FRACTION,
     s3_client: Any = None,
     adapter: Literal["lda", "none"] = "lda",
+    archive: bool = False,
 ) -> BuildResult:
-    """Build, sign and write a snapshot for ``store``; a report JSON lands beside ``out_dir``."""
+    """Build, sign and write a snapshot for ``store``; a report JSON lands beside ``out_dir``.
+
+    With ``archive`` ``out_dir.tar`` is written too (without, an older one is removed: it would not
+    agree); both are switched crash-safe by ``storelens.swap``, which first finishes or undoes a swap
+    that a crash interrupted and removes an unfinished build's leftovers.
+    """
+    recover_output(out_dir, discard_staged=True)
+    if base is not None:
+        recover_for_reading(base)
     t0 = time.monotonic()
     out_dir = Path(out_dir)
     catalog = load_catalog(catalog_path)
@@ -219,7 +230,7 @@ def build_snapshot(
         "created_at": utc_now_iso(),
         "expires_at": (datetime.now(UTC) + timedelta(days=EXPIRES_DAYS)).isoformat(timespec="seconds"),
     }
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    tmp = staging_dir(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / d.THUMBS).mkdir(parents=True)
     extra: dict[str, Any] = {"threshold": tstats}
@@ -242,8 +253,9 @@ def build_snapshot(
     names = [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]
     manifest = SnapshotManifest(kind=kind, files=describe_files(tmp, names), extra=extra, **common)
     write_signed(tmp, manifest, private_key)
-    fsync_dir(tmp)
-    d._replace_dir(tmp, out_dir)
+    if archive:
+        pack(tmp, staging_archive(out_dir))
+    install_output(out_dir, archive=archive)
     report["build_s"] = round(time.monotonic() - t0, 2)
     report_path = out_dir.with_name(f"{out_dir.name}.report.json")
     atomic_write_json(report_path, report)

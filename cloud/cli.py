@@ -93,7 +93,6 @@ def catalog_build(
     from cloud.build import build_snapshot
     from storelens import signing
     from storelens.protocol import check_id
-    from storelens.snapshot import pack
 
     def run() -> Any:
         check_id(store, "store id")
@@ -110,9 +109,8 @@ def catalog_build(
             ef_construction=ef_construction,
             ef=ef,
             cache_dir=cache,
+            archive=archive,
         )
-        if archive:
-            pack(out, out.with_name(out.name + ".tar"))
         return res
 
     res = _guard(run)
@@ -181,7 +179,9 @@ def catalog_verify(
     """Verify signature, files, model and index header; print OK and a summary or the reason (exit 2)."""
     from storelens import signing
     from storelens.snapshot import unpack, verify_snapshot
+    from storelens.swap import recover_for_reading
 
+    _guard(lambda: recover_for_reading(snapshot))  # a build a crash interrupted: finish or undo it
     if not snapshot.exists():
         _fail(f"snapshot {snapshot} does not exist")
 

@@ -172,7 +172,9 @@ class Published:
 def _archive_of(snapshot: Path, workdir: Path) -> tuple[Path, SnapshotManifest, str]:
     """(archive path, manifest, manifest sha256) for a snapshot directory or an existing archive."""
     from storelens.snapshot import unpack
+    from storelens.swap import recover_for_reading
 
+    recover_for_reading(snapshot)  # a build a crash interrupted: finish or undo it first
     if not snapshot.exists():
         raise PublishError(f"snapshot {snapshot} does not exist")
     if snapshot.is_dir():

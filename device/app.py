@@ -270,7 +270,8 @@ class KioskApp:
 
     def _drain(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while self.comms.outbox_depth and self.comms.connected and time.monotonic() < deadline:
+        while ((self.comms.outbox_depth or self.comms.outbox_memory) and self.comms.connected
+               and time.monotonic() < deadline):
             self.stop_event.wait(0.05)
 
     # -- callbacks --

@@ -148,7 +148,8 @@ class Health(_Message):
     model: str | None = None
     snapshot: int | None = None
     outbox_depth: int = 0
-    outbox_dropped: int = 0
+    outbox_dropped: int = 0  # events dropped for good: outbox full by rows or age, or memory cap passed
+    outbox_memory: int = 0  # events waiting in memory because the outbox cannot be written (disk full)
     interval_s: float = 30.0
 
 
@@ -184,7 +185,7 @@ class Alert(_Message):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     kind: Literal[
         "camera_lost", "camera_back", "snapshot_refused", "snapshot_applied", "outbox_dropping",
-        "update_failed", "rolled_back", "catalog_stale",
+        "outbox_full", "update_failed", "rolled_back", "catalog_stale",
     ]
     detail: str = ""
 

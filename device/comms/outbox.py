@@ -104,6 +104,38 @@ class Outbox:
             )
         return row_id
 
+    def put_many(self, rows: list[tuple[str, bytes, int]]) -> list[int]:
+        """Commit ``(topic, payload, qos)`` rows in one transaction (all or none) and return their ids."""
+        if not rows:
+            return []
+        now = self._clock()
+        ids: list[int] = []
+        dropped = 0
+        with self._lock:
+            depth0 = self._depth
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for topic, payload, qos in rows:
+                    cur = self._db.execute(
+                        "INSERT INTO outbox(topic, payload, qos, created_s) VALUES (?, ?, ?, ?)",
+                        (topic, bytes(payload), int(qos), now),
+                    )
+                    ids.append(int(cur.lastrowid or 0))
+                    n = self._trim_locked(now)
+                    dropped += n
+                    self._depth += 1 - n
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._depth = depth0
+                self._rollback_locked()
+                raise OutboxError(f"cannot write outbox {self.path}: {exc}") from exc
+            self._dropped += dropped
+        if dropped:
+            _LOGGER.warning(
+                "outbox full or stale: dropped %d oldest rows (%d in total)", dropped, self._dropped
+            )
+        return ids
+
     def peek(self, n: int) -> list[Row]:
         """The ``n`` oldest rows, oldest first (not removed)."""
         with self._lock:
@@ -164,5 +196,9 @@ class Outbox:
     def _rollback_locked(self) -> None:
         try:
             self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        try:  # a failed write is usually a full disk: give the WAL's space back (it only grows otherwise)
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:
             pass

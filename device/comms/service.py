@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 
+from device.comms.held import DEFAULT_MEMORY_CAP_EVENTS, HeldEvents
 from device.comms.outbox import Outbox, OutboxError
 from device.comms.port import OnMessage, Transport
 from storelens.protocol import Alert, Health, KioskState, Status, Topics
@@ -18,12 +19,18 @@ RETRY_INTERVAL_S = 1.0  # after a failed publish while "connected": back off bef
 IDLE_WAIT_S = 1.0  # drain thread re-checks at least this often
 BATCH_ROWS = 64  # rows read per outbox query
 DROP_ALERT_INTERVAL_S = 60.0  # at most one outbox_dropping alert per minute
+OUTBOX_RETRY_S = 1.0  # while the outbox cannot be written: retry held events this often (one fsync each)
+FLUSH_BATCH = 256  # held events written per outbox transaction when space returns
 
 
 class Comms:
     """Publishes events durably (outbox, QoS 1, in order, bounded rate) and keeps a retained status.
 
     The outbox is owned by the caller (close it after ``stop``); the transport is closed by ``stop``.
+    When the outbox cannot be written (disk full), ``publish_event`` still returns: events wait in memory
+    (``memory_cap`` events; past it the oldest is dropped, counted in ``outbox_dropped`` and alerted as
+    ``outbox_dropping``), an ``outbox_full`` alert goes out, and the drain thread writes them into the
+    outbox, in order, as soon as it takes writes again. Only a power cut in that window loses them.
     """
 
     def __init__(
@@ -36,6 +43,7 @@ class Comms:
         replay_rate_per_s: float = 50.0,
         publish_timeout_s: float = PUBLISH_TIMEOUT_S,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        memory_cap: int = DEFAULT_MEMORY_CAP_EVENTS,
     ) -> None:
         if replay_rate_per_s <= 0:
             raise ValueError("replay_rate_per_s must be > 0")
@@ -55,6 +63,13 @@ class Comms:
         self._last_send_s = float("-inf")
         self._dropped_reported = outbox.dropped
         self._last_drop_alert_s = float("-inf")
+        self._held = HeldEvents(memory_cap)
+        self._held_lock = threading.Lock()  # orders outbox writes: nothing overtakes a held event
+        self._full_error: str | None = None  # the outbox's write error, while events are held
+        self._full_alert_due = False
+        self._full_alert_error = ""
+        self._last_flush_s = float("-inf")
+        self._outbox_dropped_logged = 0  # held drops already logged (one error line per episode)
         self.sent = 0  # rows acked by the broker since start (for tests and health)
 
     # -- lifecycle --
@@ -80,6 +95,10 @@ class Comms:
             if self._thread.is_alive():
                 _LOGGER.error("comms drain thread still alive after %.1f s", timeout_s)
             self._thread = None
+        self._flush_held(force=True)
+        with self._held_lock:
+            if len(self._held):
+                _LOGGER.error("outbox still cannot be written: %d held events lost at stop", len(self._held))
         with self._lock:
             status = self._status
         if status is not None and self._transport.connected:
@@ -91,9 +110,20 @@ class Comms:
         self._transport.close()
 
     # -- API --
-    def publish_event(self, topic: str, payload: bytes) -> None:
-        """Commit to the outbox (durable on return) and wake the drain thread; never blocks on the network."""
-        self._outbox.put(topic, payload, qos=1)
+    def publish_event(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """Commit to the outbox (durable on return) and wake the drain thread; never blocks on the network.
+
+        Never raises for a full disk: the event then waits in memory (see the class docstring).
+        """
+        with self._held_lock:
+            if not len(self._held):
+                try:
+                    self._outbox.put(topic, payload, qos=qos)
+                except OutboxError as exc:
+                    self._on_outbox_full(exc)
+                    self._hold(topic, payload, qos)
+            else:
+                self._hold(topic, payload, qos)
         self._wake.set()
 
     def set_status(self, status: Status) -> None:
@@ -105,7 +135,8 @@ class Comms:
     def publish_health(self, health: Health) -> None:
         """Retained QoS 0 health with the outbox figures filled in; skipped while offline."""
         health = health.model_copy(
-            update={"outbox_depth": self._outbox.depth, "outbox_dropped": self._outbox.dropped}
+            update={"outbox_depth": self._outbox.depth, "outbox_dropped": self.outbox_dropped,
+                    "outbox_memory": self.outbox_memory}
         )
         if not self._transport.publish(
             self._topics.health, health.to_bytes(), qos=0, retain=True, timeout_s=self._publish_timeout_s
@@ -122,7 +153,13 @@ class Comms:
 
     @property
     def outbox_dropped(self) -> int:
-        return self._outbox.dropped
+        """Events dropped for good: by the outbox's row/age bounds, or past the memory cap."""
+        return self._outbox.dropped + self._held.dropped
+
+    @property
+    def outbox_memory(self) -> int:
+        """Events waiting in memory for the outbox to take writes again."""
+        return len(self._held)
 
     @property
     def connected(self) -> bool:
@@ -133,6 +170,7 @@ class Comms:
         """Drain loop: status first, then outbox rows in id order, each removed only on its PUBACK."""
         while not stop.is_set():
             try:
+                self._flush_held()
                 if not self._transport.connected:
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
@@ -141,6 +179,7 @@ class Comms:
                     stop.wait(RETRY_INTERVAL_S)
                     continue
                 self._report_drops()
+                self._report_full()
                 self._wake.clear()
                 rows = self._outbox.peek(BATCH_ROWS)
                 if not rows:
@@ -158,8 +197,8 @@ class Comms:
                         break
                     self._outbox.ack(row.id)
                     self.sent += 1
-            except OutboxError:
-                _LOGGER.exception("outbox error in drain loop")
+            except OutboxError as exc:  # e.g. an ack on a full disk: the row is sent again later
+                _LOGGER.warning("outbox error in drain loop: %s", exc)
                 stop.wait(RETRY_INTERVAL_S)
             except Exception:
                 _LOGGER.exception("unexpected error in comms drain loop")
@@ -186,8 +225,58 @@ class Comms:
                 self._status_dirty = True
         return False
 
+    def _hold(self, topic: str, payload: bytes, qos: int) -> None:
+        if self._held.hold(topic, payload, qos) and self._held.dropped == 1 + self._outbox_dropped_logged:
+            _LOGGER.error("%d events held in memory: dropping the oldest (counted, alerted)", self._held.cap)
+            self._outbox_dropped_logged = self._held.dropped
+
+    def _on_outbox_full(self, exc: OutboxError) -> None:
+        if self._full_error is None:
+            _LOGGER.warning("outbox cannot be written (%s): events wait in memory (at most %d)",
+                            exc, self._held.cap)
+            self._full_alert_due = True  # sent once connected, even if space returned by then
+        self._full_error = self._full_alert_error = str(exc)
+        self._last_flush_s = time.monotonic()
+
+    def _flush_held(self, *, force: bool = False) -> None:
+        """Write held events into the outbox, oldest first, while it takes them (at most every retry)."""
+        if not len(self._held) or (not force and time.monotonic() - self._last_flush_s < OUTBOX_RETRY_S):
+            return
+        with self._held_lock:
+            written = 0
+            while len(self._held):
+                batch = self._held.head(FLUSH_BATCH)
+                try:
+                    self._outbox.put_many(batch)
+                except OutboxError as exc:
+                    self._on_outbox_full(exc)
+                    return
+                self._held.release(len(batch))
+                written += len(batch)
+            if self._full_error is not None:
+                _LOGGER.warning("outbox writable again: %d held events written", written)
+                self._full_error = None
+                self._outbox_dropped_logged = self._held.dropped
+        self._wake.set()
+
+    def _report_full(self) -> None:
+        if not self._full_alert_due:
+            return
+        error = self._full_alert_error
+        alert = Alert(
+            kiosk=self._topics.kiosk,
+            store=self._topics.store,
+            kind="outbox_full",
+            detail=f"outbox cannot be written ({error}); {len(self._held)} events wait in memory "
+            f"(at most {self._held.cap}, then the oldest are dropped)"[:500],
+        )
+        if self._transport.publish(
+            self._topics.alert, alert.to_bytes(), qos=1, retain=False, timeout_s=self._publish_timeout_s
+        ):
+            self._full_alert_due = False
+
     def _report_drops(self) -> None:
-        dropped = self._outbox.dropped
+        dropped = self.outbox_dropped
         now = time.monotonic()
         if dropped <= self._dropped_reported or now - self._last_drop_alert_s < DROP_ALERT_INTERVAL_S:
             return

@@ -23,6 +23,7 @@
     camera_lost: ["Camera lost", "bad"], camera_back: ["Camera back", "info"],
     snapshot_refused: ["Catalog update refused", "bad"], snapshot_applied: ["Catalog updated", "info"],
     outbox_dropping: ["Outbox dropping telemetry", "warn"], update_failed: ["Update failed", "bad"],
+    outbox_full: ["Outbox disk full: events held in memory", "warn"],
     rolled_back: ["Update rolled back", "warn"], catalog_stale: ["Catalog out of date", "warn"],
   };
   const PLACEHOLDER = "placeholder.svg";
