@@ -1,4 +1,4 @@
-"""`storelens keys|catalog|dashboard|fleet|feedback` commands: thin wrappers over the cloud package's functions.
+"""`storelens keys|catalog|dashboard|fleet|feedback` commands: thin wrappers over the cloud package.
 
 Bad input prints one line and exits 2; heavy libraries load inside the commands.
 """

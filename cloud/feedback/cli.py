@@ -33,7 +33,8 @@ def collect_cmd(
         list[str] | None, typer.Option("--model", help="A known model id, any snapshot (repeatable)")
     ] = None,
     client_id: Annotated[
-        str | None, typer.Option("--client-id", help="Fixed MQTT client id (default storelens-feedback-STORE)")
+        str | None,
+        typer.Option("--client-id", help="Fixed MQTT client id (default storelens-feedback-STORE)"),
     ] = None,
     username: Annotated[str | None, typer.Option("--username", help="Broker user")] = None,
     password_env: Annotated[
@@ -47,7 +48,7 @@ def collect_cmd(
     ] = 3600.0,
     burst: Annotated[int, typer.Option("--burst", help="Per-kiosk messages at once")] = 300,
 ) -> None:
-    """Collect a store's kiosk feedback into a feedback store until SIGTERM/SIGINT; exit 1 if a write fails."""
+    """Collect a store's kiosk feedback until SIGTERM/SIGINT (exit 1 when a write failed: restart me)."""
     from cloud.feedback.collector import BrokerConfig, CollectorError, FeedbackCollector
     from cloud.feedback.store import FeedbackStore
     from cloud.feedback.verify import KnownSnapshots

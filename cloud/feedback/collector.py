@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import ssl
 import threading
 import time
@@ -33,6 +34,7 @@ from storelens.protocol import ProtocolError, check_id, parse_kiosk_topic
 _LOGGER = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0  # to finish the message in hand (one fsynced write) before disconnecting
 KEEPALIVE_S = 30
 RATE_PER_HOUR = 3600.0  # sustained, per kiosk: ~4x the fastest a customer can hold items up and tap
 RATE_BURST = 300  # at once, per kiosk: an outbox replaying ~5 h of a kiosk's feedback cap after an outage
@@ -96,10 +98,15 @@ class FeedbackCollector:
         self.failed = threading.Event()  # a write failed: stop and let the supervisor restart us
         self._done = threading.Event()  # failed, or request_stop(): what the service's main thread awaits
         self._fault = os.environ.get(FAULT_ENV) or None
+        # Bounded in practice by the broker's in-flight window (unacked QoS 1 messages per client).
+        self._queue: queue.Queue[tuple[str, bytes, int, int] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="feedback-collector", daemon=True)
         self._connect_error: str | None = None
         parts = urllib.parse.urlsplit(broker.url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise CollectorError(f"broker URL must be mqtt://host:port or mqtts://host:port, got {broker.url!r}")
+            raise CollectorError(
+                f"broker URL must be mqtt://host:port or mqtts://host:port, got {broker.url!r}"
+            )
         self._tls = parts.scheme == "mqtts"
         self._host, self._port = parts.hostname, parts.port or (8883 if self._tls else 1883)
         self._client = mqtt.Client(
@@ -131,9 +138,11 @@ class FeedbackCollector:
 
     def start(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         """Connect and subscribe (QoS 1); CollectorError when the broker refuses or does not answer."""
+        self._worker.start()
         try:
             self._client.connect(self._host, self._port, keepalive=KEEPALIVE_S)
         except (OSError, ssl.SSLError) as exc:
+            self.stop()
             raise CollectorError(f"cannot reach broker {self._host}:{self._port}: {exc}") from exc
         self._client.loop_start()
         if not self._subscribed.wait(timeout_s) or self._connect_error:
@@ -143,9 +152,16 @@ class FeedbackCollector:
             )
         _LOGGER.info("%r collecting %s", self, self._filter)
 
-    def stop(self) -> None:
-        """Stop taking messages, disconnect (unacknowledged ones are redelivered next session)."""
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop taking messages, store and ack those already taken, disconnect (any left unacknowledged
+        are redelivered next session)."""
         self._stop.set()
+        if self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join(timeout_s)
+            if self._worker.is_alive():
+                _LOGGER.error("feedback worker still busy after %.1f s; its message will be redelivered",
+                              timeout_s)  # fmt: skip
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
@@ -223,28 +239,39 @@ class FeedbackCollector:
             self._stop.wait()
             raise _Held
 
-    # ---- paho callbacks (paho's network thread) ----
+    # ---- the worker: one message at a time, in arrival order (acks go out in order) ----
 
-    def _handle_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        if self._stop.is_set() or self.failed.is_set():
-            return  # not acknowledged: redelivered in the next session
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.failed.is_set():
+                continue  # not acknowledged: redelivered in the next session
+            self._one(*item)
+
+    def _one(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
         try:
-            outcome, rid, event = self._process(msg.topic, bytes(msg.payload))
+            outcome, rid, event = self._process(topic, payload)
             if outcome is Reason.STORED:
                 self._hold("before_ack")
         except _Held:
             return
         except Exception:  # disk full, permissions, a bug: not acknowledged; stop, be restarted
-            _LOGGER.exception("cannot store feedback from %s: not acknowledged, stopping", msg.topic)
+            _LOGGER.exception("cannot store feedback from %s: not acknowledged, stopping", topic)
             self.failed.set()
             self._done.set()
             return
-        client.ack(msg.mid, msg.qos)  # only now: the record is durable (or the message refused)
+        self._client.ack(mid, qos)  # only now: the record is durable (or the message refused)
         if outcome is Reason.STORED and event is not None and self._on_stored is not None:
             try:
                 self._on_stored(self._feedback, rid, event)
             except Exception:  # the record stays pending for a person
                 _LOGGER.exception("auto-review hook failed on %s; left for staff review", rid)
+
+    # ---- paho callbacks (paho's network thread: never blocked by a write, so pings go on) ----
+
+    def _handle_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if self._stop.is_set():
+            return  # not acknowledged: redelivered in the next session
+        self._queue.put((msg.topic, bytes(msg.payload), msg.mid, msg.qos))
 
     def _handle_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:

@@ -31,7 +31,8 @@ def collecting(
 ) -> Iterator[FeedbackCollector]:
     """A started collector for store s1 writing under ``root``, stopped on exit."""
     cfg = BrokerConfig(url=broker_url, client_id=client_id or f"t-coll-{uuid.uuid4().hex[:8]}")
-    c = FeedbackCollector(STORE, cfg, FeedbackStore(root), KnownSnapshots(STORE, snapshots_dir=snapshots), **kw)
+    known = KnownSnapshots(STORE, snapshots_dir=snapshots)
+    c = FeedbackCollector(STORE, cfg, FeedbackStore(root), known, **kw)
     c.start()
     try:
         yield c
@@ -174,7 +175,8 @@ def test_tls_with_client_certificate(tls_broker: Mosquitto, snapshots: Path, tmp
     pair = tls_broker.pki.issue("collector")
     cfg = BrokerConfig(url=f"mqtts://localhost:{tls_broker.tls_port}", client_id=f"t-{uuid.uuid4().hex[:8]}",
                        ca=str(tls_broker.pki.ca), cert=str(pair.cert), key=str(pair.key))  # fmt: skip
-    c = FeedbackCollector(STORE, cfg, FeedbackStore(tmp_path / "fb"), KnownSnapshots(STORE, model_ids=[MODEL]))
+    known = KnownSnapshots(STORE, model_ids=[MODEL])
+    c = FeedbackCollector(STORE, cfg, FeedbackStore(tmp_path / "fb"), known)
     c.start()
     pub = Peer("127.0.0.1", tls_broker.port, f"t-pub-{uuid.uuid4().hex[:8]}").connect()
     try:
@@ -192,7 +194,8 @@ def test_unreachable_broker_is_a_clear_error(snapshots: Path, tmp_path: Path) ->
 
     port = free_port()
     cfg = BrokerConfig(url=f"mqtt://127.0.0.1:{port}", client_id="t-nobody")
-    c = FeedbackCollector(STORE, cfg, FeedbackStore(tmp_path / "fb"), KnownSnapshots(STORE, model_ids=[MODEL]))
+    known = KnownSnapshots(STORE, model_ids=[MODEL])
+    c = FeedbackCollector(STORE, cfg, FeedbackStore(tmp_path / "fb"), known)
     with pytest.raises(CollectorError, match=f"127.0.0.1:{port}"):
         c.start(timeout_s=5.0)
     with pytest.raises(CollectorError, match="mqtt://host:port"):
