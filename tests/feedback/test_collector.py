@@ -205,3 +205,23 @@ def test_unreachable_broker_is_a_clear_error(snapshots: Path, tmp_path: Path) ->
 
 def _match_ids(root: Path) -> list[str]:
     return sorted(json.loads(p.read_text())["match_id"] for p in (root / "records").glob("*.json"))
+
+
+def test_a_failed_write_is_not_acknowledged_and_comes_back(
+    broker: Mosquitto, publisher: Peer, snapshots: Path, tmp_path: Path
+) -> None:
+    """A write that fails (disk full, a broken folder) must not be acknowledged: the collector reports
+    failure, and the message is stored by the next run instead of being lost."""
+    root, cid = tmp_path / "fb", f"t-coll-{uuid.uuid4().hex[:8]}"
+    msg = feedback("kA", 1)
+    with collecting(broker.url, root, snapshots, client_id=cid) as c:
+        (root / "crops").rmdir()
+        (root / "crops").write_text("not a folder")  # every crop write now fails with an OSError
+        send(publisher, msg)
+        assert c.wait_done(WAIT_S) and c.failed.is_set()
+        assert c.stats()["stored"] == 0
+    (root / "crops").unlink()
+    with collecting(broker.url, root, snapshots, client_id=cid) as c:
+        assert c.wait_handled(1, WAIT_S), c.stats()
+        assert c.stats()["stored"] == 1
+    assert len(FeedbackStore(root).records()) == 1
