@@ -1,4 +1,4 @@
-"""`storelens keys|catalog|dashboard|fleet` commands: thin wrappers over the cloud package's functions.
+"""`storelens keys|catalog|dashboard|fleet|feedback` commands: thin wrappers over the cloud package.
 
 Bad input prints one line and exits 2; heavy libraries load inside the commands.
 """
@@ -19,12 +19,17 @@ catalog_app = typer.Typer(
 keys_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Ed25519 snapshot signing keys.")
 dashboard_app = typer.Typer(add_completion=False, help="Staff dashboard (store status, matches, alerts).")
 fleet_app = typer.Typer(add_completion=False, help="Fleet rollout of model + snapshot releases.")
+feedback_app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Customer feedback: collect, review, relearn."
+)
 
 
 def _register_subapps() -> None:
     from cloud.dashboard.serve import register as register_dashboard
+    from cloud.feedback.cli import register as register_feedback
 
     register_dashboard(dashboard_app)
+    register_feedback(feedback_app)
     try:
         from cloud.fleet.cli import register as register_fleet
     except ImportError:  # fleet commands land with the rollout work

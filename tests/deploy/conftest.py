@@ -25,6 +25,7 @@ PASSWORDS = {
     "dashboard": "pw-dashboard",
     "ops": "pw-ops",
     "homeassistant": "pw-ha",
+    "collector": "pw-collector",
 }
 _START_TIMEOUT_S = 10.0
 

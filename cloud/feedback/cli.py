@@ -1,0 +1,105 @@
+"""`storelens feedback collect`: the collector service (on cloud.cli's feedback_app)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, NoReturn
+
+import typer
+
+_LOGGER = logging.getLogger(__name__)
+
+PASSWORD_ENV = "STORELENS_MQTT_PASSWORD"
+
+
+def _fail(msg: str) -> NoReturn:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def collect_cmd(
+    store: Annotated[str, typer.Option("--store", help="Store id whose kiosks' feedback to collect")],
+    feedback_dir: Annotated[Path, typer.Option("--feedback-dir", help="Feedback store folder")],
+    broker: Annotated[str, typer.Option("--broker", help="mqtt://host:port or mqtts://host:port")],
+    snapshots: Annotated[
+        Path | None,
+        typer.Option("--snapshots", help="Folder `catalog publish --to file://DIR` writes: known snapshots"),
+    ] = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="A known model id, any snapshot (repeatable)")
+    ] = None,
+    client_id: Annotated[
+        str | None,
+        typer.Option("--client-id", help="Fixed MQTT client id (default storelens-feedback-STORE)"),
+    ] = None,
+    username: Annotated[str | None, typer.Option("--username", help="Broker user")] = None,
+    password_env: Annotated[
+        str, typer.Option("--password-env", help="Env var holding the broker password (never a flag)")
+    ] = PASSWORD_ENV,
+    ca: Annotated[Path | None, typer.Option("--ca", help="CA file for mqtts://")] = None,
+    cert: Annotated[Path | None, typer.Option("--cert", help="Client certificate (mqtts://)")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="Client key (mqtts://)")] = None,
+    rate_per_hour: Annotated[
+        float, typer.Option("--rate-per-hour", help="Per-kiosk sustained rate; over it: not stored")
+    ] = 3600.0,
+    burst: Annotated[int, typer.Option("--burst", help="Per-kiosk messages at once")] = 300,
+) -> None:
+    """Collect a store's kiosk feedback until SIGTERM/SIGINT (exit 1 when a write failed: restart me)."""
+    from cloud.feedback.collector import BrokerConfig, CollectorError, FeedbackCollector
+    from cloud.feedback.store import FeedbackStore
+    from cloud.feedback.verify import KnownSnapshots
+    from storelens.protocol import ProtocolError, check_id
+
+    models = model or []
+    if snapshots is None and not models:
+        _fail("give --snapshots DIR (the published snapshots) or --model ID: unknown ones are refused")
+    bad = [m for m in models if not (8 <= len(m) <= 64 and all(c in "0123456789abcdef" for c in m))]
+    if bad:
+        _fail(f"--model {bad[0]!r} is not a model id (8-64 lowercase hex)")
+    for name, path in (("--ca", ca), ("--cert", cert), ("--key", key)):
+        if path is not None and not path.is_file():
+            _fail(f"{name} {path} is not a file")
+    password = os.environ.get(password_env) if username is not None else None
+    try:
+        check_id(store, "store id")
+        cfg = BrokerConfig(
+            url=broker, client_id=check_id(client_id or f"storelens-feedback-{store}", "client id"),
+            username=username, password=password, ca=None if ca is None else str(ca),
+            cert=None if cert is None else str(cert), key=None if key is None else str(key),
+        )
+        known = KnownSnapshots(store, snapshots_dir=snapshots, model_ids=models)
+        fstore = FeedbackStore(feedback_dir)
+        collector = FeedbackCollector(store, cfg, fstore, known, rate_per_hour=rate_per_hour, burst=burst)
+    except (ProtocolError, CollectorError, OSError, ValueError) as exc:
+        _fail(str(exc))
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        collector.request_stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            collector.start()
+        except CollectorError as exc:
+            _fail(str(exc))
+        typer.echo(
+            f"collecting feedback of {store} from {broker} into {feedback_dir} "
+            f"(published snapshot versions {sorted(known.versions())}, {len(models)} model ids given)",
+            err=True,
+        )
+        collector.wait_done()
+    finally:
+        collector.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    typer.echo(f"feedback collector stopped: {collector.summary()}", err=True)
+    if collector.failed.is_set():
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("collect")(collect_cmd)
