@@ -11,6 +11,7 @@ import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -32,24 +33,24 @@ class Case:
     edit: Edit
 
 
-def _flip(d: Path, rel: str) -> None:
+def _flip(d: Path, _: Path, rel: str) -> None:
     p = d / rel
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0x01
     p.write_bytes(bytes(data))
 
 
-def _truncate(d: Path, rel: str) -> None:
+def _truncate(d: Path, _: Path, rel: str) -> None:
     p = d / rel
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 
 
-def _extend(d: Path, rel: str) -> None:
+def _extend(d: Path, _: Path, rel: str) -> None:
     with open(d / rel, "ab") as fh:
         fh.write(b"\0")
 
 
-def _rename(d: Path, rel: str, new: str) -> None:
+def _rename(d: Path, _: Path, rel: str, new: str) -> None:
     (d / new).parent.mkdir(parents=True, exist_ok=True)
     (d / rel).rename(d / new)
 
@@ -62,7 +63,7 @@ def _symlink_file(d: Path, scratch: Path, rel: str) -> None:
     (d / rel).symlink_to(copy)
 
 
-def _extra(d: Path, rel: str) -> None:
+def _extra(d: Path, _: Path, rel: str) -> None:
     (d / rel).parent.mkdir(parents=True, exist_ok=True)
     (d / rel).write_bytes(b"{}" if rel.endswith(".json") else b"\0" * 64)
 
@@ -89,18 +90,18 @@ def generate(files: list[str]) -> list[Case]:
     for rel in files:
         moved = rel.split("/")[-1] if "/" in rel else f"thumbs/{rel}"
         cases += [
-            Case("snapshot:flip", rel, lambda d, _, r=rel: _flip(d, r)),
-            Case("snapshot:truncate", rel, lambda d, _, r=rel: _truncate(d, r)),
-            Case("snapshot:extend", rel, lambda d, _, r=rel: _extend(d, r)),
-            Case("snapshot:rename", f"{rel} -> {rel}.bak", lambda d, _, r=rel: _rename(d, r, f"{r}.bak")),
-            Case("snapshot:rename", f"{rel} -> {moved}", lambda d, _, r=rel, m=moved: _rename(d, r, m)),
-            Case("snapshot:symlink", rel, lambda d, s, r=rel: _symlink_file(d, s, r)),
+            Case("snapshot:flip", rel, partial(_flip, rel=rel)),
+            Case("snapshot:truncate", rel, partial(_truncate, rel=rel)),
+            Case("snapshot:extend", rel, partial(_extend, rel=rel)),
+            Case("snapshot:rename", f"{rel} -> {rel}.bak", partial(_rename, rel=rel, new=f"{rel}.bak")),
+            Case("snapshot:rename", f"{rel} -> {moved}", partial(_rename, rel=rel, new=moved)),
+            Case("snapshot:symlink", rel, partial(_symlink_file, rel=rel)),
         ]
     for folder in EXTRA_FOLDERS:
         for name in EXTRA_NAMES:
             rel = folder + name
             if rel not in files:
-                cases.append(Case("snapshot:extra_file", rel, lambda d, _, r=rel: _extra(d, r)))
+                cases.append(Case("snapshot:extra_file", rel, partial(_extra, rel=rel)))
     cases += [
         Case("snapshot:symlink", "dangling", lambda d, s: (d / "thumbs" / "x.jpg").symlink_to(s / "no")),
         Case("snapshot:symlink_folder", "thumbs/ -> a copy outside", _folder_to_symlink),
@@ -221,6 +222,7 @@ def test_every_edited_snapshot_is_refused_by_verify(
     assert len(cases) > 100
 
 
+@pytest.mark.slow  # ~200 installs or boots: 3-5 s on 2 busy cores
 def test_every_edited_snapshot_is_refused_by_a_kiosk_install(
     world: World, cases: list[Case], scratch: Callable[[str], Path], tally: Tally
 ) -> None:
@@ -254,6 +256,7 @@ def test_every_edited_snapshot_is_refused_by_a_kiosk_install(
     assert not any(kiosk.store.staging.iterdir())
 
 
+@pytest.mark.slow  # ~200 installs or boots: 3-5 s on 2 busy cores
 def test_every_edited_stored_generation_is_refused_at_boot(
     world: World, cases: list[Case], scratch: Callable[[str], Path], tally: Tally
 ) -> None:
