@@ -7,7 +7,9 @@ it before hnswlib ever opens a file. A snapshot is a flat directory:
     manifest.sig    64-byte detached Ed25519 signature of manifest.json
     <files>         every other file, each listed in manifest["files"] with sha256 and size
 
-Nothing in the directory may be unlisted; names are plain relative paths (one optional sub-folder).
+Nothing in the directory may be unlisted, at any depth (a nested file named like the manifest is
+unlisted too), and nothing in it may be a symlink; names are plain relative paths (one optional
+sub-folder).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -53,7 +56,8 @@ class RejectReason(StrEnum):
     EXPIRED = "expired"
     UNSAFE_NAME = "unsafe_file_name"
     MISSING_FILE = "missing_file"
-    UNEXPECTED_FILE = "unexpected_file"
+    UNEXPECTED_FILE = "unexpected_file"  # unlisted in the signed manifest, or not a regular file
+    SYMLINK = "symlink"  # a symlinked file or folder anywhere in the snapshot
     SIZE_MISMATCH = "size_mismatch"
     HASH_MISMATCH = "hash_mismatch"
     BAD_INDEX = "bad_index"
@@ -196,13 +200,16 @@ def verify_snapshot(
     """
     directory = Path(directory)
     mpath, spath = directory / MANIFEST, directory / SIGNATURE
-    if not mpath.is_file() or mpath.is_symlink():
+    if not directory.is_dir():
+        raise SnapshotRejected(RejectReason.MISSING_MANIFEST, f"no {MANIFEST} in {directory}")
+    present = scan_files(directory)  # before reading anything: no symlink is ever followed
+    if MANIFEST not in present:
         raise SnapshotRejected(RejectReason.MISSING_MANIFEST, f"no {MANIFEST} in {directory}")
     try:
         data = read_capped(mpath, MAX_MANIFEST_BYTES)
     except ValueError as exc:
         raise SnapshotRejected(RejectReason.MALFORMED, str(exc)) from exc
-    if not spath.is_file():
+    if SIGNATURE not in present:
         raise SnapshotRejected(RejectReason.UNSIGNED, f"no {SIGNATURE} beside the manifest")
     sig = read_capped(spath, 1024)
     if signing.verify(public_keys, data, sig) is None:
@@ -212,7 +219,7 @@ def verify_snapshot(
     _check_identity(m, digest, model_id=model_id, model_dim=model_dim, store=store, seen=seen, base=base)
     if m.expires_at is not None and _parse_ts(m.expires_at) <= (now or datetime.now(UTC)):
         raise SnapshotRejected(RejectReason.EXPIRED, f"expired at {m.expires_at}")
-    _check_files(directory, m)
+    _check_files(directory, m, present)
     if check_index and "index.bin" in m.files:
         from storelens import vindex  # local: keeps hnswlib out of pure-contract users
 
@@ -257,21 +264,44 @@ def _check_identity(
             )
 
 
-def _check_files(directory: Path, m: SnapshotManifest) -> None:
+def scan_files(directory: Path) -> set[str]:
+    """Relative names of every regular file below ``directory``, at any depth, symlinks never followed.
+
+    SnapshotRejected: ``symlink`` for a symlinked file or folder anywhere, ``unexpected_file`` for any
+    other entry that is neither a folder nor a regular file (fifo, socket, device node).
+    """
+    found: set[str] = set()
+    pending = [(Path(directory), "")]  # iterative: a hostile tree of any depth cannot exhaust the stack
+    try:
+        while pending:
+            folder, prefix = pending.pop()
+            with os.scandir(folder) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    rel = prefix + entry.name
+                    if entry.is_symlink():
+                        raise SnapshotRejected(RejectReason.SYMLINK, f"{rel!r} is a symlink")
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((Path(entry.path), rel + "/"))
+                    elif entry.is_file(follow_symlinks=False):
+                        found.add(rel)
+                    else:
+                        raise SnapshotRejected(RejectReason.UNEXPECTED_FILE, f"{rel!r} is not a regular file")
+    except OSError as exc:
+        raise SnapshotRejected(RejectReason.MISSING_FILE, f"cannot list {directory}: {exc}") from exc
+    return found
+
+
+def _check_files(directory: Path, m: SnapshotManifest, present: set[str]) -> None:
+    """Every file listed, and only those: ``present`` is :func:`scan_files` of ``directory``."""
     for name in m.files:
         if not _SAFE_NAME.match(name) or ".." in name.split("/"):
             raise SnapshotRejected(RejectReason.UNSAFE_NAME, f"file name {name!r}")
-    present = {
-        str(p.relative_to(directory))
-        for p in directory.rglob("*")
-        if not p.is_dir() and p.name not in (MANIFEST, SIGNATURE)
-    }
-    extra = sorted(present - set(m.files))
+    extra = sorted(present - set(m.files) - {MANIFEST, SIGNATURE})  # only the top-level pair is exempt
     if extra:
         raise SnapshotRejected(RejectReason.UNEXPECTED_FILE, f"unlisted file {extra[0]!r}")
     for name, entry in sorted(m.files.items()):
         p = directory / name
-        if not p.is_file() or p.is_symlink():
+        if name not in present:
             raise SnapshotRejected(RejectReason.MISSING_FILE, f"{name} is missing")
         size = p.stat().st_size
         if size != entry.size:
@@ -300,18 +330,14 @@ def utc_now_iso() -> str:
 
 
 def pack(directory: Path, archive: Path) -> None:
-    """Write the snapshot directory as one tar file (atomically), manifest first."""
+    """Write the snapshot directory as one tar file (atomically), manifest first.
+
+    Every regular file goes in as it is (a nested file named like the manifest too: the kiosk refuses
+    what is unlisted); SnapshotRejected (``symlink``) rather than packing what a symlink points at.
+    """
     directory = Path(directory)
     buf = io.BytesIO()
-    names = [
-        MANIFEST,
-        SIGNATURE,
-        *sorted(
-            str(p.relative_to(directory))
-            for p in directory.rglob("*")
-            if p.is_file() and p.name not in (MANIFEST, SIGNATURE)
-        ),
-    ]
+    names = [MANIFEST, SIGNATURE, *sorted(scan_files(directory) - {MANIFEST, SIGNATURE})]
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in names:
             info = tar.gettarinfo(str(directory / name), arcname=name)

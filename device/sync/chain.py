@@ -34,6 +34,7 @@ from storelens.snapshot import (
     SnapshotRejected,
     manifest_sha256,
     read_manifest_unverified,
+    scan_files,
     verify_snapshot,
 )
 
@@ -142,6 +143,10 @@ class Verifier:
         return Verified(m, (m.version, manifest_sha256(copy))), copy
 
     def _rederive(self, directory: Path, work: Path) -> tuple[Verified, Path]:
+        try:
+            stored = _files(directory)  # first: a symlink anywhere, proof/ included, is never followed
+        except SnapshotRejected as exc:
+            raise SnapshotRefused(_refused(exc).reason, f"{directory.name}: {exc.detail}") from exc
         root, deltas = _links(directory / PROOF)
         if len(deltas) > MAX_CHAIN_DELTAS:
             raise SnapshotRefused(CHAIN_TOO_LONG, f"{len(deltas)} deltas in {directory.name}")
@@ -161,7 +166,7 @@ class Verifier:
             if current != root:
                 shutil.rmtree(current, ignore_errors=True)
             current, identity = out, (m.version, manifest_sha256(link))
-        problem = _differs(current, directory)
+        problem = _differs(current, stored)
         if problem is not None:
             raise SnapshotRefused(APPLIED_MISMATCH, f"{directory.name}: {problem}")
         return Verified(read_manifest_unverified(current), identity), current
@@ -194,22 +199,20 @@ def _links(proof: Path) -> tuple[Path, list[Path]]:
 
 
 def _files(directory: Path) -> dict[str, Path]:
-    """Every non-directory entry below ``directory`` except the proof, by relative name."""
-    return {
-        str(p.relative_to(directory)): p
-        for p in directory.rglob("*")
-        if p.relative_to(directory).parts[0] != PROOF and (p.is_symlink() or not p.is_dir())
-    }
+    """Every regular file below ``directory`` except the proof, by relative name (SnapshotRejected for a
+    symlink or other non-regular entry anywhere, the proof included)."""
+    return {name: directory / name for name in scan_files(directory) if name.split("/")[0] != PROOF}
 
 
-def _differs(derived: Path, stored: Path) -> str | None:
-    """What differs between a re-derived directory and the stored one; None: the same files and bytes."""
-    want, have = _files(derived), _files(stored)
+def _differs(derived: Path, have: dict[str, Path]) -> str | None:
+    """What differs between a re-derived directory and the stored files (:func:`_files` of the stored
+    directory); None: the same files and bytes."""
+    want = _files(derived)
     odd = sorted(want.keys() ^ have.keys())
     if odd:
         return f"{odd[0]} is {'missing' if odd[0] in want else 'unexpected'}"
     for name in sorted(want):  # sizes first: cheap, catches truncation
-        if have[name].is_symlink() or have[name].stat().st_size != want[name].stat().st_size:
+        if have[name].stat().st_size != want[name].stat().st_size:
             return f"{name} differs from the chain's re-derivation"
     for name in sorted(want):
         if sha256_file(have[name]) != sha256_file(want[name]):

@@ -38,6 +38,8 @@ DOWNLOAD_TIMEOUT_S = 600.0  # whole archive; a trickling server must not block l
 MAX_BYTES = 4 << 30  # 4 GiB: a 1M x 512 store is ~2.1 GiB; refuse anything beyond without downloading
 # Refusals after which the announcement's full snapshot (if it names one) is installed instead.
 _FALL_BACK_TO_FULL = (BASE_MISMATCH, CHAIN_TOO_LONG)
+# Refusals that prove nothing about the bytes (a full disk): the same archive is tried again when announced.
+_TRANSIENT = ("io_error",)
 
 
 class SnapshotSync:
@@ -76,7 +78,10 @@ class SnapshotSync:
         self._thread: threading.Thread | None = None
         self._active: ActiveSnapshot | None = None
         self._active_id: tuple[int, str] | None = None  # (version, signed manifest sha256): what deltas name
-        self._failed: set[tuple[int, str]] = set()  # announcements already refused: not retried per reconnect
+        # What was proven bad, so a retained re-delivery is not fetched and reported again per reconnect:
+        # only the exact thing judged (never a whole version: a genuine copy must still install at once).
+        self._refused: set[tuple[object, ...]] = set()  # (message or archive sha256, state judged against)
+        self._rolled_back: set[tuple[int, str]] = set()  # (version, manifest sha256) that failed probation
         self.superseded = 0  # announcements replaced by a newer one before the worker got to them
         self.idle = threading.Event()  # set while no announcement is pending or being processed
         self.idle.set()
@@ -135,7 +140,7 @@ class SnapshotSync:
                 raise SnapshotRefused("no_previous", "no previous snapshot kept")
             snap, identity = self._open(self._store.path(pointer.previous))
             if pointer.active is not None and self._active_id is not None:
-                self._failed.add(self._active_id)
+                self._rolled_back.add(self._active_id)
             self._store.rollback()
             self._active, self._active_id = snap, identity
         self._on_swap(snap)
@@ -185,15 +190,17 @@ class SnapshotSync:
         return self._handle(ann)
 
     def _handle(self, ann: SnapshotAnnouncement, *, fallback: bool = True) -> ActiveSnapshot | None:
-        key = (ann.version, ann.manifest_sha256)
         active = self._active
         if active is not None and active.version == ann.version:
             return None  # retained re-delivery after a reconnect
-        if key in self._failed:
+        message, archive_bytes = self._judged(ann), self._judged(ann.sha256, ann.manifest_sha256)
+        if message in self._refused or archive_bytes in self._refused:
             return None
+        if (ann.version, ann.manifest_sha256) in self._rolled_back:
+            return None  # failed probation here
         problem = self._precheck(ann)
         if problem is not None:
-            self._failed.add(key)
+            self._refused.add(message)  # this message, against this kiosk's state: nothing else
             self._report(*problem)
             return self._fall_back(ann) if fallback and problem[0] in _FALL_BACK_TO_FULL else None
         archive = self._store.downloads / f"v{ann.version}.tar.partial"
@@ -214,7 +221,10 @@ class SnapshotSync:
                 self._report(exc.reason, exc.detail)
             return None
         except SnapshotRefused as exc:
-            self._failed.add(key)
+            if exc.reason == "announcement_mismatch":  # the bytes verified: the message lied about them
+                self._refused.add(message)
+            elif exc.reason not in _TRANSIENT:  # fetch checked ann.sha256: these exact bytes are bad
+                self._refused.add(archive_bytes)
             self._report(exc.reason, exc.detail)
             if fallback and exc.reason in _FALL_BACK_TO_FULL:
                 archive.unlink(missing_ok=True)
@@ -229,6 +239,10 @@ class SnapshotSync:
             return None
         _LOGGER.warning("delta v%d unusable here: falling back to full v%d", ann.version, ann.full.version)
         return self._handle(ann.of_full(), fallback=False)
+
+    def _judged(self, *what: object) -> tuple[object, ...]:
+        """``what`` with the state a refusal of it depends on (active generation, replay protection)."""
+        return (*what, self._active_id, self._store.highest_seen)
 
     def _precheck(self, ann: SnapshotAnnouncement) -> tuple[str, str] | None:
         seen = self._store.highest_seen

@@ -8,7 +8,7 @@ import typer
 from typer.testing import CliRunner
 
 from cloud.cli import catalog_app, keys_app
-from tests.cloud.conftest import CatalogFiles
+from tests.cloud.conftest import CatalogFiles, CountingEmbedder
 
 runner = CliRunner()
 
@@ -56,6 +56,33 @@ def test_verify_reports_ok_or_the_reason(catalog: CatalogFiles, tmp_path: Path) 
     assert r.exit_code == 2 and "REJECTED hash_mismatch" in r.output
     r = runner.invoke(_app(), ["catalog", "verify", str(tmp_path / "nope"), "--public-key", pub])
     assert r.exit_code == 2 and "does not exist" in r.output and r.output.count("\n") == 1
+
+
+def test_verify_refuses_unlisted_nested_files_and_symlinks(catalog: CatalogFiles, tmp_path: Path) -> None:
+    """Guards: `catalog verify` saying OK for a snapshot carrying an extra ``thumbs/manifest.json`` (1 MB
+    of random bytes; files named like the manifest were skipped at any depth) or a symlinked folder."""
+    import os
+
+    from cloud.build import build_snapshot
+    from storelens import signing
+    from storelens.snapshot import pack
+
+    runner.invoke(_app(), ["keys", "generate", "--out", str(tmp_path / "k")])
+    key = signing.load_private_key(tmp_path / "k" / "private.pem")
+    snap = build_snapshot(
+        catalog.path, "s1", tmp_path / "snap", key, embedder=CountingEmbedder(), progress=False
+    ).out_dir
+    pub = str(tmp_path / "k" / "public.pem")
+    (snap / "thumbs" / "manifest.json").write_bytes(os.urandom(1 << 20))
+    pack(snap, tmp_path / "snap.tar")
+    for target in (snap, tmp_path / "snap.tar"):
+        r = runner.invoke(_app(), ["catalog", "verify", str(target), "--public-key", pub])
+        assert r.exit_code == 2 and "REJECTED unexpected_file" in r.output, (target, r.output)
+        assert "thumbs/manifest.json" in r.output
+    (snap / "thumbs" / "manifest.json").unlink()
+    (snap / "pics").symlink_to(snap / "thumbs", target_is_directory=True)
+    r = runner.invoke(_app(), ["catalog", "verify", str(snap), "--public-key", pub])
+    assert r.exit_code == 2 and "REJECTED symlink" in r.output and r.output.count("\n") == 1, r.output
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:

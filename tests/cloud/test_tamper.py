@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -62,6 +63,19 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def _nested(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\0" * 64)
+
+
+def _symlinked(snap: Path, path: Path) -> None:
+    """Replace ``path`` by a symlink to an identical copy beside the snapshot (same size, same hash)."""
+    outside = snap.with_name(f"{snap.name}-{path.name}.outside")
+    shutil.copyfile(path, outside)
+    path.unlink()
+    path.symlink_to(outside)
+
+
 def test_untouched_snapshot_verifies(snap: Path, signing_key: Ed25519PrivateKey) -> None:
     """Guards the baseline: a fresh build verifies, so every refusal below is caused by the edit."""
     assert verify_snapshot(snap, [signing_key.public_key()]).version == 1
@@ -87,6 +101,16 @@ def test_untouched_snapshot_verifies(snap: Path, signing_key: Ed25519PrivateKey)
         (lambda d: (d / "items.jsonl").unlink(), RejectReason.MISSING_FILE),
         (lambda d: (d / "extra.bin").write_bytes(b"x"), RejectReason.UNEXPECTED_FILE),
         (lambda d: (d / "thumbs" / "evil.jpg").write_bytes(b"x"), RejectReason.UNEXPECTED_FILE),
+        (
+            lambda d: (d / "thumbs" / "manifest.json").write_bytes(os.urandom(1 << 20)),
+            RejectReason.UNEXPECTED_FILE,
+        ),
+        (lambda d: (d / "thumbs" / "manifest.sig").write_bytes(b"x" * 64), RejectReason.UNEXPECTED_FILE),
+        (lambda d: _nested(d / "thumbs" / "a" / "b" / "index.bin"), RejectReason.UNEXPECTED_FILE),
+        (lambda d: (d / "more").symlink_to(d / "thumbs", target_is_directory=True), RejectReason.SYMLINK),
+        (lambda d: _symlinked(d, next((d / "thumbs").iterdir())), RejectReason.SYMLINK),
+        (lambda d: _symlinked(d, d / "manifest.sig"), RejectReason.SYMLINK),
+        (lambda d: os.mkfifo(d / "thumbs" / "fifo"), RejectReason.UNEXPECTED_FILE),
     ],
     ids=[
         "manifest-byte",
@@ -103,12 +127,20 @@ def test_untouched_snapshot_verifies(snap: Path, signing_key: Ed25519PrivateKey)
         "items-missing",
         "extra-file",
         "extra-thumb",
+        "nested-manifest-json",
+        "nested-manifest-sig",
+        "deeply-nested-index",
+        "symlinked-folder",
+        "symlinked-listed-file",
+        "symlinked-signature",
+        "fifo",
     ],
 )
 def test_tampering_is_refused(
     snap: Path, signing_key: Ed25519PrivateKey, edit: Callable[[Path], object], reason: RejectReason
 ) -> None:
-    """A flipped byte, truncation, missing or extra file anywhere must be caught before hnswlib loads."""
+    """A flipped byte, truncation, missing or extra file anywhere (a nested ``manifest.json`` included),
+    a symlink or a fifo must be caught before hnswlib loads."""
     edit(snap)
     assert _refused(snap, signing_key) == reason
 

@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,8 +17,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
+from device.sync.service import MAX_BYTES
 from storelens.protocol import SnapshotAnnouncement
-from storelens.snapshot import read_manifest_unverified, write_signed
+from storelens.snapshot import pack, read_manifest_unverified, write_signed
 from tests.device.sync.snapbuild import MODEL_DIM, MODEL_ID, Built, archive, build_snapshot
 
 
@@ -133,6 +135,47 @@ def test_bad_snapshots_are_refused_and_the_active_keeps_serving(
     assert h.store.highest_seen == (2, good.manifest_sha256)
     assert sorted(p.name for p in h.store.snapshots.iterdir()) == [f"v2-{good.manifest_sha256[:12]}"]
     assert not any(h.store.staging.iterdir())
+
+
+def _nested_manifest(d: Path) -> None:
+    (d / "thumbs" / "manifest.json").write_bytes(np.random.default_rng(0).bytes(1 << 20))
+
+
+def _symlinked_folder(d: Path) -> None:
+    (d / "pics").symlink_to(d / "thumbs", target_is_directory=True)
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"), [(_nested_manifest, "unexpected_file"), (_symlinked_folder, "symlink")]
+)
+def test_unlisted_nested_file_or_symlink_is_refused_on_install_and_at_boot(
+    tmp_path: Path, key: Ed25519PrivateKey, edit: Callable[[Path], None], reason: str
+) -> None:
+    """Guards: a kiosk installing a snapshot that carries an unlisted ``thumbs/manifest.json`` (files named
+    like the manifest were skipped at any depth) or a symlinked folder, as a folder or an archive, and
+    trusting a stored generation edited that way after a restart."""
+    v1 = build_snapshot(tmp_path / "a", key, version=1)
+    v2 = build_snapshot(tmp_path / "b", key, version=2, seed=3)
+    root = tmp_path / "root"
+    h = Harness(root, key)
+    h.sync.install(v1.directory)
+    bad = build_snapshot(tmp_path / "bad", key, version=3, seed=5)
+    edit(bad.directory)
+    sources = [bad.directory]
+    if reason != "symlink":  # an archive cannot carry a symlink: pack refuses to follow one
+        sources.append(archive(bad, tmp_path / "bad.tar"))
+    for source in sources:
+        with pytest.raises(SnapshotRefused) as info:
+            h.sync.install(source)
+        assert info.value.reason == reason, (source, info.value.detail)
+    assert h.sync.active is not None and h.sync.active.version == 1 and len(h.swaps) == 1
+    assert h.store.highest_seen == (1, v1.manifest_sha256)
+    h.sync.install(v2.directory)
+    edit(root / "snapshots" / f"v2-{v2.manifest_sha256[:12]}")
+    again = Harness(root, key)
+    snap = again.sync.load_active()
+    assert again.reasons == [reason], again.refused
+    assert snap is not None and snap.version == 1 and _top1(snap, v1, 3) == v1.skus[3]
 
 
 def test_crash_leftovers_are_ignored_and_cleaned(tmp_path: Path, key: Ed25519PrivateKey) -> None:
@@ -313,3 +356,36 @@ def test_announcement_fields_must_match_the_signed_manifest(tmp_path: Path, key:
     assert h.sync.active is not None and h.sync.active.version == 1
     snap = h.sync.handle_announcement(_announce(v2, tar2, url))
     assert snap is not None and snap.version == 2, h.refused
+
+
+def test_a_refused_delivery_blocks_only_itself_not_the_genuine_snapshot(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """Guards: after a tampered v10 (or a message about v10 with a bad field) was refused, the genuine v10
+    ignored until a restart (refusals remembered by version), and a refused delivery raising the replay
+    protection (``highest_seen``), on disk or in memory."""
+    v9 = build_snapshot(tmp_path / "v9", key, version=9)
+    v10 = build_snapshot(tmp_path / "v10", key, version=10, seed=3)
+    good = archive(v10, tmp_path / "good.tar")
+    tampered = Path(shutil.copytree(v10.directory, tmp_path / "tampered"))
+    thumb = tampered / "thumbs" / "sku-000.jpg"
+    thumb.write_bytes(thumb.read_bytes()[::-1])  # same size, other bytes; the signed manifest is genuine
+    bad = tmp_path / "bad.tar"
+    pack(tampered, bad)
+    root = tmp_path / "root"
+    h = Harness(root, key)
+    h.sync.install(v9.directory)
+    too_large = _announce(v10, good, good.as_uri(), size=MAX_BYTES + 1)
+    forged = _announce(v10, bad, bad.as_uri())
+    for payload in (too_large, forged, forged):  # the last: the retained message again after a reconnect
+        assert h.sync.handle_announcement(payload) is None
+    assert h.reasons == ["too_large", "hash_mismatch"], h.refused
+    assert h.store.highest_seen == (9, v9.manifest_sha256)
+    assert SnapshotStore(root).highest_seen == (9, v9.manifest_sha256), "a refusal moved replay protection"
+    same_bytes = Path(shutil.copyfile(bad, tmp_path / "bad-again.tar"))  # new message, same bad archive
+    assert h.sync.handle_announcement(_announce(v10, same_bytes, same_bytes.as_uri())) is None
+    assert h.reasons == ["too_large", "hash_mismatch"], "the same bad bytes were fetched and judged again"
+    snap = h.sync.handle_announcement(_announce(v10, good, good.as_uri()))
+    assert snap is not None and snap.version == 10, h.refused
+    assert [s.version for s in h.swaps] == [9, 10] and _top1(snap, v10, 5) == v10.skus[5]
+    assert h.store.highest_seen == (10, v10.manifest_sha256)

@@ -160,11 +160,13 @@ def test_announced_delta_with_a_gap_falls_back_to_the_full_snapshot(tmp_path: Pa
     tars = {p.name: archive(p, www / f"{p.name}.tar") for p in (chain.v1, chain.d2, chain.d3, chain.full3)}
     k = Kiosk(tmp_path / "root", chain)
     k.sync.install(chain.v1)
-    assert k.sync.handle_announcement(announce(chain.d3, tars["d3"])) is None  # no full named: stay
+    bare = announce(chain.d3, tars["d3"])
+    assert k.sync.handle_announcement(bare) is None  # no full named: stay
     assert k.reasons == ["delta_base_mismatch"] and k.active.version == 1
+    assert k.sync.handle_announcement(bare) is None  # the retained message again, after a reconnect
+    assert k.reasons == ["delta_base_mismatch"], "a message refused once is not retried per re-delivery"
     snap = k.sync.handle_announcement(announce(chain.d3, tars["d3"], full=(chain.full3, tars["full3"])))
-    assert k.reasons == ["delta_base_mismatch"], "a delta refused once is not retried per re-delivery"
-    assert snap is None and k.active.version == 1
+    assert snap is not None and snap.version == 3, "a new message naming the full snapshot was ignored"
     k2 = Kiosk(tmp_path / "root2", chain)
     k2.sync.install(chain.v1)
     snap = k2.sync.handle_announcement(announce(chain.d3, tars["d3"], full=(chain.full3, tars["full3"])))
@@ -273,6 +275,28 @@ def _no_proof(gen: Path) -> None:
     shutil.rmtree(gen / "proof")
 
 
+def _nested_manifest(gen: Path) -> None:
+    (gen / "thumbs" / "manifest.json").write_bytes(b"{}" * 1000)
+
+
+def _proof_nested_manifest(gen: Path) -> None:
+    (gen / "proof" / "root" / "thumbs" / "manifest.json").write_bytes(b"{}" * 1000)
+
+
+def _proof_extra(gen: Path) -> None:
+    (gen / "proof" / "v2" / "extra.bin").write_bytes(b"x")
+
+
+def _symlinked_folder(gen: Path) -> None:
+    (gen / "pics").symlink_to(gen / "thumbs", target_is_directory=True)
+
+
+def _proof_root_symlink(gen: Path) -> None:
+    root = gen / "proof" / "root"
+    root.rename(gen.with_name("elsewhere"))
+    root.symlink_to(gen.with_name("elsewhere"), target_is_directory=True)
+
+
 @pytest.mark.parametrize(
     ("tamper", "reason"),
     [
@@ -283,13 +307,19 @@ def _no_proof(gen: Path) -> None:
         (_proof_delta, "hash_mismatch"),
         (_proof_root, "chain_broken"),
         (_no_proof, "unsigned"),
+        (_nested_manifest, "applied_mismatch"),
+        (_proof_nested_manifest, "unexpected_file"),
+        (_proof_extra, "unexpected_file"),
+        (_symlinked_folder, "symlink"),
+        (_proof_root_symlink, "symlink"),
     ],
 )
 def test_applied_directory_tampered_on_disk_is_refused_at_boot(
     tmp_path: Path, chain: Chain, tamper: Callable[[Path], None], reason: str
 ) -> None:
     """Guards: trusting an applied (unsigned) directory edited on disk: its index, rows, thumbnails or
-    proof; the kiosk must name the reason and serve the previous good snapshot."""
+    proof (an unlisted nested ``manifest.json`` in it, a symlink anywhere); the kiosk must name the reason
+    and serve the previous good snapshot."""
     root = tmp_path / "root"
     k = Kiosk(root, chain)
     v1 = _answers(k.sync.install(chain.v1), chain.queries)
