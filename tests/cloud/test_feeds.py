@@ -390,3 +390,36 @@ def test_location_column_and_json_lines(tmp_path: Path) -> None:
     assert load_catalog(q, location_column="Shelf Code").items[0].location == "B12"
     code, out = _cli("check", "--catalog", str(q), "--location-column", "Aisle")
     assert code == 2 and "no column 'Aisle' for --location-column" in out
+
+
+def test_grocery_one_row_per_image_builds_the_same_snapshot(
+    tmp_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """The grocery catalog written one row per image (title, price, aisle on the first row only) must build
+    the snapshot of one row per item with ';'-joined images: same items, same vectors, same index."""
+    from cloud.grocery import write_grocery_catalog
+    from tests.conftest import shared_path
+
+    root = shared_path("data", "grocery")
+    full = tmp_path / "full.jsonl"
+    write_grocery_catalog(root, full, per_class=5)
+    rows = [json.loads(line) for line in full.read_text().splitlines()][:12]
+    joined = _write_csv(
+        tmp_path / "joined.csv",
+        ["sku", "title", "price", "location", "images"],
+        [{**r, "images": ";".join(r["images"])} for r in rows],
+    )
+    per_image = [
+        {**r, "images": img} if i == 0 else {"sku": r["sku"], "images": img}
+        for r in rows
+        for i, img in enumerate(r["images"])
+    ]
+    split = _write_csv(tmp_path / "per_image.csv", ["sku", "title", "price", "location", "images"], per_image)
+    snaps = []
+    for feed in (joined, split):
+        out = tmp_path / feed.stem
+        build_snapshot(feed, "s1", out, signing_key, embedder=CountingEmbedder(), progress=False)
+        files = [p for p in out.iterdir() if p.is_file() and not p.name.startswith("manifest")]
+        snaps.append({p.name: p.read_bytes() for p in files})
+    assert sum(len(r["images"]) for r in rows) == 60 and len(split.read_text().splitlines()) == 61
+    assert snaps[0] == snaps[1] and {"items.jsonl", "vectors.jsonl", "index.bin"} <= set(snaps[0])
