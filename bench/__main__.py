@@ -1,9 +1,14 @@
-"""`make bench`: run each benchmark, write build/bench/<name>.json, print every *_ratio (ours / reference)."""
+"""`make bench`: run each benchmark, write build/bench/<name>.json, print every *_ratio (ours / reference).
+
+``--quick`` (`make bench QUICK=1`): the model and featurize benches on MobileNetV2 only (``BENCH_QUICK=1``
+tells each suite to skip its other models), a few minutes instead of the full run's 45 or so under load.
+"""
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -11,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 SUITES = ["models", "featurize", "index", "pipeline", "feedback"]
+QUICK_SUITES = ["models", "featurize"]  # the pipeline and index benches take most of the full run's time
 OUT = Path("build/bench")
 
 
@@ -29,8 +35,17 @@ def _ratios(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
     return found
 
 
+def suites(argv: list[str]) -> list[str]:
+    """The suites to run: those named, QUICK_SUITES with --quick (which sets BENCH_QUICK), else all."""
+    if "--quick" in argv:
+        os.environ["BENCH_QUICK"] = "1"
+        argv = [a for a in argv if a != "--quick"]
+        return argv or QUICK_SUITES
+    return argv or SUITES
+
+
 def main(argv: list[str]) -> int:
-    names = argv or SUITES
+    names = suites(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     failed = []
     for name in names:

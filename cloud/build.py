@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,8 @@ from cloud import open_set, retrieval
 from cloud.cache import EmbeddingCache
 from cloud.catalog import Catalog, load_catalog
 from cloud.featurize import EmbedderLike, Features, featurize, preprocessing_hash
+from cloud.feeds.download import Downloader, http_sources
+from cloud.feeds.summary import catalog_fields
 from models.bundle import BundleManifest
 from storelens import vindex
 from storelens.fsutil import atomic_write_bytes, atomic_write_json
@@ -130,6 +133,7 @@ def build_snapshot(
     s3_client: Any = None,
     adapter: Literal["lda", "none"] = "lda",
     archive: bool = False,
+    location_column: str | None = None,
 ) -> BuildResult:
     """Build, sign and write a snapshot for ``store``; a report JSON lands beside ``out_dir``.
 
@@ -142,7 +146,7 @@ def build_snapshot(
         recover_for_reading(base)
     t0 = time.monotonic()
     out_dir = Path(out_dir)
-    catalog = load_catalog(catalog_path)
+    catalog = load_catalog(catalog_path, location_column=location_column, progress=progress)
     items = catalog.for_store(store)
     if not items:
         raise BuildError(f"catalog has no valid items for store {store!r} ({len(catalog.errors)} bad rows)")
@@ -152,12 +156,25 @@ def build_snapshot(
             raise BuildError("need a model bundle or an embedder")
         embedder = _open_embedder(bundle, cache_dir)
     cache = EmbeddingCache(cache_dir / "embeddings.sqlite") if cache_dir else None
+    # Photos given as URLs land in the cache's images/ (a rebuild fetches nothing), else only for this build.
+    urls = http_sources(s for it in items for s in it.images)
+    images_dir = cache_dir / "images" if cache_dir else None
+    if images_dir is None and urls:
+        images_dir = Path(tempfile.mkdtemp(prefix="storelens-images-"))
+    downloader = Downloader(images_dir) if images_dir is not None else None
     try:
+        if downloader is not None:
+            downloader.prefetch(urls, progress=progress)
         feats = featurize(
-            items, embedder, base_dir=catalog.base_dir, cache=cache, progress=progress, s3_client=s3_client
-        )
+            items, embedder, base_dir=catalog.base_dir, cache=cache, progress=progress, s3_client=s3_client,
+            downloader=downloader,
+        )  # fmt: skip
         model_id, pre_hash = str(embedder.model_id), preprocessing_hash(embedder)
     finally:
+        if downloader is not None:
+            downloader.close()
+        if cache_dir is None and images_dir is not None:
+            shutil.rmtree(images_dir, ignore_errors=True)
         if cache is not None:
             cache.close()
         if own:
@@ -175,10 +192,10 @@ def build_snapshot(
         "store": store,
         "version": version,
         "catalog": str(catalog_path),
-        "rows": len(catalog.items) + len(catalog.errors),
+        **catalog_fields(catalog),
         "items_for_store": len(items),
-        "bad_rows": [{"row": e.row, "sku": e.sku, "error": e.error} for e in catalog.errors],
         "bad_images": feats.bad_images,
+        "images_downloaded": downloader.downloaded if downloader is not None else 0,
         "items_without_images": sorted({it.sku for it in items} - set(skus)),
         "images_embedded": feats.embedded,
         "cache_hits": feats.cache_hits,

@@ -1,22 +1,21 @@
-"""Catalog input: CSV or JSON Lines rows -> validated items, plus bounded fetching of untrusted images.
+"""Catalog input: feed rows -> validated items, plus bounded fetching of untrusted images.
 
 A row is ``sku, title, price?, location?, stores?, images`` (CSV with a header, fields separated by ``,``,
-``;`` or tabs: ``stores`` and ``images`` separated by ``;`` or ``|``; JSON Lines: lists). Prices are read
-as spreadsheets write them ("12,90", "1 299,00 kr", "$3"). Bad rows are reported with their row number,
-never fatal.
+``;`` or tabs: ``stores`` and ``images`` separated by ``;`` or ``|``; JSON Lines: lists); shop exports
+(Shopify, Google Merchant, WooCommerce) are read as they are (``cloud.feeds``). Rows repeating a SKU are
+merged (``cloud.feeds.merge``). Prices are read as spreadsheets write them ("12,90", "1 299,00 kr", "$3").
+Bad rows are reported with their row number, never fatal.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -49,6 +48,7 @@ class Item:
     stores: tuple[str, ...]
     images: tuple[str, ...]
     row: int
+    currency: str | None = None  # ISO 4217 when the feed names it ("15.00 USD", "3,50 €")
 
     def carried_by(self, store: str) -> bool:
         """True if ``store`` sells this item (an empty store list means every store)."""
@@ -56,7 +56,8 @@ class Item:
 
     def metadata(self) -> dict[str, Any]:
         """The fields a kiosk shows (the snapshot's items.jsonl row, minus the thumbnail)."""
-        return {"sku": self.sku, "title": self.title, "price": self.price, "location": self.location}
+        meta = {"sku": self.sku, "title": self.title, "price": self.price, "location": self.location}
+        return {**meta, "currency": self.currency} if self.currency else meta
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +67,24 @@ class RowError:
     error: str
 
 
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    sku: str
+    kept: str  # the first row's value, which the item keeps
+    other: str  # the first different value a later row gave
+
+
 @dataclass(slots=True)
 class Catalog:
     items: list[Item] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
     base_dir: Path = Path(".")
+    format: str = "csv"  # as detected (cloud.feeds.Feed.format)
+    rows: int = 0  # data rows read (records of an XML feed)
+    merged_rows: int = 0  # rows that added to a SKU listed on an earlier row
+    images_listed: int = 0
+    images_repeated: int = 0  # listed again for the same SKU: kept once
+    conflicts: dict[str, list[Conflict]] = field(default_factory=dict)  # "title"/"price"/"location"
 
     def for_store(self, store: str) -> list[Item]:
         """Items this store carries, in catalog order."""
@@ -137,32 +151,6 @@ def _text_price(text: str, value: Any) -> str:
     return text.replace(",", ".") if text.count(",") == 1 else text
 
 
-def _validate(raw: dict[str, Any], row: int) -> Item:
-    sku = str(raw.get("sku") or "").strip()
-    if not sku:
-        raise ValueError("missing sku")
-    if not _SKU.match(sku):
-        raise ValueError(f"bad sku {sku!r} (1-64 printable characters, no '/')")
-    title = str(raw.get("title") or "").strip()
-    if not title:
-        raise ValueError("missing title")
-    images = _as_list(raw.get("images", raw.get("image")))
-    if not images:
-        raise ValueError("no images")
-    if len(images) > MAX_IMAGES_PER_ITEM:
-        raise ValueError(f"{len(images)} images, at most {MAX_IMAGES_PER_ITEM}")
-    location = str(raw.get("location") or "").strip() or None
-    return Item(
-        sku=sku,
-        title=title[:200],
-        price=_price(raw.get("price")),
-        location=location and location[:100],
-        stores=tuple(_as_list(raw.get("stores"))),
-        images=tuple(images),
-        row=row,
-    )
-
-
 # Other names shop exports give our columns (matched case-insensitively, spaces or underscores alike);
 # used only when the file lacks the column itself.
 _ALIASES = {
@@ -185,50 +173,7 @@ def _columns(header: Sequence[str]) -> dict[str, str]:
     return names
 
 
-def _delimiter(text: str) -> str:
-    """The CSV's field separator: the first of , ; tab whose header has a 'sku' column (spreadsheets in
-    many European locales save "CSV" with semicolons, and some exports use tabs)."""
-    header = text.split("\n", 1)[0]
-    for delim in (",", ";", "\t"):
-        names = next(csv.reader([header], delimiter=delim), [])
-        if "sku" in [n.strip().lower() for n in names]:
-            return delim
-    return ","
-
-
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """Yield (row number, raw dict or an error string) from a CSV or JSON Lines file."""
-    if path.stat().st_size > MAX_CATALOG_BYTES:
-        raise CatalogError(f"{path} is larger than {MAX_CATALOG_BYTES} bytes")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CatalogError(
-            f"{path} is not UTF-8 text ({exc}); save it as UTF-8 (in Excel: 'CSV UTF-8')"
-        ) from exc
-    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield n, f"not JSON: {exc.msg}"
-                continue
-            yield n, obj if isinstance(obj, dict) else "not a JSON object"
-        return
-    reader = csv.DictReader(io.StringIO(text), delimiter=_delimiter(text))
-    if not reader.fieldnames or "sku" not in [f.strip().lower() for f in reader.fieldnames]:
-        raise CatalogError(f"{path}: CSV header must include 'sku' (got {reader.fieldnames})")
-    names = _columns(reader.fieldnames)
-    for n, rec in enumerate(reader, start=1):
-        if None in rec:
-            yield n, "more fields than the header"
-            continue
-        yield n, {names[k]: v for k, v in rec.items() if k is not None}
-
-
-def load_catalog(path: Path) -> Catalog:
+def load_catalog(path: Path, *, location_column: str | None = None, progress: bool = False) -> Catalog:
     """Parse and validate a catalog file; bad rows land in ``errors`` with their row number."""
     path = Path(path)
     if path.is_dir():
@@ -236,23 +181,23 @@ def load_catalog(path: Path) -> Catalog:
     if not path.is_file():
         raise CatalogError(f"catalog {path} does not exist")
     cat = Catalog(base_dir=path.resolve().parent)
-    seen: set[str] = set()
-    for n, raw in _rows(path):
-        if isinstance(raw, str):
-            cat.errors.append(RowError(n, None, raw))
-            continue
-        try:
-            item = _validate(raw, n)
-        except ValueError as exc:
-            sku = raw.get("sku")
-            cat.errors.append(RowError(n, str(sku) if sku else None, str(exc)))
-            continue
-        if item.sku in seen:
-            cat.errors.append(RowError(n, item.sku, "duplicate sku (first row wins)"))
-            continue
-        seen.add(item.sku)
-        cat.items.append(item)
+    _read_into(cat, path, location_column, progress)
     return cat
+
+
+def _read_into(cat: Catalog, path: Path, location_column: str | None, progress: bool) -> None:
+    from cloud.feeds import read_feed
+    from cloud.feeds.merge import merge_rows
+
+    feed = read_feed(path, location_column=location_column)
+    cat.format = feed.format
+    if not progress:
+        merge_rows(feed.rows, cat)
+        return
+    from tqdm import tqdm
+
+    with tqdm(feed.rows, desc=f"reading {feed.format}", unit="row") as rows:
+        merge_rows(rows, cat)
 
 
 def write_catalog(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -264,20 +209,31 @@ def write_catalog(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def fetch_image_bytes(
-    source: str, base_dir: Path, *, s3_client: Any = None, max_bytes: int = MAX_IMAGE_BYTES
+    source: str,
+    base_dir: Path,
+    *,
+    s3_client: Any = None,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    downloader: Any = None,
 ) -> bytes:
-    """Read one catalog image's bytes with a size cap and timeout; raise FetchError on any failure."""
+    """Read one catalog image's bytes with a size cap and timeout; raise FetchError on any failure.
+
+    http(s) URLs go through ``downloader`` (a ``cloud.feeds.download.Downloader``: cache, retries,
+    per-host limit) when one is given."""
     if re.match(r"^[A-Za-z]:[\\/]", source):
         raise FetchError(f"{source!r} is a Windows path: give image paths relative to the catalog file")
     scheme = urllib.parse.urlsplit(source).scheme.lower()
     try:
-        if scheme in ("http", "https"):
+        if scheme in ("http", "https") and downloader is not None:
+            data = bytes(downloader.fetch(source))
+        elif scheme in ("http", "https"):
             with urllib.request.urlopen(source, timeout=FETCH_TIMEOUT_S) as resp:
                 data = bytes(resp.read(max_bytes + 1))
         elif scheme == "s3":
             data = _fetch_s3(source, s3_client, max_bytes)
         elif scheme in ("", "file"):
-            p = Path(urllib.parse.urlsplit(source).path if scheme == "file" else source)
+            url_path = urllib.parse.urlsplit(source).path
+            p = Path(urllib.request.url2pathname(url_path) if scheme == "file" else source)
             p = p if p.is_absolute() else base_dir / p
             if not p.is_file() and scheme == "" and "\\" in source:  # folders as written on Windows
                 p = base_dir / source.replace("\\", "/")

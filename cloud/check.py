@@ -8,12 +8,16 @@ many items have two or more usable photos (``cloud.open_set``: one is held out a
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cloud.catalog import FetchError, Item, fetch_image_bytes, load_catalog
+from cloud.feeds.download import Downloader, http_sources
+from cloud.feeds.summary import catalog_fields
 from cloud.retrieval import multi_image_items
 from models.errors import BadImage
 from models.images import decode_image
@@ -24,7 +28,13 @@ WORKERS = 4  # fetching and decoding release the GIL; URLs wait on the network
 @dataclass(slots=True)
 class CheckReport:
     rows: int = 0
-    items: int = 0  # valid rows (for the store, when one is given)
+    items: int = 0  # valid items (for the store, when one is given)
+    format: str = "csv"
+    items_read: int = 0  # valid items in the whole feed
+    merged_rows: int = 0  # rows that added to a SKU listed on an earlier row
+    images_listed: int = 0
+    images_repeated: int = 0
+    conflicts: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # kind -> sku, kept, other
     bad_rows: list[dict[str, Any]] = field(default_factory=list)
     bad_images: list[dict[str, Any]] = field(default_factory=list)
     items_without_images: list[str] = field(default_factory=list)  # every image of the item is bad
@@ -38,25 +48,40 @@ class CheckReport:
         return self.items > len(self.items_without_images)
 
 
-def _image(source: str, base_dir: Path, s3_client: Any) -> tuple[str | None, str | None]:
+def _image(source: str, base_dir: Path, s3_client: Any, downloader: Any) -> tuple[str | None, str | None]:
     """(sha256 of a usable image, error): exactly one is None."""
     try:
-        data = fetch_image_bytes(source, base_dir, s3_client=s3_client)
+        data = fetch_image_bytes(source, base_dir, s3_client=s3_client, downloader=downloader)
         decode_image(data)
     except (FetchError, BadImage) as exc:
         return None, str(exc)
     return hashlib.sha256(data).hexdigest(), None
 
 
-def check_catalog(path: Path, *, store: str | None = None, s3_client: Any = None) -> CheckReport:
+def check_catalog(
+    path: Path,
+    *,
+    store: str | None = None,
+    s3_client: Any = None,
+    location_column: str | None = None,
+    progress: bool = False,
+) -> CheckReport:
     """Validate ``path`` as ``catalog build`` would; CatalogError if the file itself is unreadable."""
-    cat = load_catalog(path)
+    cat = load_catalog(path, location_column=location_column, progress=progress)
     items: list[Item] = cat.for_store(store) if store is not None else cat.items
-    rep = CheckReport(rows=len(cat.items) + len(cat.errors), items=len(items))
-    rep.bad_rows = [{"row": e.row, "sku": e.sku, "error": e.error} for e in cat.errors]
+    rep = CheckReport(items=len(items), **catalog_fields(cat))
     jobs = [(it, src) for it in items for src in it.images]
-    with ThreadPoolExecutor(WORKERS) as pool:
-        results = list(pool.map(lambda j: _image(j[1], cat.base_dir, s3_client), jobs))
+    urls = http_sources(src for _, src in jobs)
+    images_dir = Path(tempfile.mkdtemp(prefix="storelens-check-")) if urls else None
+    try:
+        downloader = Downloader(images_dir) if images_dir is not None else None
+        if downloader is not None:
+            downloader.prefetch(urls, progress=progress)
+        with ThreadPoolExecutor(WORKERS) as pool:
+            results = list(pool.map(lambda j: _image(j[1], cat.base_dir, s3_client, downloader), jobs))
+    finally:
+        if images_dir is not None:
+            shutil.rmtree(images_dir, ignore_errors=True)
     usable: list[str] = []  # the sku of every usable image, as the build would index them
     skus_of: dict[str, set[str]] = {}
     for (it, src), (sha, err) in zip(jobs, results, strict=True):

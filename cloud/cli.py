@@ -6,6 +6,7 @@ Bad input prints one line and exits 2; heavy libraries load inside the commands.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +78,19 @@ def keys_generate(
     typer.echo(f"key {kid}: {out / 'private.pem'} (keep secret), {out / 'public.pem'} (pin on kiosks)")
 
 
+_LOCATION_COLUMN = typer.Option(
+    "--location-column", help="Column (XML: element) with the store location/aisle, e.g. 'custom_label_0'"
+)
+LISTED = 50  # lines of one kind `catalog check` prints; --json has them all
+
+
+def _listed(lines: list[str]) -> None:
+    for line in lines[:LISTED]:
+        typer.echo(line)
+    if len(lines) > LISTED:
+        typer.echo(f"... and {len(lines) - LISTED} more like these (all of them: --json)")
+
+
 @catalog_app.command("build")
 def catalog_build(
     catalog: Annotated[Path, typer.Option("--catalog", help="CSV or JSON Lines catalog")],
@@ -93,9 +107,11 @@ def catalog_build(
     ef: Annotated[int, typer.Option("--ef", help="Query ef recorded for kiosks")] = 100,
     cache: Annotated[Path | None, typer.Option("--cache", help="Embedding cache directory")] = None,
     archive: Annotated[bool, typer.Option("--archive/--no-archive", help="Also write OUT.tar")] = True,
+    location_column: Annotated[str | None, _LOCATION_COLUMN] = None,
 ) -> None:
     """Embed a catalog and write a signed snapshot (full, or a delta with --base)."""
     from cloud.build import build_snapshot
+    from cloud.feeds.summary import summary_lines
     from storelens import signing
     from storelens.protocol import check_id
 
@@ -115,6 +131,7 @@ def catalog_build(
             ef=ef,
             cache_dir=cache,
             archive=archive,
+            location_column=location_column,
         )
         return res
 
@@ -129,11 +146,9 @@ def catalog_build(
         typer.echo(f"full build instead of delta: {r['delta_fallback']}")
     for w in r["warnings"]:
         typer.echo(f"warning: {w}")
-    for e in r["bad_rows"]:
-        typer.echo(f"bad row {e['row']} ({e['sku']}): {e['error']}")
-    for e in r["bad_images"]:
-        typer.echo(f"bad image row {e['row']} ({e['sku']}) {e['source']}: {e['error']}")
-    typer.echo(f"report: {res.report_path}")
+    for line in summary_lines(r, images_ok=r["vectors"]):
+        typer.echo(line)
+    typer.echo(f"report (every skipped row and photo): {res.report_path}")
 
 
 @catalog_app.command("check")
@@ -141,6 +156,7 @@ def catalog_check(
     catalog: Annotated[Path, typer.Option("--catalog", help="CSV or JSON Lines catalog")],
     store: Annotated[str | None, typer.Option("--store", help="Only the items this store carries")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    location_column: Annotated[str | None, _LOCATION_COLUMN] = None,
 ) -> None:
     """Check a catalog before building: every row validated, every image fetched and decoded; no model.
 
@@ -148,19 +164,24 @@ def catalog_check(
     from dataclasses import asdict
 
     from cloud.check import check_catalog
+    from cloud.feeds.summary import summary_lines
 
-    rep = _guard(lambda: check_catalog(catalog, store=store))
+    rep = _guard(lambda: check_catalog(catalog, store=store, location_column=location_column,
+                                       progress=not as_json and sys.stderr.isatty()))  # fmt: skip
     if as_json:
         typer.echo(json.dumps({**asdict(rep), "buildable": rep.buildable}, indent=1))
     else:
-        for e in rep.bad_rows:
-            typer.echo(f"bad row {e['row']} ({e['sku']}): {e['error']}")
-        for e in rep.bad_images:
-            typer.echo(f"bad image row {e['row']} ({e['sku']}) {e['source']}: {e['error']}")
-        for sku in rep.items_without_images:
-            typer.echo(f"item {sku}: no usable image, it will not be in the snapshot")
+        _listed([f"bad row {e['row']} ({e['sku']}): {e['error']}" for e in rep.bad_rows])
+        _listed([f"conflict: {c['sku']} has {kind} {c['kept']!r} (kept) and {c['other']!r}"
+                 for kind, found in rep.conflicts.items() for c in found])  # fmt: skip
+        _listed([f"bad image row {e['row']} ({e['sku']}) {e['source']}: {e['error']}"
+                 for e in rep.bad_images])  # fmt: skip
+        _listed([f"item {sku}: no usable image, it will not be in the snapshot"
+                 for sku in rep.items_without_images])  # fmt: skip
         for w in rep.warnings:
             typer.echo(f"warning: {w}")
+        for line in summary_lines(asdict(rep), images_ok=rep.images_ok):
+            typer.echo(line)
         typer.echo(
             f"{'OK' if rep.buildable else 'NOTHING TO BUILD'}: {rep.rows} rows, {rep.items} items "
             f"({len(rep.bad_rows)} bad rows), {rep.images_ok} usable images ({len(rep.bad_images)} bad), "

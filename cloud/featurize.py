@@ -135,12 +135,13 @@ class _Context:
     dim: int
     decode: Callable[[bytes], npt.NDArray[np.uint8]]
     s3_client: Any
+    downloader: Any  # cloud.feeds.download.Downloader for http(s) photos, or None
 
 
 def _prepare(job: _Job, ctx: _Context) -> _Job:
     """Fetch, hash, look up the cache; decode only when needed and thumbnail (runs on a decode worker)."""
     try:
-        data = fetch_image_bytes(job.source, ctx.base_dir, s3_client=ctx.s3_client)
+        data = fetch_image_bytes(job.source, ctx.base_dir, s3_client=ctx.s3_client, downloader=ctx.downloader)
     except FetchError as exc:
         job.error = str(exc)
         return job
@@ -290,6 +291,7 @@ def featurize(
     progress: bool = True,
     decode: Callable[[bytes], npt.NDArray[np.uint8]] | None = None,
     s3_client: Any = None,
+    downloader: Any = None,
 ) -> Features:
     """Embed every image of ``items`` (decode overlapping inference); skip and report bad images."""
     from tqdm import tqdm
@@ -301,6 +303,7 @@ def featurize(
         dim=int(embedder.dim),
         decode=decode or _default_decoder(),
         s3_client=s3_client,
+        downloader=downloader,
     )
     jobs = [_Job(it, src, thumb_wanted=i == 0) for it in items for i, src in enumerate(it.images)]
     feats = Features(dim=ctx.dim, vectors=np.zeros((0, ctx.dim), np.float32), rows=[], thumbs={})
@@ -338,7 +341,10 @@ def _thumbs_after_bad_first(jobs: list[_Job], ctx: _Context) -> None:
         if job.thumb is not None:
             continue
         try:
-            image = ctx.decode(fetch_image_bytes(job.source, ctx.base_dir, s3_client=ctx.s3_client))
+            data = fetch_image_bytes(
+                job.source, ctx.base_dir, s3_client=ctx.s3_client, downloader=ctx.downloader
+            )
+            image = ctx.decode(data)
         except Exception as exc:  # it decoded a moment ago; a changed file costs the thumbnail only
             _LOGGER.warning("no thumbnail for sku %s from %s: %s", job.item.sku, job.source, exc)
             continue

@@ -53,9 +53,10 @@ def test_bad_rows_are_reported_with_row_numbers(tmp_path: Path) -> None:
     assert [it.sku for it in cat.items] == ["A1", "E5"]
     assert cat.items[0].images == ("a.jpg", "a2.jpg") and cat.items[0].price == "1.20"
     errs = {e.row: e.error for e in cat.errors}
-    assert set(errs) == {2, 3, 4, 5, 6}
-    assert "missing sku" in errs[2] and "price" in errs[3] and "no images" in errs[4]
-    assert "duplicate" in errs[5] and "price" in errs[6]
+    assert set(errs) == {2, 3, 4, 6}
+    assert "missing sku" in errs[2] and "price" in errs[3] and "no images" in errs[4] and "price" in errs[6]
+    assert cat.merged_rows == 1  # row 5 repeats A1: merged, its differing title and price reported
+    assert [c.sku for c in cat.conflicts["title"]] == ["A1"] and cat.conflicts["price"][0].other == "1.00"
     assert [it.sku for it in cat.for_store("s1")] == ["A1"]
 
 
