@@ -19,6 +19,7 @@ catalog_app = typer.Typer(
 keys_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Ed25519 snapshot signing keys.")
 dashboard_app = typer.Typer(add_completion=False, help="Staff dashboard (store status, matches, alerts).")
 fleet_app = typer.Typer(add_completion=False, help="Fleet rollout of model + snapshot releases.")
+feedback_app = typer.Typer(no_args_is_help=True, add_completion=False, help="The store-learning loop.")
 
 
 def _register_subapps() -> None:
@@ -88,6 +89,10 @@ def catalog_build(
     ef: Annotated[int, typer.Option("--ef", help="Query ef recorded for kiosks")] = 100,
     cache: Annotated[Path | None, typer.Option("--cache", help="Embedding cache directory")] = None,
     archive: Annotated[bool, typer.Option("--archive/--no-archive", help="Also write OUT.tar")] = True,
+    feedback: Annotated[
+        Path | None, typer.Option("--feedback", help="Feedback store folder: add approved store photos")
+    ] = None,
+    feedback_cap: Annotated[int, typer.Option("--feedback-cap", help="Store photos kept per product")] = 20,
 ) -> None:
     """Embed a catalog and write a signed snapshot (full, or a delta with --base)."""
     from cloud.build import build_snapshot
@@ -110,6 +115,8 @@ def catalog_build(
             ef_construction=ef_construction,
             ef=ef,
             cache_dir=cache,
+            feedback=feedback,
+            feedback_cap=feedback_cap,
         )
         if archive:
             pack(out, out.with_name(out.name + ".tar"))
@@ -124,6 +131,13 @@ def catalog_build(
     )
     if r.get("delta_fallback"):
         typer.echo(f"full build instead of delta: {r['delta_fallback']}")
+    if "feedback" in r:
+        f = r["feedback"]
+        typer.echo(
+            f"store photos: {f['store_photos']} of {f['approved']} approved ({f['over_cap']} over the cap "
+            f"of {f['cap']}); skipped: {f['skipped_unknown_sku']} of products not in the catalog, "
+            f"{f['skipped_other_store']} of other stores"
+        )
     for w in r["warnings"]:
         typer.echo(f"warning: {w}")
     for e in r["bad_rows"]:

@@ -12,7 +12,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="StoreLens vi
 
 def _register() -> None:
     # Each package owns its sub-app; imports here stay light (heavy libraries load inside commands).
-    from cloud.cli import catalog_app, dashboard_app, fleet_app, keys_app
+    from cloud.cli import catalog_app, dashboard_app, feedback_app, fleet_app, keys_app
+    from cloud.feedback.cli import register as register_feedback
     from device.cli import kiosk_app
     from models.cli import model_app
 
@@ -22,6 +23,8 @@ def _register() -> None:
     app.add_typer(kiosk_app, name="kiosk")
     app.add_typer(dashboard_app, name="dashboard")
     app.add_typer(fleet_app, name="fleet")
+    register_feedback(feedback_app)
+    app.add_typer(feedback_app, name="feedback")
 
 
 def main() -> None:
