@@ -41,6 +41,7 @@ bench: setup
 
 eval: setup
 	$(BIN)/python scripts/eval_grocery.py
+	$(BIN)/python scripts/eval_loop.py
 
 lint: setup
 	$(BIN)/ruff check storelens models device cloud tests bench scripts

@@ -27,6 +27,7 @@ from cloud import open_set, retrieval
 from cloud.cache import EmbeddingCache
 from cloud.catalog import Catalog, load_catalog
 from cloud.featurize import EmbedderLike, Features, featurize, preprocessing_hash
+from cloud.feedback import relearn
 from cloud.feeds.download import Downloader, http_sources
 from cloud.feeds.summary import catalog_fields
 from models.bundle import BundleManifest
@@ -134,12 +135,16 @@ def build_snapshot(
     adapter: Literal["lda", "none"] = "lda",
     archive: bool = False,
     location_column: str | None = None,
+    feedback: Path | None = None,
+    feedback_cap: int = relearn.DEFAULT_CAP,
 ) -> BuildResult:
     """Build, sign and write a snapshot for ``store``; a report JSON lands beside ``out_dir``.
 
     With ``archive`` ``out_dir.tar`` is written too (without, an older one is removed: it would not
     agree); both are switched crash-safe by ``storelens.swap``, which first finishes or undoes a swap
-    that a crash interrupted and removes an unfinished build's leftovers.
+    that a crash interrupted and removes an unfinished build's leftovers. With ``feedback`` (a feedback
+    store folder) the approved store photos of the store's products join their images
+    (``cloud.feedback.relearn``: at most ``feedback_cap`` per product, rows marked ``store``).
     """
     recover_output(out_dir, discard_staged=True)
     if base is not None:
@@ -150,6 +155,10 @@ def build_snapshot(
     items = catalog.for_store(store)
     if not items:
         raise BuildError(f"catalog has no valid items for store {store!r} ({len(catalog.errors)} bad rows)")
+    try:
+        sel = relearn.select_approved(feedback, store, items) if feedback is not None else None
+    except relearn.FeedbackError as exc:
+        raise BuildError(str(exc)) from exc
     own = embedder is None
     if embedder is None:
         if bundle is None:
@@ -166,7 +175,8 @@ def build_snapshot(
         if downloader is not None:
             downloader.prefetch(urls, progress=progress)
         feats = featurize(
-            items, embedder, base_dir=catalog.base_dir, cache=cache, progress=progress, s3_client=s3_client,
+            relearn.with_store_photos(items, sel) if sel is not None else items,
+            embedder, base_dir=catalog.base_dir, cache=cache, progress=progress, s3_client=s3_client,
             downloader=downloader,
         )  # fmt: skip
         model_id, pre_hash = str(embedder.model_id), preprocessing_hash(embedder)
@@ -181,6 +191,9 @@ def build_snapshot(
             getattr(embedder, "close", lambda: None)()
     if not feats.rows:
         raise BuildError("no catalog image could be embedded")
+    fb_report = None
+    if sel is not None:
+        feats, fb_report = relearn.cap_store_photos(feats, sel, feedback_cap)
     item_rows = _item_rows(catalog, store, feats)
     skus = [r.sku for r in feats.rows]
     base_m = read_manifest_unverified(base) if base is not None else None
@@ -202,7 +215,9 @@ def build_snapshot(
         "vectors": len(skus),
         "items": len(item_rows),
     }
-    vec_rows = [{"label": i, "sku": r.sku, "image": r.image_sha256} for i, r in enumerate(feats.rows)]
+    if fb_report is not None:
+        report["feedback"] = fb_report
+    vec_rows = relearn.vector_rows(feats, sel)
     plan, reason = None, None
     if base is not None and base_m is not None:
         reason = _delta_blocker(base, base_m, model_id, feats.dim)

@@ -108,6 +108,10 @@ def catalog_build(
     cache: Annotated[Path | None, typer.Option("--cache", help="Embedding cache directory")] = None,
     archive: Annotated[bool, typer.Option("--archive/--no-archive", help="Also write OUT.tar")] = True,
     location_column: Annotated[str | None, _LOCATION_COLUMN] = None,
+    feedback: Annotated[
+        Path | None, typer.Option("--feedback", help="Feedback store folder: add approved store photos")
+    ] = None,
+    feedback_cap: Annotated[int, typer.Option("--feedback-cap", help="Store photos kept per product")] = 20,
 ) -> None:
     """Embed a catalog and write a signed snapshot (full, or a delta with --base)."""
     from cloud.build import build_snapshot
@@ -132,6 +136,8 @@ def catalog_build(
             cache_dir=cache,
             archive=archive,
             location_column=location_column,
+            feedback=feedback,
+            feedback_cap=feedback_cap,
         )
         return res
 
@@ -144,6 +150,13 @@ def catalog_build(
     )
     if r.get("delta_fallback"):
         typer.echo(f"full build instead of delta: {r['delta_fallback']}")
+    if "feedback" in r:
+        f = r["feedback"]
+        typer.echo(
+            f"store photos: {f['store_photos']} of {f['approved']} approved ({f['over_cap']} over the cap "
+            f"of {f['cap']}); skipped: {f['skipped_unknown_sku']} of products not in the catalog, "
+            f"{f['skipped_other_store']} of other stores"
+        )
     for w in r["warnings"]:
         typer.echo(f"warning: {w}")
     for line in summary_lines(r, images_ok=r["vectors"]):

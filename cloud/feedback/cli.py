@@ -102,4 +102,7 @@ def collect_cmd(
 
 
 def register(app: typer.Typer) -> None:
+    from cloud.feedback import relearn_cli
+
     app.command("collect")(collect_cmd)
+    relearn_cli.register(app)

@@ -1,0 +1,178 @@
+"""Approved store photos -> catalog images of their products, for `storelens catalog build --feedback`.
+
+The build adds each approved crop (``FeedbackStore.approved(store)``) to its product's images, so it is
+fetched, decoded, embedded and cached like any catalog image (same bundle, same preprocessing). After
+embedding, at most ``cap`` store photos per product are kept: the most diverse ones (farthest-point
+selection from the product's own catalog photos, in model space). Every vector row of the snapshot says
+where its image came from: ``source`` ``catalog`` or ``store`` (with the feedback ``record`` id).
+
+Deletion follows from building from the decisions as they stand: a photo rejected (or re-assigned) since
+the last build is not approved any more, so it is not in the next snapshot (a delta deletes its vector).
+Records of another store or of a product the store's catalog lacks are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cloud.catalog import Item
+from cloud.featurize import Features
+from cloud.feedback.store import FeedbackStore, FeedbackStoreError
+
+_LOGGER = logging.getLogger(__name__)
+
+# Store photos kept per product: each one is a vector in every kiosk's index and a calibration query;
+# past ~20 the extra photos are mostly the same views again (store_loop.md: diversity matters, not count).
+DEFAULT_CAP = 20
+SOURCE_CATALOG = "catalog"
+SOURCE_STORE = "store"
+
+
+class FeedbackError(Exception):
+    """The feedback folder cannot be read (names the folder and the problem)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StorePhoto:
+    record_id: str
+    sku: str
+    path: Path  # the crop JPEG (content-addressed in the feedback store)
+
+
+@dataclass(slots=True)
+class Selection:
+    """Approved store photos of the store's products, and what was left out and why."""
+
+    photos: dict[str, list[StorePhoto]] = field(default_factory=dict)  # sku -> photos, oldest first
+    approved: int = 0  # approved records of this store
+    skipped_other_store: int = 0
+    skipped_unknown_sku: int = 0
+    skipped_missing_crop: int = 0
+    unknown_skus: list[str] = field(default_factory=list)
+
+    def record_of(self) -> dict[str, str]:
+        """Crop path (as the catalog image source) -> feedback record id."""
+        return {str(p.path): p.record_id for ps in self.photos.values() for p in ps}
+
+
+def select_approved(feedback_dir: Path, store: str, items: list[Item]) -> Selection:
+    """The approved store photos of ``items`` (the store's catalog); FeedbackError on an unreadable folder."""
+    root = Path(feedback_dir)
+    if not root.is_dir():
+        raise FeedbackError(f"feedback folder {root} does not exist")
+    try:
+        fb = FeedbackStore(root)
+        every = fb.approved()
+    except (FeedbackStoreError, OSError, ValueError, KeyError) as exc:
+        raise FeedbackError(f"cannot read feedback in {root}: {exc}") from exc
+    skus = {it.sku for it in items}
+    sel = Selection()
+    unknown: set[str] = set()
+    for rec in every:
+        if rec.store != store:
+            sel.skipped_other_store += 1
+            continue
+        sel.approved += 1
+        sku = str(rec.label_sku)
+        if sku not in skus:
+            sel.skipped_unknown_sku += 1
+            unknown.add(sku)
+            continue
+        path = fb.crop_path(rec.record_id)
+        if not path.is_file():
+            sel.skipped_missing_crop += 1
+            _LOGGER.warning("approved record %s has no crop at %s: skipped", rec.record_id, path)
+            continue
+        sel.photos.setdefault(sku, []).append(StorePhoto(rec.record_id, sku, path.resolve()))
+    sel.unknown_skus = sorted(unknown)
+    return sel
+
+
+def with_store_photos(items: list[Item], sel: Selection) -> list[Item]:
+    """The items with their approved store photos appended to their images (catalog photos stay first:
+    the kiosk's thumbnail is still the retailer's)."""
+    out = []
+    for it in items:
+        extra = tuple(str(p.path) for p in sel.photos.get(it.sku, ()))
+        out.append(dataclasses.replace(it, images=it.images + extra) if extra else it)
+    return out
+
+
+def farthest_points(
+    anchors: npt.NDArray[np.float32], candidates: npt.NDArray[np.float32], k: int
+) -> list[int]:
+    """Indexes of ``k`` candidates picked greedily, each the farthest (cosine) from the anchors and the
+    ones already picked; ties go to the earlier candidate. Unit rows expected."""
+    n = len(candidates)
+    if k >= n:
+        return list(range(n))
+    if k <= 0:
+        return []
+    # Nearest similarity of each candidate to what is already chosen (the catalog photos to start with).
+    near = (candidates @ anchors.T).max(axis=1) if len(anchors) else np.full(n, -np.inf, np.float32)
+    picked: list[int] = []
+    for _ in range(k):
+        masked = near.copy()
+        masked[picked] = np.inf
+        i = int(np.argmin(masked))
+        picked.append(i)
+        near = np.maximum(near, candidates @ candidates[i])
+    return sorted(picked)
+
+
+def cap_store_photos(feats: Features, sel: Selection, cap: int) -> tuple[Features, dict[str, Any]]:
+    """Keep at most ``cap`` store photos per product (farthest-point selection); returns the trimmed
+    features and the feedback part of the build report."""
+    if cap < 0:
+        raise ValueError(f"store photo cap must be >= 0, got {cap}")
+    record_of = sel.record_of()
+    keep = np.ones(len(feats.rows), dtype=bool)
+    dropped = 0
+    by_sku: dict[str, tuple[list[int], list[int]]] = {}
+    for i, r in enumerate(feats.rows):
+        own, store = by_sku.setdefault(r.sku, ([], []))
+        (store if r.source in record_of else own).append(i)
+    for own, store in by_sku.values():
+        if len(store) <= cap:
+            continue
+        chosen = farthest_points(feats.vectors[own], feats.vectors[store], cap)
+        for j, i in enumerate(store):
+            if j not in chosen:
+                keep[i] = False
+        dropped += len(store) - cap
+    rows = [r for r, k in zip(feats.rows, keep, strict=True) if k]
+    kept = sum(r.source in record_of for r in rows)
+    trimmed = dataclasses.replace(feats, rows=rows, vectors=feats.vectors[keep])
+    report: dict[str, Any] = {
+        "approved": sel.approved,
+        "store_photos": kept,
+        "products_with_store_photos": len({r.sku for r in rows if r.source in record_of}),
+        "over_cap": dropped,
+        "cap": cap,
+        "skipped_other_store": sel.skipped_other_store,
+        "skipped_unknown_sku": sel.skipped_unknown_sku,
+        "unknown_skus": sel.unknown_skus[:20],
+        "skipped_missing_crop": sel.skipped_missing_crop,
+        "bad_crops": sum(1 for b in feats.bad_images if b["source"] in record_of),
+    }
+    return trimmed, report
+
+
+def vector_rows(feats: Features, sel: Selection | None) -> list[dict[str, Any]]:
+    """The snapshot's vector rows with provenance: ``source`` catalog|store, and a store photo's record."""
+    record_of = sel.record_of() if sel is not None else {}
+    rows: list[dict[str, Any]] = []
+    for i, r in enumerate(feats.rows):
+        row: dict[str, Any] = {"label": i, "sku": r.sku, "image": r.image_sha256, "source": SOURCE_CATALOG}
+        rid = record_of.get(r.source)
+        if rid is not None:
+            row.update(source=SOURCE_STORE, record=rid)
+        rows.append(row)
+    return rows

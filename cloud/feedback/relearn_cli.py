@@ -1,0 +1,92 @@
+"""`storelens feedback auto-review|relearn`: the loop's cloud steps after the collector (thin wrappers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def newest_full_snapshot(snapshots: Path, store: str) -> Path | None:
+    """The highest-version full snapshot of ``store`` directly under ``snapshots`` (None if there is none)."""
+    from storelens.snapshot import read_manifest_unverified
+
+    best: tuple[int, Path] | None = None
+    for d in sorted(p for p in snapshots.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            m = read_manifest_unverified(d)
+        except (OSError, ValueError):
+            continue  # not a snapshot (a report folder, a partial write)
+        if m.store == store and m.kind == "full" and (best is None or m.version > best[0]):
+            best = (m.version, d)
+    return None if best is None else best[1]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the auto-review and relearn commands to the `storelens feedback` app."""
+
+    @app.command("auto-review")
+    def auto_review_cmd(
+        store: Annotated[str, typer.Option("--store", help="Store id")],
+        feedback_dir: Annotated[Path, typer.Option("--feedback-dir", help="Feedback store folder")],
+        snapshot: Annotated[Path, typer.Option("--snapshot", help="The store's current snapshot dir")],
+    ) -> None:
+        """Pre-approve the confirmations that agree with the catalog; the rest wait for staff."""
+        from cloud.cli import _fail, _guard
+        from cloud.feedback.auto import AutoReviewError, ReviewSpace, auto_review_all
+        from cloud.feedback.store import FeedbackStore, FeedbackStoreError
+        from storelens.protocol import check_id
+
+        def run() -> Any:
+            check_id(store, "store id")
+            if not feedback_dir.is_dir():
+                _fail(f"feedback folder {feedback_dir} does not exist")
+            try:
+                return auto_review_all(FeedbackStore(feedback_dir), store, ReviewSpace.load(snapshot))
+            except (AutoReviewError, FeedbackStoreError) as exc:
+                _fail(str(exc))
+
+        s = _guard(run)
+        typer.echo(f"OK auto-approved {s.approved}; left for staff {s.left_pending}; "
+                   f"not confirmations (never auto) {s.not_confirmations}")  # fmt: skip
+
+    @app.command("relearn")
+    def relearn_cmd(
+        store: Annotated[str, typer.Option("--store", help="Store id")],
+        feedback_dir: Annotated[Path, typer.Option("--feedback-dir", help="Feedback store folder")],
+        catalog: Annotated[Path, typer.Option("--catalog", help="CSV or JSON Lines catalog")],
+        bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory")],
+        snapshots: Annotated[Path, typer.Option("--snapshots", help="Folder of the store's snapshots")],
+        key: Annotated[Path, typer.Option("--key", help="Ed25519 private key PEM")],
+        cache: Annotated[Path | None, typer.Option("--cache", help="Embedding cache directory")] = None,
+    ) -> None:
+        """`catalog build --feedback` on the newest full snapshot as base (a delta when it can be one)."""
+        from cloud.build import build_snapshot
+        from cloud.cli import _fail, _guard
+        from storelens import signing
+        from storelens.protocol import check_id
+
+        def run() -> Any:
+            check_id(store, "store id")
+            if not snapshots.is_dir():
+                _fail(f"snapshots folder {snapshots} does not exist")
+            base = newest_full_snapshot(snapshots, store)
+            pk = signing.load_private_key(key)
+            out = snapshots / ".relearn-new"
+            res = build_snapshot(catalog, store, out, pk, bundle=bundle, base=base, cache_dir=cache,
+                                 feedback=feedback_dir, progress=False)  # fmt: skip
+            final = snapshots / f"v{res.manifest.version}"
+            if final.exists():
+                _fail(f"{final} already exists")
+            out.rename(final)
+            if res.report_path is not None:
+                res.report_path.rename(final.with_name(f"{final.name}.report.json"))
+            return res, final
+
+        res, final = _guard(run)
+        fbr = res.report.get("feedback", {})
+        typer.echo(
+            f"OK {res.report['kind']} snapshot v{res.manifest.version} of {store} at {final}: "
+            f"{fbr.get('store_photos', 0)} store photos, threshold {res.report['threshold']}"
+        )
