@@ -134,12 +134,16 @@ def build_snapshot(
     adapter: Literal["lda", "none"] = "lda",
     archive: bool = False,
     location_column: str | None = None,
+    features: Features | None = None,
+    created_at: datetime | None = None,
 ) -> BuildResult:
     """Build, sign and write a snapshot for ``store``; a report JSON lands beside ``out_dir``.
 
     With ``archive`` ``out_dir.tar`` is written too (without, an older one is removed: it would not
     agree); both are switched crash-safe by ``storelens.swap``, which first finishes or undoes a swap
     that a crash interrupted and removes an unfinished build's leftovers.
+    ``features``: the store's images already embedded (``cloud.scale``) by ``embedder``, which then
+    only names the model; ``created_at``: the build time to record (one for all stores of a run).
     """
     recover_output(out_dir, discard_staged=True)
     if base is not None:
@@ -157,7 +161,7 @@ def build_snapshot(
         embedder = _open_embedder(bundle, cache_dir)
     cache = EmbeddingCache(cache_dir / "embeddings.sqlite") if cache_dir else None
     # Photos given as URLs land in the cache's images/ (a rebuild fetches nothing), else only for this build.
-    urls = http_sources(s for it in items for s in it.images)
+    urls = http_sources(s for it in items for s in it.images) if features is None else []
     images_dir = cache_dir / "images" if cache_dir else None
     if images_dir is None and urls:
         images_dir = Path(tempfile.mkdtemp(prefix="storelens-images-"))
@@ -165,7 +169,7 @@ def build_snapshot(
     try:
         if downloader is not None:
             downloader.prefetch(urls, progress=progress)
-        feats = featurize(
+        feats = features if features is not None else featurize(
             items, embedder, base_dir=catalog.base_dir, cache=cache, progress=progress, s3_client=s3_client,
             downloader=downloader,
         )  # fmt: skip
@@ -244,8 +248,10 @@ def build_snapshot(
         "hnsw": HnswParams(M=M, ef_construction=ef_construction, ef=ef),
         "threshold": threshold,
         "canary": _canaries(feats.vectors, skus),
-        "created_at": utc_now_iso(),
-        "expires_at": (datetime.now(UTC) + timedelta(days=EXPIRES_DAYS)).isoformat(timespec="seconds"),
+        "created_at": utc_now_iso() if created_at is None else _iso_z(created_at),
+        "expires_at": ((created_at or datetime.now(UTC)) + timedelta(days=EXPIRES_DAYS)).isoformat(
+            timespec="seconds"
+        ),
     }
     tmp = staging_dir(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -280,6 +286,11 @@ def build_snapshot(
         "built %s snapshot v%d of %s: %d items, %d vectors", kind, version, store, len(item_rows), len(skus)
     )
     return BuildResult(out_dir, read_manifest_unverified(out_dir), report, report_path)
+
+
+def _iso_z(t: datetime) -> str:
+    """``t`` as ``storelens.snapshot.utc_now_iso`` writes the current time."""
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _read_projection(base: Path, base_m: SnapshotManifest) -> retrieval.Adapter | None:
