@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -128,3 +131,59 @@ def test_a_killed_worker_loses_no_finished_work(tmp_path: Path) -> None:
     assert _files(tmp_path / "ray") == _files(tmp_path / "single")
     assert shards_before and set(shards_before) <= {p.name for p in (cache / "emb").rglob("part-*.parquet")}
     assert _shard_rows(cache) == 30
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seeded tiny model (dim 64): a real OpenVINO bundle in the actors."""
+    from models.export import export_model
+
+    out = tmp_path_factory.mktemp("tiny") / "bundle"
+    export_model("tiny", out, precision="fp16")
+    return out
+
+
+def test_cli_ray_engine_with_a_real_model_matches_the_single_process_build(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """`catalog build --engine ray --store all` with an OpenVINO bundle on 1-CPU actors must index the same
+    vectors the default engine computes with 2 streams; bad input stays one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from cloud.cli import catalog_app
+    from storelens import signing
+    from storelens.snapshot import read_manifest_unverified
+
+    cat = _three_store_catalog(tmp_path / "cat")
+    signing.generate_keypair(tmp_path / "k.pem", tmp_path / "pub.pem")
+    common = ["catalog", "build", "--catalog", str(cat.path), "--bundle", str(tiny_bundle),
+              "--key", str(tmp_path / "k.pem"), "--cache", str(tmp_path / "cache")]  # fmt: skip
+    app = _cli_app(catalog_app)
+    ray = CliRunner().invoke(app, [*common, "--engine", "ray", "--store", "all", "--out",
+                                   str(tmp_path / "r")])  # fmt: skip
+    assert ray.exit_code == 0, ray.output
+    assert "photos 38: embedded 36, cache hits 0, failed 2 (corrupt 1, missing 1)" in ray.output
+    assert "snapshots 3 of 3 stores" in ray.output and (tmp_path / "r.ray.json").is_file()
+    # The default engine as `catalog build` runs it (2 streams), without its progress bar's thread.
+    build_snapshot(cat.path, "north", tmp_path / "s", signing.load_private_key(tmp_path / "k.pem"),
+                   bundle=tiny_bundle, progress=False)  # fmt: skip
+    a, b = read_manifest_unverified(tmp_path / "r" / "north"), read_manifest_unverified(tmp_path / "s")
+    assert (a.model_id, a.vector_count, a.item_count) == (b.model_id, b.vector_count, b.item_count)
+    for ca, cb in zip(a.canary, b.canary, strict=True):  # catalog vectors as the model computed them
+        va, vb = (np.frombuffer(base64.b64decode(c.embedding), "<f4") for c in (ca, cb))
+        assert ca.sku == cb.sku and np.allclose(va, vb, atol=1e-5), float(np.abs(va - vb).max())
+
+    bad = CliRunner().invoke(app, [*common, "--engine", "ray", "--store", "north,a/b", "--out",
+                                   str(tmp_path / "x")])  # fmt: skip
+    assert bad.exit_code == 2 and bad.output.startswith("error: ") and "Traceback" not in bad.output
+    bad = CliRunner().invoke(app, [*common, "--engine", "ray", "--store", "north,south", "--base",
+                                   str(tmp_path / "s"), "--out", str(tmp_path / "x")])  # fmt: skip
+    assert bad.exit_code == 2 and "one store at a time" in bad.output
+
+
+def _cli_app(catalog_app: Any) -> Any:
+    import typer
+
+    app = typer.Typer()
+    app.add_typer(catalog_app, name="catalog")
+    return app
