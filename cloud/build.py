@@ -228,9 +228,11 @@ def build_snapshot(
         if isinstance(base_stats, dict) and isinstance(base_stats.get("warning"), str):
             tstats["warning"] = base_stats["warning"]  # still true of this delta
     else:
-        proj, tstats = open_set.fit_for_snapshot(feats.vectors, skus, adapter)
+        with one_blas_thread():
+            proj, tstats = open_set.fit_for_snapshot(feats.vectors, skus, adapter)
         threshold = float(tstats["threshold"])  # type: ignore[arg-type]
-    index_vectors = proj.apply(feats.vectors) if proj is not None else feats.vectors
+    with one_blas_thread():
+        index_vectors = proj.apply(feats.vectors) if proj is not None else feats.vectors
     report.update(threshold=threshold, threshold_stats=tstats, adapter=adapter if proj else "none",
                   warnings=[tstats["warning"]] if "warning" in tstats else [])  # fmt: skip
     common: dict[str, Any] = {
@@ -286,6 +288,15 @@ def build_snapshot(
         "built %s snapshot v%d of %s: %d items, %d vectors", kind, version, store, len(item_rows), len(skus)
     )
     return BuildResult(out_dir, read_manifest_unverified(out_dir), report, report_path)
+
+
+def one_blas_thread() -> Any:
+    """BLAS on one thread for the fit: OpenBLAS sums in another order on more threads, and the adapter,
+    index and signature came out different on 1 and 2 threads (dim 256+), so a snapshot's bytes depended
+    on the machine and on the engine (Ray runs tasks with OMP_NUM_THREADS=1)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _iso_z(t: datetime) -> str:

@@ -92,7 +92,7 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
         ray.shutdown()
 
 
-def _store_features(jobs: list[_Job], store: str, dim: int) -> Features:
+def store_features(jobs: list[_Job], store: str, dim: int) -> Features:
     """What ``cloud.featurize.featurize`` returns for this store's items, from the shared jobs."""
     import numpy as np
 
@@ -112,7 +112,7 @@ def _build_store(
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     try:
-        feats = _store_features(jobs, store, space.dim)
+        feats = store_features(jobs, store, space.dim)
         build_snapshot(Path(catalog_path), store, Path(out), Ed25519PrivateKey.from_private_bytes(key),
                        embedder=space, features=feats, created_at=created_at, progress=False,
                        **options)  # fmt: skip
@@ -144,7 +144,6 @@ def build_stores(
     ``build_snapshot`` (M, ef_construction, ef, archive, adapter, base, version).
     """
     import ray
-    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
     summary = ScaleSummary()
     catalog = load_catalog(catalog_path, location_column=location_column, progress=progress)
@@ -178,29 +177,49 @@ def build_stores(
     summary.failures = outcome.reasons
     summary.embed_s = round(time.monotonic() - t0, 2)
     t1 = time.monotonic()
+    summary.stores = fan_out(jobs, {s: outs[s] for s in names}, catalog_path, private_key, space,
+                             created_at=created_at or datetime.now(UTC), progress=progress,
+                             location_column=location_column, **options)  # fmt: skip
+    summary.stores_s = round(time.monotonic() - t1, 2)
+    return summary
+
+
+def fan_out(
+    jobs: list[_Job],
+    outs: dict[str, Path],
+    catalog_path: Path,
+    private_key: Any,
+    space: EmbeddingSpace,
+    *,
+    created_at: datetime,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, str]:
+    """One Ray task per store over the embedded jobs; store -> snapshot dir or ``error: reason``."""
+    import ray
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
     key = private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-    when = created_at or datetime.now(UTC)
     jobs_ref = ray.put(jobs)  # one copy per node, shared by every store's task
     task = ray.remote(num_cpus=1, max_retries=2)(_build_store)
     pending = {
-        task.remote(jobs_ref, s, str(catalog_path), str(outs[s]), key, space, when,
-                    {**options, "location_column": location_column}): s
-        for s in names
-    }  # fmt: skip
+        task.remote(jobs_ref, s, str(catalog_path), str(out), key, space, created_at, options): s
+        for s, out in outs.items()
+    }
+    results: dict[str, str] = {}
     bar = _bar(len(pending), progress)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         store = pending.pop(done[0])
         try:
-            summary.stores[store] = ray.get(done[0])
+            results[store] = ray.get(done[0])
         except ray.exceptions.RayError as exc:
-            summary.stores[store] = f"error: {type(exc).__name__}: {exc}"
+            results[store] = f"error: {type(exc).__name__}: {exc}"
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    summary.stores_s = round(time.monotonic() - t1, 2)
-    return summary
+    return results
 
 
 def _context(catalog: Catalog, space: EmbeddingSpace) -> _Context:

@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local"), pytest.mar
 
 WHEN = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
 STORES = ("north", "south", "west")
+DIM = 256
 
 
 def _three_store_catalog(root: Path) -> CatalogFiles:
@@ -52,15 +53,18 @@ def _shard_rows(cache: Path) -> int:
 
 def test_ray_builds_every_store_byte_for_byte_as_the_single_process_path(tmp_path: Path) -> None:
     """N stores on Ray must sign exactly the snapshots the single-process build writes, bad photos and all;
-    a rerun must embed nothing (the shared cache) and still write the same snapshots."""
+    a rerun must embed nothing (the shared cache) and still write the same snapshots. Dim 256: wide
+    enough that OpenBLAS on 2 threads (this process) and 1 (Ray's tasks) fit different adapters unless
+    the build pins BLAS to one thread."""
     cat = _three_store_catalog(tmp_path / "cat")
     key = Ed25519PrivateKey.generate()
     for store in STORES:
-        build_snapshot(cat.path, store, tmp_path / "single" / store, key, embedder=CountingEmbedder(),
+        build_snapshot(cat.path, store, tmp_path / "single" / store, key, embedder=CountingEmbedder(dim=DIM),
                        created_at=WHEN, progress=False, archive=True)  # fmt: skip
     cache = tmp_path / "cache"
-    summary = build_stores(cat.path, ["all"], tmp_path / "ray", key, FakeEmbedders(), cache_uri=str(cache),
-                           created_at=WHEN, batch_size=4, progress=False, archive=True)  # fmt: skip
+    summary = build_stores(cat.path, ["all"], tmp_path / "ray", key, FakeEmbedders(dim=DIM),
+                           cache_uri=str(cache), created_at=WHEN, batch_size=4, progress=False,
+                           archive=True)  # fmt: skip
     assert summary.stores == {s: str(tmp_path / "ray" / s) for s in STORES}
     for store in STORES:
         assert _files(tmp_path / "ray" / store) == _files(tmp_path / "single" / store), store
@@ -68,7 +72,7 @@ def test_ray_builds_every_store_byte_for_byte_as_the_single_process_path(tmp_pat
     assert summary.failures == {"missing": 1, "corrupt": 1}
     assert _shard_rows(cache) == 36  # every embedded photo once in the shared cache
 
-    again = build_stores(cat.path, list(STORES), tmp_path / "ray2", key, FakeEmbedders(),
+    again = build_stores(cat.path, list(STORES), tmp_path / "ray2", key, FakeEmbedders(dim=DIM),
                          cache_uri=str(cache), created_at=WHEN, batch_size=4, progress=False,
                          archive=True)  # fmt: skip
     assert (again.embedded, again.cache_hits, again.failures) == (0, 36, summary.failures)
