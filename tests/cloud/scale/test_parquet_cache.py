@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +39,36 @@ def test_an_unusable_cache_uri_is_a_named_error(tmp_path: Path) -> None:
         shard.write_bytes(b"not parquet")
     with pytest.raises(CacheError, match="cannot read"):
         cache.known()
+
+
+@pytest.fixture
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on a free loopback port, with fake credentials in the environment."""
+    moto_server = pytest.importorskip("moto.server")
+    mp = pytest.MonkeyPatch()
+    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in creds.items():
+        mp.setenv(k, v)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+    mp.undo()
+
+
+@pytest.mark.integration
+def test_the_cache_lives_on_s3(s3_endpoint: str) -> None:
+    """Workers on other machines share the cache through S3: shards written there read back whole."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=f"http://{s3_endpoint}").create_bucket(Bucket="cache")
+    uri = f"s3://cache/embeddings?endpoint_override={s3_endpoint}&scheme=http"
+    v = np.linspace(0, 1, 8, dtype=np.float32)
+    ParquetCache(uri, "m:p").write({"aa": v}, {"aa": b"jpeg"})
+    ParquetCache(uri, "m:p").write({"bb": v * 2}, {})
+    reader = ParquetCache(uri, "m:p")
+    assert len(reader.known()[0]) == 2
+    got = reader.vectors(["aa", "bb"], 8)
+    assert np.array_equal(got["aa"], v) and np.array_equal(got["bb"], v * 2)
+    assert reader.thumbs(["aa"]) == {"aa": b"jpeg"}
