@@ -1,8 +1,8 @@
 """The Ray engine (`catalog build --engine ray`) against the single-process path, same photos, same run.
 
-- ``ray_vs_single_ratio`` (end to end) and ``ray_steady_ratio`` (less the start-up): photos/s through ``cloud.scale.embed`` on a local Ray (2 actors x 1 CPU, no
-  cache) over ``cloud.featurize.featurize`` (one process, the Embedder's 2 streams), rounds interleaved;
-  target >= 0.85 on 2 cores. ``ray_overhead_s``: Ray Data's start-up per job (actor pool, model compiles),
+- ``ray_vs_single_ratio`` (end to end) and ``ray_steady_ratio`` (less the start-up): photos/s through
+  ``cloud.scale.embed`` on a local Ray (2 actors x 1 CPU, no cache) over ``cloud.featurize.featurize``
+  (one process, the Embedder's 2 streams), rounds interleaved; target >= 0.85 on 2 cores. ``ray_overhead_s``: Ray Data's start-up per job (actor pool, model compiles),
   from a job of 16 photos.
 - ``actors``: the same job with 1 actor x 2 CPUs, 2 x 1, 4 x 0.5 (fractional CPUs on these 2 cores:
   what more, smaller workers cost; real scaling needs a cluster, see docs/scale-plan.md).

@@ -105,14 +105,13 @@ def store_features(jobs: list[_Job], store: str, dim: int) -> Features:
 
 
 def _build_store(
-    jobs: list[_Job], store: str, catalog_path: str, out: str, key: bytes, space: EmbeddingSpace,
+    feats: Features, store: str, catalog_path: str, out: str, key: bytes, space: EmbeddingSpace,
     created_at: datetime, options: dict[str, Any],
 ) -> str:  # fmt: skip
     """One store's snapshot (a Ray task); returns its directory or ``error: reason``."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     try:
-        feats = store_features(jobs, store, space.dim)
         build_snapshot(Path(catalog_path), store, Path(out), Ed25519PrivateKey.from_private_bytes(key),
                        embedder=space, features=feats, created_at=created_at, progress=False,
                        **options)  # fmt: skip
@@ -193,22 +192,31 @@ def fan_out(
     *,
     created_at: datetime,
     progress: bool = True,
+    max_in_flight: int | None = None,
     **options: Any,
 ) -> dict[str, str]:
-    """One Ray task per store over the embedded jobs; store -> snapshot dir or ``error: reason``."""
+    """One Ray task per store over the embedded jobs; store -> snapshot dir or ``error: reason``.
+
+    Each task gets only its store's vectors (made here, just before it is submitted), and at most
+    ``max_in_flight`` are out at once: the whole catalog's vectors (1M photos x 1280 dims: 5 GB) never
+    travel to a task, and the object store holds a few stores' worth at a time.
+    """
     import ray
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
     key = private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-    jobs_ref = ray.put(jobs)  # one copy per node, shared by every store's task
     task = ray.remote(num_cpus=1, max_retries=2)(_build_store)
-    pending = {
-        task.remote(jobs_ref, s, str(catalog_path), str(out), key, space, created_at, options): s
-        for s, out in outs.items()
-    }
+    resources: Any = ray.available_resources
+    max_in_flight = max_in_flight or 2 * max(1, int(resources().get("CPU", 1)))
+    todo = list(outs.items())
+    pending: dict[Any, str] = {}
     results: dict[str, str] = {}
-    bar = _bar(len(pending), progress)
-    while pending:
+    bar = _bar(len(todo), progress)
+    while todo or pending:
+        while todo and len(pending) < max_in_flight:
+            s, out = todo.pop(0)
+            feats = store_features(jobs, s, space.dim)
+            pending[task.remote(feats, s, str(catalog_path), str(out), key, space, created_at, options)] = s
         done, _ = ray.wait(list(pending), num_returns=1)
         store = pending.pop(done[0])
         try:
