@@ -2,8 +2,9 @@
 
 - ``ray_vs_single_ratio`` (end to end) and ``ray_steady_ratio`` (less the start-up): photos/s through
   ``cloud.scale.embed`` on a local Ray (2 actors x 1 CPU, no cache) over ``cloud.featurize.featurize``
-  (one process, the Embedder's 2 streams), rounds interleaved; target >= 0.85 on 2 cores. ``ray_overhead_s``: Ray Data's start-up per job (actor pool, model compiles),
-  from a job of 16 photos.
+  (one process, the Embedder's 2 streams), rounds interleaved; target >= 0.85 on 2 cores.
+  ``ray_overhead_s``: Ray Data's start-up per job (actor pool, a model compile per actor), from a job of
+  16 photos.
 - ``actors``: the same job with 1 actor x 2 CPUs, 2 x 1, 4 x 0.5 (fractional CPUs on these 2 cores:
   what more, smaller workers cost; real scaling needs a cluster, see docs/scale-plan.md).
 - ``stores``: STORES stores x ITEMS items each (2 photos per item) drawn from one embedded catalog of
@@ -85,7 +86,9 @@ def _embedding(bundle: Path, out_dir: Path) -> dict[str, Any]:
         "ray_images_per_s": round(r, 1),
         "ray_rounds": [round(x, 1) for x in ray2],
         "ray_vs_single_ratio": round(r / s, 3),
-        "ray_steady_ratio": round(len(items) / max(1e-3, len(items) / r - overhead_s) / s, 3),
+        "ray_steady_ratio": (  # None when the job is too short to tell (start-up is most of it)
+            round(len(items) / steady_s / s, 3) if (steady_s := len(items) / r - overhead_s) > 1.0 else None
+        ),
         "ray_overhead_s": round(overhead_s, 2),
         "actors_images_per_s": actors,
     }
