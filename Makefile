@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@command -v mosquitto_sub >/dev/null || DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq mosquitto-clients
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[device,cloud,models,dev]'
+	$(BIN)/pip install -q -e '.[device,cloud,models,scale,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -137,6 +137,8 @@ def build_snapshot(
     location_column: str | None = None,
     feedback: Path | None = None,
     feedback_cap: int = relearn.DEFAULT_CAP,
+    features: Features | None = None,
+    created_at: datetime | None = None,
 ) -> BuildResult:
     """Build, sign and write a snapshot for ``store``; a report JSON lands beside ``out_dir``.
 
@@ -145,6 +147,8 @@ def build_snapshot(
     that a crash interrupted and removes an unfinished build's leftovers. With ``feedback`` (a feedback
     store folder) the approved store photos of the store's products join their images
     (``cloud.feedback.relearn``: at most ``feedback_cap`` per product, rows marked ``store``).
+    ``features``: the store's images already embedded (``cloud.scale``) by ``embedder``, which then
+    only names the model; ``created_at``: the build time to record (one for all stores of a run).
     """
     recover_output(out_dir, discard_staged=True)
     if base is not None:
@@ -156,6 +160,8 @@ def build_snapshot(
     if not items:
         raise BuildError(f"catalog has no valid items for store {store!r} ({len(catalog.errors)} bad rows)")
     try:
+        if features is not None and feedback is not None:
+            raise BuildError("give either pre-embedded features or a feedback folder, not both")
         sel = relearn.select_approved(feedback, store, items) if feedback is not None else None
     except relearn.FeedbackError as exc:
         raise BuildError(str(exc)) from exc
@@ -166,7 +172,7 @@ def build_snapshot(
         embedder = _open_embedder(bundle, cache_dir)
     cache = EmbeddingCache(cache_dir / "embeddings.sqlite") if cache_dir else None
     # Photos given as URLs land in the cache's images/ (a rebuild fetches nothing), else only for this build.
-    urls = http_sources(s for it in items for s in it.images)
+    urls = http_sources(s for it in items for s in it.images) if features is None else []
     images_dir = cache_dir / "images" if cache_dir else None
     if images_dir is None and urls:
         images_dir = Path(tempfile.mkdtemp(prefix="storelens-images-"))
@@ -174,7 +180,7 @@ def build_snapshot(
     try:
         if downloader is not None:
             downloader.prefetch(urls, progress=progress)
-        feats = featurize(
+        feats = features if features is not None else featurize(
             relearn.with_store_photos(items, sel) if sel is not None else items,
             embedder, base_dir=catalog.base_dir, cache=cache, progress=progress, s3_client=s3_client,
             downloader=downloader,
@@ -239,9 +245,11 @@ def build_snapshot(
         if isinstance(base_stats, dict) and isinstance(base_stats.get("warning"), str):
             tstats["warning"] = base_stats["warning"]  # still true of this delta
     else:
-        proj, tstats = open_set.fit_for_snapshot(feats.vectors, skus, adapter)
+        with one_blas_thread():
+            proj, tstats = open_set.fit_for_snapshot(feats.vectors, skus, adapter)
         threshold = float(tstats["threshold"])  # type: ignore[arg-type]
-    index_vectors = proj.apply(feats.vectors) if proj is not None else feats.vectors
+    with one_blas_thread():
+        index_vectors = proj.apply(feats.vectors) if proj is not None else feats.vectors
     report.update(threshold=threshold, threshold_stats=tstats, adapter=adapter if proj else "none",
                   warnings=[tstats["warning"]] if "warning" in tstats else [])  # fmt: skip
     common: dict[str, Any] = {
@@ -259,8 +267,10 @@ def build_snapshot(
         "hnsw": HnswParams(M=M, ef_construction=ef_construction, ef=ef),
         "threshold": threshold,
         "canary": _canaries(feats.vectors, skus),
-        "created_at": utc_now_iso(),
-        "expires_at": (datetime.now(UTC) + timedelta(days=EXPIRES_DAYS)).isoformat(timespec="seconds"),
+        "created_at": utc_now_iso() if created_at is None else _iso_z(created_at),
+        "expires_at": ((created_at or datetime.now(UTC)) + timedelta(days=EXPIRES_DAYS)).isoformat(
+            timespec="seconds"
+        ),
     }
     tmp = staging_dir(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -295,6 +305,20 @@ def build_snapshot(
         "built %s snapshot v%d of %s: %d items, %d vectors", kind, version, store, len(item_rows), len(skus)
     )
     return BuildResult(out_dir, read_manifest_unverified(out_dir), report, report_path)
+
+
+def one_blas_thread() -> Any:
+    """BLAS on one thread for the fit: OpenBLAS sums in another order on more threads, and the adapter,
+    index and signature came out different on 1 and 2 threads (dim 256+), so a snapshot's bytes depended
+    on the machine and on the engine (Ray runs tasks with OMP_NUM_THREADS=1)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _iso_z(t: datetime) -> str:
+    """``t`` as ``storelens.snapshot.utc_now_iso`` writes the current time."""
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _read_projection(base: Path, base_m: SnapshotManifest) -> retrieval.Adapter | None:

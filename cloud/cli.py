@@ -112,8 +112,32 @@ def catalog_build(
         Path | None, typer.Option("--feedback", help="Feedback store folder: add approved store photos")
     ] = None,
     feedback_cap: Annotated[int, typer.Option("--feedback-cap", help="Store photos kept per product")] = 20,
+    engine: Annotated[str, typer.Option("--engine", help="single (this process) or ray")] = "single",
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")] = None,
+    shared_cache: Annotated[str | None, typer.Option(
+        "--shared-cache", help="Ray: Parquet embedding cache, a path or s3://bucket/prefix "
+        "(default CACHE/embeddings-parquet)")] = None,
+    actors: Annotated[
+        int | None, typer.Option("--actors", help="Ray: embedding actors (default: 1 per CPU)")
+    ] = None,
 ) -> None:
-    """Embed a catalog and write a signed snapshot (full, or a delta with --base)."""
+    """Embed a catalog and write a signed snapshot (full, or a delta with --base).
+
+    With --engine ray, --store may list stores (a,b,c) or say 'all': one snapshot each, OUT/<store>."""
+    if engine == "ray":
+        from cloud.scale.cli import run as run_ray
+
+        if feedback is not None:
+            _fail("--feedback is built by the default engine only (store photos are few): drop --engine ray")
+
+        opts = {"base": base, "version": version, "M": m, "ef_construction": ef_construction, "ef": ef,
+                "archive": archive}  # fmt: skip
+        raise typer.Exit(run_ray(catalog=catalog, bundle=bundle, stores=store, out=out, key=key, cache=cache,
+                                 shared_cache=shared_cache, ray_address=ray_address, actors=actors,
+                                 location_column=location_column, options=opts))  # fmt: skip
+    if engine != "single":
+        _fail(f"--engine must be 'single' or 'ray', not {engine!r}")
     from cloud.build import build_snapshot
     from cloud.feeds.summary import summary_lines
     from storelens import signing

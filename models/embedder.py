@@ -109,6 +109,7 @@ class Embedder:
         cache_dir: Path | None = None,
         device: str = "CPU",
         num_requests: int | None = None,
+        threads: int | None = None,
     ) -> None:
         import openvino as ov
 
@@ -126,6 +127,8 @@ class Embedder:
             # The precision the catalog was built with; OpenVINO would otherwise pick bf16 where it can.
             "INFERENCE_PRECISION_HINT": self.manifest.inference_precision,
         }
+        if threads is not None:  # a share of a machine (a Ray actor's CPUs): never more threads than cores
+            config["INFERENCE_NUM_THREADS"] = max(1, threads)
         if cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(cache_dir)
