@@ -1,12 +1,18 @@
-"""`make demo`: the whole StoreLens loop on one machine, on the embedded defaults.
+"""`make demo`: the store teaches the kiosk, the whole StoreLens loop on one machine.
 
-export a model bundle -> build + sign a store snapshot from a catalog -> publish it to a local folder and
-announce it on a real mosquitto -> run a kiosk over a generated video of items held up one after another
--> print the match events as an independent subscriber sees them -> summary.
+export a model bundle -> build + sign a snapshot from a one-photo-per-item catalog -> publish it to a
+local folder and announce it on a real mosquitto -> round 1: a kiosk over a generated video of items held
+up, a "customer" answering each "Is this it?" through the kiosk screen's POST /answer (the product truly
+held when it is shown, else "Not here") -> the kiosk's feedback messages -> the feedback collector
+(in-process) with the auto-review rule -> the demo, as staff member "staff", decides the rest through the
+dashboard's review API -> `catalog build --feedback` (base: the first snapshot) -> published and synced to
+the running kiosk -> round 2: the kiosk restarted on the same state dir (it boots on the synced snapshot)
+over other photos of the same products -> before/after.
 
-With ../shared present it uses the grocery data set (catalog: iconic + train photos; held items: val
-photos composited over a background with motion) and the MobileNetV2 weights; without it, a synthetic
-catalog it renders itself and the seeded `tiny` model.
+With ../shared present it uses the grocery data set (catalog: the 81 iconic photos, protocol A; held items:
+two different val photos of each product, composited over a background with motion) and the MobileNetV2
+weights; without it, a synthetic catalog of pack shots it renders itself (held: store-photo renderings)
+and the seeded `tiny` model.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import cv2
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -39,7 +46,7 @@ from cloud.build import build_snapshot  # noqa: E402
 from cloud.feedback.auto import ReviewSpace, auto_review  # noqa: E402
 from cloud.feedback.collector import BrokerConfig as CollectorBroker  # noqa: E402
 from cloud.feedback.collector import FeedbackCollector  # noqa: E402
-from cloud.feedback.store import FeedbackStore  # noqa: E402
+from cloud.feedback.store import Decision, FeedbackStore  # noqa: E402
 from cloud.feedback.verify import KnownSnapshots  # noqa: E402
 from cloud.grocery import read_classes, write_grocery_catalog  # noqa: E402
 from cloud.publish import publish_snapshot  # noqa: E402
@@ -129,7 +136,7 @@ class EventPrinter:
         self._on_event: Callable[[protocol.MatchEvent], object] | None = None
         self._lock = threading.Lock()
         self._ready = threading.Event()
-        self._c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-subscriber")
+        self._c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-subscriber")
         self._c.on_connect = lambda c, *_a: c.subscribe(f"dt/storelens/{STORE}/+/events/match", qos=1)
         self._c.on_subscribe = lambda *_a: self._ready.set()
         self._c.on_message = self._on_message
@@ -144,7 +151,7 @@ class EventPrinter:
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         try:
-            ev = protocol.decode(msg.payload, protocol.MatchEvent)
+            ev = protocol.decode(bytes(msg.payload), protocol.MatchEvent)
         except protocol.ProtocolError as exc:
             print(f"   (ignored malformed event: {exc})")
             return
@@ -417,9 +424,9 @@ def _summary(
     totals = []
     for evs in rounds:
         right = top = 0
-        for h, ev in zip(held, evs, strict=False):
-            skus = [x.sku for x in ev.results]
-            right += bool(ev.matched and skus and skus[0] == h.sku)
+        for h, e in zip(held, evs, strict=False):
+            skus = [x.sku for x in e.results]
+            right += bool(e.matched and skus and skus[0] == h.sku)
             top += h.sku in skus
         totals.append((right, top))
     for i, h in enumerate(held):
@@ -457,7 +464,7 @@ def _review_as_staff(
         want = truth.get(collected.match_of.get(r.record_id, ""))
         if want is None:
             continue
-        decision = "approved" if r.answer == "confirmed" and r.chosen_sku == want else "reassigned"
+        decision: Decision = "approved" if r.answer == "confirmed" and r.chosen_sku == want else "reassigned"
         if dashboard is not None:
             _decide_http(dashboard.url, password, r.record_id, decision, want)
         else:
