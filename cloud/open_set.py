@@ -193,6 +193,8 @@ def calibrate_open_set(
         known_scores.append(conf[:n_known][right])
         unseen_scores.append(conf[n_known:])
         right_total += int(right.sum())
+        if done >= rounds and right_total * max_rounds < MIN_KNOWN_ANSWERS * done:
+            break  # at this rate even max_rounds would not get there: fail now, not after minutes
     ok = np.concatenate(known_scores) if known_scores else np.zeros(0, np.float32)
     check_enough_answers(len(ok), y)
     threshold = float(np.quantile(ok, max_known_loss))
