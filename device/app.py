@@ -25,11 +25,12 @@ from device.comms import Comms, Outbox, Transport
 from device.config import KioskConfig
 from device.detect.detector import Detection, HeldItemDetector
 from device.feedback import FeedbackRecorder
-from device.pipeline import ItemResult, ModelPair, Pipeline, as_async, limit_blas_threads
+from device.pipeline import ItemResult, ModelPair, Pipeline, limit_blas_threads
 from device.screen import ScreenServer
 from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
 from device.update import JobsBridge, LoadedPair, Pair, Updater, configured_pair
 from device.update.pairs import RetiredModels, close_embedder
+from models.port import EmbedderPort
 from storelens import __version__
 from storelens.ha_discovery import HaDiscovery
 from storelens.protocol import (
@@ -59,7 +60,7 @@ class KioskApp:
         self,
         cfg: KioskConfig,
         *,
-        embedder: object | None = None,
+        embedder: EmbedderPort | None = None,
         transport: Transport | None = None,
         synthetic: Callable[[], Iterator[Image]] | None = None,
         app_version: str = __version__,
@@ -70,7 +71,7 @@ class KioskApp:
         self.stop_event = threading.Event()  # the one stop event; set by signals, EOF or stop()
         self._app_version = app_version
         self._injected = embedder
-        self._base_embedder: object | None = None  # the configured bundle's, when this app loaded it
+        self._base_embedder: EmbedderPort | None = None  # the configured bundle's, when this app loaded it
         self._pair: ModelPair | None = None  # THE reference: (embedder, snapshot), replaced whole
         self._pair_lock = threading.Lock()  # writers only (sync and updater); readers take the reference
         self._released = False  # serving a pair from the updater (not the configured bundle)
@@ -180,13 +181,13 @@ class KioskApp:
         else:
             embedder = self._injected if self._injected is not None else make_embedder(self.cfg.model)
             self._base_embedder = embedder if self._injected is None else None
-            model_id = str(getattr(embedder, "model_id"))  # noqa: B009 (port attribute)
-        self.sync = self._new_sync(model_id, int(getattr(embedder, "dim")), configured=loaded is None)  # noqa: B009
-        self._pair = ModelPair(as_async(embedder), None)
+            model_id = embedder.model_id
+        self.sync = self._new_sync(model_id, embedder.dim, configured=loaded is None)
+        self._pair = ModelPair(embedder, None)
         stored = self.sync.load_active()
         if loaded is not None and (stored is None or stored.version < loaded.snapshot.version):
             stored = loaded.snapshot  # the release's snapshot, unless sync installed a newer one since
-        self._pair = ModelPair(as_async(embedder), stored)
+        self._pair = ModelPair(embedder, stored)
         if loaded is None:
             self._adopt_configured()  # the first update's last known good
         if stored is None and loaded is None and self.cfg.snapshots.initial is not None:
@@ -334,7 +335,7 @@ class KioskApp:
 
     def _on_switch_pair(self, embedder: Any, snapshot: ActiveSnapshot) -> None:
         """The updater switched model and snapshot (or rolled back): both in one reference swap."""
-        new = ModelPair(as_async(embedder), snapshot)
+        new = ModelPair(embedder, snapshot)
         active = self.updater.active if self.updater is not None else None
         configured = active is not None and active.pair.configured and active.embedder is embedder
         with self._pair_lock:
@@ -378,8 +379,8 @@ class KioskApp:
         embedder = self._injected if self._injected is not None else self._base_embedder
         if embedder is None:
             embedder = self._base_embedder = make_embedder(self.cfg.model)
-        model_id = str(getattr(embedder, "model_id"))  # noqa: B009 (port attribute)
-        sync = self._new_sync(model_id, int(getattr(embedder, "dim")), configured=True)  # noqa: B009
+        model_id = embedder.model_id
+        sync = self._new_sync(model_id, embedder.dim, configured=True)
         snap = sync.load_active()
         if snap is None:
             raise RuntimeError("the configured model has no stored snapshot")

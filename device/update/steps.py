@@ -24,6 +24,7 @@ from device.sync.download import DownloadError, check_source, fetch, open_url, r
 from device.sync.sources import Sources
 from models.bundle import BundleManifest, verify_bundle
 from models.errors import ModelError
+from models.port import embed_one
 from storelens.protocol import DesiredRelease
 from storelens.release import (
     MAX_RELEASE_BYTES,
@@ -198,11 +199,6 @@ def load_snapshot(directory: Path, manifest: SnapshotManifest) -> ActiveSnapshot
     return snap
 
 
-def _embed_one(embedder: Any, crop: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-    one = getattr(embedder, "embed_one", None)  # the sync request: no async queue to drain later
-    return np.asarray(one(crop) if callable(one) else embedder.embed([crop])[0], dtype=np.float32)
-
-
 def selftest(
     embedder: Any,
     snap: ActiveSnapshot,
@@ -217,7 +213,7 @@ def selftest(
     if not canaries:
         raise UpdateFailed("selftest", "no_canary_images", "the snapshot carries no canary images")
     crops = [decode(path.read_bytes()) for _, path, _ in canaries]
-    got = np.stack([_embed_one(embedder, crop) for crop in crops])
+    got = np.stack([embed_one(embedder, crop) for crop in crops])
     if not np.isfinite(got).all():
         raise UpdateFailed("selftest", "non_finite", "the model returned non-finite embeddings")
     for i, (sku, _, recorded) in enumerate(canaries):
@@ -246,7 +242,7 @@ def compare_latency(
         for crop in crops:
             for i, emb in enumerate((old, new)):
                 t0 = time.perf_counter()
-                _embed_one(emb, crop)
+                embed_one(emb, crop)
                 times[i].append((time.perf_counter() - t0) * 1000)
     return float(np.median(times[0])), float(np.median(times[1]))
 
