@@ -191,7 +191,8 @@ class Alert(_Message):
 
 
 UpdateStep = Literal[
-    "idle", "download", "verify", "compile", "selftest", "switch", "probation", "done", "rolled_back", "failed",
+    "idle", "download", "verify", "compile", "selftest", "switch", "probation", "done", "rolled_back",
+    "failed",
 ]
 
 
