@@ -26,11 +26,12 @@ from cloud import delta as d
 from cloud import open_set, retrieval
 from cloud.cache import EmbeddingCache
 from cloud.catalog import Catalog, load_catalog
-from cloud.featurize import EmbedderLike, Features, featurize, preprocessing_hash
+from cloud.featurize import Features, featurize, preprocessing_hash
 from cloud.feedback import relearn
 from cloud.feeds.download import Downloader, http_sources
 from cloud.feeds.summary import catalog_fields
 from models.bundle import BundleManifest
+from models.port import EmbedderPort
 from storelens import vindex
 from storelens.fsutil import atomic_write_bytes, atomic_write_json
 from storelens.snapshot import (
@@ -122,7 +123,7 @@ def build_snapshot(
     private_key: Ed25519PrivateKey,
     *,
     bundle: Path | None = None,
-    embedder: EmbedderLike | None = None,
+    embedder: EmbedderPort | None = None,
     base: Path | None = None,
     version: int | None = None,
     M: int = 16,

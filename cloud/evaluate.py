@@ -15,8 +15,9 @@ import numpy.typing as npt
 
 from cloud import delta as d
 from cloud.catalog import FetchError, fetch_image_bytes
-from cloud.featurize import DECODE_WORKERS, EmbedderLike, model_fingerprint
+from cloud.featurize import DECODE_WORKERS, model_fingerprint
 from cloud.retrieval import Adapter
+from models.port import EmbedderPort
 from storelens import vindex
 from storelens.matching import MatchRule
 from storelens.snapshot import read_manifest_unverified
@@ -60,7 +61,7 @@ def _decode(src: str) -> npt.NDArray[np.uint8] | None:
 
 
 def evaluate(
-    snapshot: Path, queries: Path, embedder: EmbedderLike, *, top_confused: int = 10
+    snapshot: Path, queries: Path, embedder: EmbedderPort, *, top_confused: int = 10
 ) -> dict[str, Any]:
     """Embed each query, search the snapshot, and report recall@1/@5 (items), similarities and confusions."""
     snapshot = Path(snapshot)

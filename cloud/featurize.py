@@ -16,16 +16,17 @@ import hashlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from cloud.cache import EmbeddingCache
 from cloud.catalog import FetchError, Item, fetch_image_bytes
+from models.port import EmbedderPort
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -38,20 +39,6 @@ CHUNK_PIXELS = 4_000_000  # ... or fewer when they are large (a chunk of 12 MP p
 # Chunks waiting for an embed thread. Decoded photos held at most: (decoders + QUEUE_DEPTH + embed
 # threads) chunks = 32 small photos or 4 large ones.
 QUEUE_DEPTH = 1
-
-
-class EmbedderLike(Protocol):
-    """The part of models.embedder.Embedder a catalog build needs.
-
-    ``embed_one(crop)`` is used when present and must be thread-safe (the Embedder's is); otherwise
-    ``embed([crop])`` is called from a single thread.
-    """
-
-    @property
-    def dim(self) -> int: ...
-    @property
-    def model_id(self) -> str: ...
-    def embed(self, crops: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +74,12 @@ class _Job:
     error: str | None = None
 
 
-def model_fingerprint(embedder: EmbedderLike) -> str:
+def model_fingerprint(embedder: EmbedderPort) -> str:
     """Cache key part naming the embedding space: model weights plus preprocessing."""
     return f"{embedder.model_id}:{preprocessing_hash(embedder)}"
 
 
-def preprocessing_hash(embedder: EmbedderLike) -> str:
+def preprocessing_hash(embedder: EmbedderPort) -> str:
     """The bundle's preprocessing hash; fakes without one answer 'none'."""
     return str(getattr(embedder, "preprocessing_hash", "none"))
 
@@ -184,15 +171,15 @@ class _Pipeline:
     are handed over in chunks: one queue hand-off, so one thread wake-up, per chunk.
     """
 
-    def __init__(self, embedder: EmbedderLike, ctx: _Context, on_done: Callable[[], None]) -> None:
+    def __init__(self, embedder: EmbedderPort, ctx: _Context, on_done: Callable[[], None]) -> None:
         self._ctx = ctx
         self._on_done = on_done
-        one = getattr(embedder, "embed_one", None)
+        one = getattr(embedder, "embed_one", None)  # thread-safe when present (the Embedder's is)
         self._embed: Callable[[npt.NDArray[np.uint8]], Any] = (
             one if callable(one) else lambda image: embedder.embed([image])[0]
         )
         # One thread per infer request (the Embedder's throughput mode: two per OpenVINO stream); a plain
-        # EmbedderLike need not be thread-safe: one thread. A third thread to resize while both requests
+        # EmbedderPort need not be thread-safe: one thread. A third thread to resize while both requests
         # infer measured the same (0.78-0.82 vs 0.79-0.84 of embed() on pre-sized crops).
         self._n_embed = max(1, int(getattr(embedder, "num_requests", 1))) if callable(one) else 1
         self._todo: queue.SimpleQueue[_Job] = queue.SimpleQueue()
@@ -284,7 +271,7 @@ class _Pipeline:
 
 def featurize(
     items: list[Item],
-    embedder: EmbedderLike,
+    embedder: EmbedderPort,
     *,
     base_dir: Path,
     cache: EmbeddingCache | None = None,

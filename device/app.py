@@ -1,8 +1,8 @@
 """The kiosk's composition root: builds every component from the config, starts them in dependency order
-(model pair, comms, snapshots, updater, screen, pipeline, camera, health) and stops them in reverse.
+(what serves, comms, snapshot sync, updater, screen, pipeline, camera, health) and stops them in reverse.
 
-The model and the snapshot it built are one reference (a ModelPair): the pipeline reads it once per held
-item, the snapshot sync swaps its snapshot, the updater swaps both; nothing is mutated in place."""
+What serves is ``device.generations``: the serving reference (model + snapshot, read once per held item),
+the switcher (the one way a new generation serves) and its store. This module only wires them."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
 from device.app_build import default_synthetic, make_embedder, make_transport, relative_to
-from device.app_update import ConnectTasks, HookedTransport, SwitchProbe, sync_dir, update_settings
+from device.app_connect import ConnectTasks, HookedTransport
 from device.camera.buffer import BoundedQueue, Frame, OverflowPolicy
 from device.camera.grab import HEALTHY, CameraState, GrabStage
 from device.camera.port import Image
@@ -25,11 +24,14 @@ from device.comms import Comms, Outbox, Transport
 from device.config import KioskConfig
 from device.detect.detector import Detection, HeldItemDetector
 from device.feedback import FeedbackRecorder
-from device.pipeline import ItemResult, ModelPair, Pipeline, as_async, limit_blas_threads
+from device.generations import RetiredModels
+from device.generations.probe import SwitchProbe
+from device.generations.serving import Serving
+from device.pipeline import ItemResult, Pipeline, limit_blas_threads
 from device.screen import ScreenServer
-from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
-from device.update import JobsBridge, LoadedPair, Pair, Updater, configured_pair
-from device.update.pairs import RetiredModels, close_embedder
+from device.sync import Sources
+from device.update import JobsBridge, Updater
+from models.port import EmbedderPort
 from storelens import __version__
 from storelens.ha_discovery import HaDiscovery
 from storelens.protocol import (
@@ -59,7 +61,7 @@ class KioskApp:
         self,
         cfg: KioskConfig,
         *,
-        embedder: object | None = None,
+        embedder: EmbedderPort | None = None,
         transport: Transport | None = None,
         synthetic: Callable[[], Iterator[Image]] | None = None,
         app_version: str = __version__,
@@ -69,11 +71,6 @@ class KioskApp:
         self.boot_id = uuid.uuid4().hex
         self.stop_event = threading.Event()  # the one stop event; set by signals, EOF or stop()
         self._app_version = app_version
-        self._injected = embedder
-        self._base_embedder: object | None = None  # the configured bundle's, when this app loaded it
-        self._pair: ModelPair | None = None  # THE reference: (embedder, snapshot), replaced whole
-        self._pair_lock = threading.Lock()  # writers only (sync and updater); readers take the reference
-        self._released = False  # serving a pair from the updater (not the configured bundle)
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._t_start = time.monotonic()
@@ -84,7 +81,7 @@ class KioskApp:
         self._started = False
         self._camera_down = False
         self._status_lock = threading.Lock()
-        self._keys = [load_public_key(p) for p in cfg.snapshots.public_keys]
+        keys = [load_public_key(p) for p in cfg.snapshots.public_keys]
         self._sources = Sources(cfg.sync.sources)  # where announcements and releases may point
         # Embedders no longer served: closed by the health loop after their grace period, once no open
         # item uses them; the rest at stop (they used to stay open until stop: memory per update).
@@ -96,10 +93,6 @@ class KioskApp:
         self.connect_tasks = ConnectTasks(self.transport, self.topics, app_version=app_version,
                                           health_interval_s=cfg.health.interval_s)
         self.comms = Comms(self.transport, self.outbox, self.topics, app_version=app_version)
-        self.sync: SnapshotSync | None = None  # made in start() for the running model, remade on a switch
-        # The last announcement seen on the snapshot topic (= the broker's retained one): handed to the sync
-        # made at a model switch, which would otherwise see it only at the next reconnect.
-        self._announcement: tuple[str, bytes] | None = None
         # The customer's answers on the screen -> feedback messages in the outbox (opt-in, [feedback]).
         self.feedback = FeedbackRecorder(cfg.feedback, self.topics, self.comms.publish_event,
                                          boot_id=self.boot_id)
@@ -123,7 +116,7 @@ class KioskApp:
         )
         det = cfg.detection
         self.pipeline = Pipeline.of_pairs(
-            frames, HeldItemDetector(det), self._current_pair, on_result=self._on_result,
+            frames, HeldItemDetector(det), lambda: self.serving.current(), on_result=self._on_result,
             on_frame=self._on_frame, aggregate_frames=det.aggregate_frames, top_k=det.top_k,
             max_inflight=cfg.model.max_inflight,
         )
@@ -132,37 +125,26 @@ class KioskApp:
             self.pipeline.counters, factor=u.probe_latency_factor if u else 2.0,
             slack_ms=u.probe_latency_slack_ms if u else 20.0,
         )
-        settings = update_settings(cfg)
-        self.updater: Updater | None = None if settings is None else Updater(
-            settings, self.topics, self._keys, transport=self.transport, on_switch=self._on_switch_pair,
-            on_alert=self._alert, probe=self.probe, retire=self._retired.retire,
-            open_configured=self._open_configured, sources=self._sources,
+        self.serving = Serving(
+            cfg.snapshots, keys, store_id=cfg.kiosk.store_id, sources=self._sources,
+            make_configured=lambda: make_embedder(cfg.model), injected=embedder, retired=self._retired,
+            probe=self.probe, on_refused=self._on_refused, on_alert=self._alert,
+            on_model=self.connect_tasks.set_model, on_changed=self._refresh_status,
         )
+        self.updater: Updater | None = None if u is None else Updater(
+            u, self.topics, keys, transport=self.transport, on_switch=self.serving.switch,
+            on_alert=self._alert, probe=self.probe, retire=self._retired.retire,
+            open_configured=self.serving.open_configured, sources=self._sources,
+            cache_dir=cfg.model.cache_dir,
+        )
+        if self.updater is not None:
+            self.serving.switcher = self.updater.switcher
         self.jobs: JobsBridge | None = None
 
     @property
     def model_id(self) -> str:
         """The model serving now (empty before start)."""
-        pair = self._pair
-        return pair.model_id if pair is not None else ""
-
-    @property
-    def _snapshot(self) -> ActiveSnapshot | None:
-        pair = self._pair
-        return pair.snapshot if pair is not None else None
-
-    def _current_pair(self) -> ModelPair:
-        pair = self._pair
-        assert pair is not None, "the pipeline runs only after start() loaded a model"
-        return pair
-
-    # -- construction helpers --
-    def _new_sync(self, model_id: str, dim: int, *, configured: bool) -> SnapshotSync:
-        state = sync_dir(self.cfg.snapshots.state_dir, model_id, configured=configured)
-        return SnapshotSync(
-            SnapshotStore(state), self._keys, store_id=self.cfg.kiosk.store_id, model_id=model_id,
-            model_dim=dim, on_swap=self._on_swap, on_refused=self._on_refused, sources=self._sources,
-        )
+        return self.serving.model_id
 
     # -- lifecycle --
     def start(self) -> None:
@@ -174,34 +156,12 @@ class KioskApp:
         if not self._sources:
             _LOGGER.warning("[sync] sources is empty: announced snapshots and releases will be refused "
                             "(source_not_allowed); serving only stored or [snapshots] initial snapshots")
-        loaded = self.updater.boot() if self.updater is not None else None  # a released pair wins
-        if loaded is not None:
-            embedder, model_id, self._released = loaded.embedder, loaded.pair.model_id, True
-        else:
-            embedder = self._injected if self._injected is not None else make_embedder(self.cfg.model)
-            self._base_embedder = embedder if self._injected is None else None
-            model_id = str(getattr(embedder, "model_id"))  # noqa: B009 (port attribute)
-        self.sync = self._new_sync(model_id, int(getattr(embedder, "dim")), configured=loaded is None)  # noqa: B009
-        self._pair = ModelPair(as_async(embedder), None)
-        stored = self.sync.load_active()
-        if loaded is not None and (stored is None or stored.version < loaded.snapshot.version):
-            stored = loaded.snapshot  # the release's snapshot, unless sync installed a newer one since
-        self._pair = ModelPair(as_async(embedder), stored)
-        if loaded is None:
-            self._adopt_configured()  # the first update's last known good
-        if stored is None and loaded is None and self.cfg.snapshots.initial is not None:
-            try:
-                self.sync.install(self.cfg.snapshots.initial)  # on_swap sets the pair's snapshot
-            except SnapshotRefused as exc:
-                _LOGGER.error("initial snapshot refused: %s", exc)
-                self._on_refused(exc.reason, exc.detail)
-        self.connect_tasks.set_model(model_id)
+        model_id = self.serving.start()
         if self.updater is not None:
             self.connect_tasks.extra.append(self.updater.republish)
         self.comms.start(self._status())
-        self.sync.start()
         if self.cfg.snapshots.subscribe:
-            self.comms.subscribe(self.topics.snapshot, self._on_announcement)
+            self.comms.subscribe(self.topics.snapshot, self.serving.on_announcement)
         for topic in HaDiscovery.subscriptions:
             self.comms.subscribe(topic, self.connect_tasks.on_message)
         if self.updater is not None:
@@ -239,15 +199,11 @@ class KioskApp:
             self.updater.stop(timeout_s)  # no switch from here on: the pointer stays as it is
         self.pipeline.stop(timeout_s)
         if self.updater is not None:
-            self.updater.close_loaded()
+            self.updater.switcher.close_loaded()
         self._retired.close_all()  # each close bounded: a hung one must not hang the kiosk's stop
-        if self._base_embedder is not None:
-            close_embedder(self._base_embedder)
-        self._base_embedder = None
         if self.screen is not None:
             self.screen.stop(timeout_s)
-        if self.sync is not None:
-            self.sync.stop(timeout_s)
+        self.serving.stop(timeout_s)
         self.comms.stop(timeout_s)
         self.outbox.close()
         self._threads = []
@@ -314,93 +270,15 @@ class KioskApp:
             self._alert("camera_back", f"streaming again after {self.grab.reopens} reopen(s)")
         self._refresh_status()
 
-    def _on_swap(self, snap: ActiveSnapshot) -> None:
-        """Snapshot sync installed ``snap``: same model, new snapshot (one reference replaced)."""
-        with self._pair_lock:
-            pair = self._pair
-            if pair is None or snap.manifest.model_id != pair.model_id:
-                _LOGGER.warning("snapshot v%d is for another model: ignored", snap.version)
-                return
-            old = pair.snapshot
-            if old is not None and snap.version < old.version:
-                _LOGGER.warning("snapshot v%d older than the served v%d: ignored", snap.version, old.version)
-                return
-            self._pair = replace(pair, snapshot=snap)  # the search stage picks it up at its next item
-            if not self._released:
-                self._adopt_configured()
-        if old is not None and old.version != snap.version:
-            self._alert("snapshot_applied", f"v{old.version} -> v{snap.version}")
-        self._refresh_status()
-
-    def _on_switch_pair(self, embedder: Any, snapshot: ActiveSnapshot) -> None:
-        """The updater switched model and snapshot (or rolled back): both in one reference swap."""
-        new = ModelPair(as_async(embedder), snapshot)
-        active = self.updater.active if self.updater is not None else None
-        configured = active is not None and active.pair.configured and active.embedder is embedder
-        with self._pair_lock:
-            old = self._pair
-            self._pair = new
-            self._released = not configured  # a rollback to the configured pair serves it as at boot
-        old_model = old.model_id if old is not None else ""
-        self.probe.on_switch(old_model, new.model_id)
-        _LOGGER.info("model %s -> %s, snapshot v%d", old_model[:12], new.model_id[:12], snapshot.version)
-        if new.model_id != old_model:
-            self._replace_sync(new.model_id, int(embedder.dim), configured=configured)
-            self.connect_tasks.set_model(new.model_id)  # HA shows the new model
-        self._refresh_status()
-
-    def _replace_sync(self, model_id: str, dim: int, *, configured: bool = False) -> None:
-        """A snapshot is valid for one model: a new sync (its own state) follows the new model."""
-        new = self._new_sync(model_id, dim, configured=configured)
-        new.start()
-        old, self.sync = self.sync, new
-        last = self._announcement  # read after the swap: one arriving meanwhile reaches ``new`` itself
-        if last is not None:
-            new.on_announcement(last[0], last[1], True)  # as the broker re-delivers it on a subscribe
-        if old is not None:
-            old.stop()
-
-    def _adopt_configured(self) -> None:
-        """Tell the updater the configured pair serving now (with the pair lock held, or before start)."""
-        pair = self._pair
-        if self.updater is None or pair is None or pair.snapshot is None:
-            return  # no snapshot yet: recorded when the sync installs the first one
-        embedder = self._base_embedder if self._base_embedder is not None else self._injected
-        if embedder is None:
-            return
-        self.updater.adopt(
-            LoadedPair(configured_pair(pair.model_id, pair.snapshot.version), embedder, pair.snapshot)
-        )
-
-    def _open_configured(self, pair: Pair) -> LoadedPair:
-        """The updater rolls back to the configured pair after a restart: load the configured model and the
-        snapshot its sync keeps (the one it served when the update switched away from it)."""
-        embedder = self._injected if self._injected is not None else self._base_embedder
-        if embedder is None:
-            embedder = self._base_embedder = make_embedder(self.cfg.model)
-        model_id = str(getattr(embedder, "model_id"))  # noqa: B009 (port attribute)
-        sync = self._new_sync(model_id, int(getattr(embedder, "dim")), configured=True)  # noqa: B009
-        snap = sync.load_active()
-        if snap is None:
-            raise RuntimeError("the configured model has no stored snapshot")
-        return LoadedPair(configured_pair(model_id, snap.version), embedder, snap)
-
     def _on_update_progress(self, p: UpdateProgress) -> None:
-        if p.step == "done" and self._base_embedder is not None and self._released:
-            self._retired.retire(self._base_embedder)  # the configured bundle serves no more
-            self._base_embedder = None
+        if p.step == "done":
+            self.serving.on_done()  # the configured bundle serves no more
         self._refresh_status()
-
-    def _on_announcement(self, topic: str, payload: bytes, retained: bool) -> None:
-        self._announcement = (topic, bytes(payload)) if payload else None  # empty: the retained one cleared
-        sync = self.sync  # whichever sync follows the running model now
-        if sync is not None:
-            sync.on_announcement(topic, payload, retained)
 
     def _on_refused(self, reason: str, detail: str) -> None:
         self._alert("snapshot_refused", f"{reason}: {detail}"[:500])
 
-    def _alert(self, kind: Any, detail: str) -> None:
+    def _alert(self, kind: Any, detail: str) -> None:  # Any: Alert.kind checks the name
         alert = Alert(kiosk=self.topics.kiosk, store=self.topics.store, kind=kind, detail=detail)
         try:
             self.comms.publish_event(self.topics.alert, alert.to_bytes())
@@ -408,17 +286,18 @@ class KioskApp:
             _LOGGER.exception("could not queue %s alert", kind)
 
     def _thumbs_dir(self) -> Path | None:
-        snap = self._snapshot
+        snap = self.serving.snapshot
         return snap.directory if snap is not None else None
 
     # -- status and health --
     def _status(self) -> Status:
         cam = self.grab.state
-        snap = self._snapshot
+        snap = self.serving.snapshot
+        sync = self.serving.sync
         state, reason = KioskState.ONLINE, None
         if self.updater is not None and not self.updater.idle.is_set():
             state, reason = KioskState.UPDATING, "model update"
-        elif self.sync is not None and not self.sync.idle.is_set():
+        elif sync is not None and not sync.idle.is_set():
             state, reason = KioskState.UPDATING, "snapshot update"
         elif cam not in HEALTHY:
             state, reason = KioskState.DEGRADED, f"camera {cam.value}"
@@ -448,7 +327,7 @@ class KioskApp:
 
     def health(self) -> Health:
         """The current health figures."""
-        snap = self._snapshot
+        snap = self.serving.snapshot
         return Health(
             kiosk=self.topics.kiosk, store=self.topics.store,
             uptime_s=round(time.monotonic() - self._t_start, 3), camera=self.grab.state.value,

@@ -8,9 +8,10 @@ from pathlib import Path
 from device.camera.port import Image
 from device.comms import InMemoryTransport, Transport
 from device.config import BrokerConfig, ModelConfig
+from models.port import EmbedderPort
 
 
-def make_embedder(m: ModelConfig) -> object:
+def make_embedder(m: ModelConfig) -> EmbedderPort:
     """The configured model: the shipped FakeEmbedder, or the OpenVINO bundle."""
     if m.kind == "fake":
         from models.fake import FakeEmbedder

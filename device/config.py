@@ -194,6 +194,14 @@ class UpdateConfig(_Section):
     jobs: bool = True  # transport "aws": take releases from AWS IoT Jobs as well as the desired topic
     thing_name: str | None = None  # the IoT thing for Jobs; defaults to the MQTT client id
 
+    @property
+    def compile_mem_bytes(self) -> int:
+        return self.compile_mem_mb << 20
+
+    @property
+    def max_snapshot_bytes(self) -> int:
+        return self.max_snapshot_mb << 20
+
 
 class KioskConfig(_Section):
     """The whole tree; each component receives only its own section."""

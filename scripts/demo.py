@@ -60,7 +60,7 @@ from device.camera.synthetic import (  # noqa: E402
 from models.export import export_model  # noqa: E402
 from storelens import protocol, signing  # noqa: E402
 from storelens.feedback import FeedbackEvent, store_feedback_filter  # noqa: E402
-from tests.support.mosquitto import Mosquitto  # noqa: E402
+from storelens.devbroker import Mosquitto  # noqa: E402
 
 STORE, KIOSK = "store-042", "kiosk-01"
 MOBILENET = "models/coral/tf2_mobilenet_v2_1.0_224_ptq.tflite"
@@ -527,7 +527,7 @@ def _start_dashboard(broker: Mosquitto, work: Path, fb_dir: Path, password: str)
 
 
 def _kiosk_toml(work: Path, video: Path, bundle: Path, broker: Mosquitto, fps: float) -> str:
-    from tests.support.mosquitto import free_port
+    from storelens.devbroker import free_port
 
     return f"""
 [kiosk]

@@ -190,15 +190,18 @@ class Alert(_Message):
     detail: str = ""
 
 
+UpdateStep = Literal[
+    "idle", "download", "verify", "compile", "selftest", "switch", "probation", "done", "rolled_back",
+    "failed",
+]
+
+
 class UpdateProgress(_Message):
     """Retained progress of a model+snapshot update on one kiosk (fleet and dashboard read it)."""
 
     TYPE: ClassVar[str] = "update"
     release: str
-    step: Literal[
-        "idle", "download", "verify", "compile", "selftest", "switch", "probation", "done", "rolled_back",
-        "failed",
-    ]
+    step: UpdateStep
     ok: bool = True
     detail: str = ""
     model: str | None = None

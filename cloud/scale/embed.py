@@ -22,8 +22,9 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud.catalog import FetchError, Item, fetch_image_bytes
-from cloud.featurize import EmbedderLike, _Job, make_thumbnail
+from cloud.featurize import _Job, make_thumbnail
 from cloud.scale.parquet_cache import ParquetCache
+from models.port import EmbedderPort
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -39,13 +40,13 @@ MAX_RESTARTS = 4
 class EmbedderFactory(Protocol):
     """Makes the embedder inside each actor (picklable: it travels to the workers)."""
 
-    def __call__(self, threads: int) -> EmbedderLike: ...
+    def __call__(self, threads: int) -> EmbedderPort: ...
     def space(self) -> EmbeddingSpace: ...
 
 
 @dataclass(frozen=True, slots=True)
 class EmbeddingSpace:
-    """What a snapshot build needs to know of the model, without compiling it (an EmbedderLike)."""
+    """What a snapshot build needs to know of the model, without compiling it (an EmbedderPort)."""
 
     dim: int
     model_id: str
@@ -62,7 +63,7 @@ class BundleEmbedders:
 
     bundle: str
 
-    def __call__(self, threads: int) -> EmbedderLike:
+    def __call__(self, threads: int) -> EmbedderPort:
         from models.embedder import Embedder
 
         # One CPU: the latency hint (one stream, one request); more: the throughput hint on that many.

@@ -14,7 +14,6 @@ from device.comms.stats import LatencyStats
 from device.detect.detector import Detection, DetectorPort
 from device.pipeline.aggregate import ItemResult
 from device.pipeline.stages import (
-    AsyncEmbedderPort,
     Counters,
     DetectStage,
     Handoff,
@@ -23,6 +22,7 @@ from device.pipeline.stages import (
     SearchStage,
 )
 from device.sync.active import ActiveSnapshot
+from models.port import EmbedderPort
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Pipeline:
         self,
         frames: BoundedQueue[Frame],
         detector: DetectorPort,
-        embedder: AsyncEmbedderPort,
+        embedder: EmbedderPort,
         snapshot: Callable[[], ActiveSnapshot | None],
         **kwargs: Any,
     ) -> None:

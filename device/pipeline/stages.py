@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -23,76 +23,38 @@ from device.comms.stats import LatencyStats
 from device.detect.detector import Detection, DetectorPort, DetectState
 from device.pipeline.aggregate import ItemResult, aggregate
 from device.sync.active import ActiveSnapshot
+from models.port import EmbedderPort, embed_one
 
 _LOGGER = logging.getLogger(__name__)
 
 _GET_TIMEOUT_S: Final = 0.1  # queue polls re-check the stop event at least this often
 
 
-class AsyncEmbedderPort(Protocol):
-    """What the pipeline needs from an embedder: dim, model_id and async submit."""
-
-    @property
-    def dim(self) -> int: ...
-
-    @property
-    def model_id(self) -> str: ...
-
-    def submit(
-        self, crop: npt.NDArray[np.uint8],
-        callback: Callable[[npt.NDArray[np.float32] | None, object], None], userdata: object = None,
-    ) -> None:
-        """Embed ``crop`` off the caller's thread; ``callback(vector or None on failure, userdata)``."""
+Callback = Callable[[npt.NDArray[np.float32] | None, object], None]
 
 
-class _SyncEmbedder(Protocol):
-    @property
-    def dim(self) -> int: ...
-
-    @property
-    def model_id(self) -> str: ...
-
-    def embed_one(self, crop: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]: ...
-
-
-class InlineSubmit:
-    """Gives a synchronous embedder (e.g. FakeEmbedder) the async ``submit``: runs it inline."""
-
-    def __init__(self, embedder: _SyncEmbedder) -> None:
-        self._inner = embedder
-
-    @property
-    def dim(self) -> int:
-        return self._inner.dim
-
-    @property
-    def model_id(self) -> str:
-        return self._inner.model_id
-
-    def submit(
-        self, crop: npt.NDArray[np.uint8],
-        callback: Callable[[npt.NDArray[np.float32] | None, object], None], userdata: object = None,
-    ) -> None:
-        try:
-            vector: npt.NDArray[np.float32] | None = self._inner.embed_one(crop)
-        except Exception:
-            _LOGGER.exception("embedding failed")
-            vector = None
-        callback(vector, userdata)
-
-
-def as_async(embedder: object) -> AsyncEmbedderPort:
-    """The embedder itself when it has ``submit``, else an inline adapter."""
-    if hasattr(embedder, "submit"):
-        return embedder  # type: ignore[return-value]
-    return InlineSubmit(embedder)  # type: ignore[arg-type]
+def submit(
+    embedder: EmbedderPort, crop: npt.NDArray[np.uint8], callback: Callback, userdata: object = None
+) -> None:
+    """Embed ``crop`` and call ``callback(vector, userdata)``: asynchronously through the adapter's own
+    ``submit`` (OpenVINO's request threads), else inline (a FakeEmbedder; a failure calls back with None)."""
+    native = getattr(embedder, "submit", None)
+    if callable(native):
+        native(crop, callback, userdata)
+        return
+    try:
+        vector: npt.NDArray[np.float32] | None = embed_one(embedder, crop)
+    except Exception:
+        _LOGGER.exception("embedding failed")
+        vector = None
+    callback(vector, userdata)
 
 
 @dataclass(frozen=True, slots=True)
 class ModelPair:
     """The model and the index built by it: swapped as ONE reference, so an item never mixes the two."""
 
-    embedder: AsyncEmbedderPort
+    embedder: EmbedderPort
     snapshot: ActiveSnapshot | None
 
     @property
@@ -238,7 +200,7 @@ class DetectStage:
         pending = Pending(det.item_id, frame.seq, frame.t_capture, (t0 - frame.t_capture) * 1000.0,
                           (t1 - t0) * 1000.0, self._clock(), pair, final, det.crop)
         try:
-            pair.embedder.submit(det.crop, self._on_embedded, pending)
+            submit(pair.embedder, det.crop, self._on_embedded, pending)
         except Exception:
             self._inflight.release()
             c.embed_errors += 1

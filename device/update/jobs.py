@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from device.comms.port import Transport
-from device.update.steps import UpdateFailed
+from device.generations import UpdateFailed
 from device.update.updater import Updater
 from storelens.protocol import UpdateProgress
 from storelens.release import desired_from_job

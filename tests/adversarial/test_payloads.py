@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device.app_update import ConnectTasks
+from device.app_connect import ConnectTasks
 from device.comms import InMemoryTransport
+from device.config import UpdateConfig
 from device.sync import SnapshotStore, SnapshotSync, Sources
-from device.update import Updater, UpdateSettings
+from device.update import Updater
 from storelens.protocol import HA_STATUS_TOPIC, DesiredRelease, SnapshotAnnouncement, Topics, decode
 from tests.adversarial.conftest import Tally
 from tests.device.sync.snapbuild import MODEL_DIM, MODEL_ID, archive, build_snapshot
@@ -156,7 +157,7 @@ def test_every_desired_field_mutated_is_refused_or_queued_only_when_valid(
     sources = Sources([source])
     for label, payload in _mutations(base, values):
         alerts: list[tuple[str, str]] = []
-        u = Updater(UpdateSettings(tmp_path / "upd"), Topics("s1", "k1"),
+        u = Updater(UpdateConfig(state_dir=tmp_path / "upd"), Topics("s1", "k1"),
                     [Ed25519PrivateKey.generate().public_key()], transport=None, on_switch=lambda e, s: None,
                     on_alert=lambda k, d, alerts=alerts: alerts.append((k, d)), sources=sources)
         try:

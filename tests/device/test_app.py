@@ -98,17 +98,16 @@ def test_forged_initial_snapshot_is_refused_with_an_alert(tmp_path: Path, setup:
 
 def test_update_section_is_optional_and_maps_to_updater_settings(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
     """Old configs stay valid (no updater); an [update] section builds one with its limits."""
-    from device.app_update import update_settings
-
     video, pub, snap, _, _ = setup
     assert _config(tmp_path, video, pub, snap).update is None
     raw = _config(tmp_path, video, pub, snap).model_dump(mode="json")
     raw["update"] = {"state_dir": "upd", "probation_s": 2.0, "compile_mem_mb": 512}
     cfg = parse_config(raw, base_dir=tmp_path)
-    s = update_settings(cfg)
-    assert s is not None and s.root == tmp_path / "upd" and s.probation_s == 2.0
+    s = cfg.update  # the updater's settings are the [update] section itself
+    assert s is not None and s.state_dir == tmp_path / "upd" and s.probation_s == 2.0
     assert s.compile_mem_bytes == 512 << 20
-    assert KioskApp(cfg, transport=InMemoryTransport()).updater is not None
+    updater = KioskApp(cfg, transport=InMemoryTransport()).updater
+    assert updater is not None and updater.cfg is s
 
 
 def test_a_model_switch_replaces_model_and_snapshot_together(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
@@ -121,20 +120,20 @@ def test_a_model_switch_replaces_model_and_snapshot_together(tmp_path: Path, set
     app = KioskApp(_config(tmp_path, video, pub, snap), transport=InMemoryTransport())
     app.start()
     try:
-        old_pair = app._current_pair()
+        old_pair = app.serving.current()
         old_snap = old_pair.snapshot
-        assert old_snap is not None and app.sync is not None
+        assert old_snap is not None and app.serving.sync is not None
         new_emb = FakeEmbedder(64, seed=7)
         d = make_snapshot(tmp_path / "v5", new_emb.embed(items), ["a", "b", "c"], key,
                           model_id=new_emb.model_id, version=5, threshold=0.3)
         new_snap = ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()]))
-        old_sync = app.sync
-        app._on_switch_pair(new_emb, new_snap)
-        pair = app._current_pair()
+        old_sync = app.serving.sync
+        app.serving.switch(new_emb, new_snap)
+        pair = app.serving.current()
         assert pair.model_id == app.model_id == new_emb.model_id and pair.snapshot is new_snap
-        assert app.sync is not old_sync and app.sync._model_id == new_emb.model_id
-        app._on_swap(old_snap)  # a late install by the old model's sync: ignored
-        assert app._current_pair() is pair
+        assert app.serving.sync is not old_sync and app.serving.sync._model_id == new_emb.model_id
+        app.serving.on_snapshot(old_snap)  # a late install by the old model's sync: ignored
+        assert app.serving.current() is pair
     finally:
         app.stop()
 
@@ -142,8 +141,8 @@ def test_a_model_switch_replaces_model_and_snapshot_together(tmp_path: Path, set
 def test_first_update_rolled_back_serves_the_configured_pair(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
     """The configured model+snapshot is recorded at boot as the pair in use; a switch to the first release
     then a probation rollback must serve exactly that pair again (its own sync state), and say so."""
+    from device.generations import CONFIGURED, Generation, GenerationStore, LoadedGeneration
     from device.sync.active import ActiveSnapshot
-    from device.update import CONFIGURED, LoadedPair, Pair, PairStore
     from storelens.snapshot import verify_snapshot
 
     video, pub, snap, items, key = setup
@@ -156,22 +155,24 @@ def test_first_update_rolled_back_serves_the_configured_pair(tmp_path: Path, set
     try:
         updater = app.updater
         assert updater is not None
-        p = PairStore(tmp_path / "upd").pointer
+        p = GenerationStore(tmp_path / "upd").pointer
         assert p.current is not None and p.current.release == CONFIGURED
         assert (p.current.model_id, p.current.snapshot_version) == (emb.model_id, 1)
         new_emb = FakeEmbedder(64, seed=7)
         d = make_snapshot(tmp_path / "v5", new_emb.embed(items), ["a", "b", "c"], key,
                           model_id=new_emb.model_id, version=5, threshold=0.3)
         new_snap = ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()]))
-        release = Pair("rel1", "bundles/x", "snapshots/y", new_emb.model_id, 5, 1)
-        updater._switch(LoadedPair(release, new_emb, new_snap))  # what the worker does after the self-test
-        assert app.model_id == new_emb.model_id and app._released
-        updater._rollback("rel1", "3 embedding error(s) since the switch")
-        pair = app._current_pair()
+        release = Generation("rel1", "bundles/x", "snapshots/y", new_emb.model_id, 5, 1)
+        # what the worker does after the self-test:
+        updater.switcher.switch(LoadedGeneration(release, new_emb, new_snap))
+        assert app.model_id == new_emb.model_id and app.serving.released
+        updater.switcher.rollback("rel1", "3 embedding error(s) since the switch")
+        pair = app.serving.current()
         assert pair.model_id == emb.model_id and pair.snapshot is not None and pair.snapshot.version == 1
-        assert not app._released and app.sync is not None
-        assert app.sync._model_id == emb.model_id and app.sync._store.root == cfg.snapshots.state_dir
-        p = PairStore(tmp_path / "upd").pointer
+        assert not app.serving.released and app.serving.sync is not None
+        sync = app.serving.sync
+        assert sync._model_id == emb.model_id and sync._store.root == cfg.snapshots.state_dir
+        p = GenerationStore(tmp_path / "upd").pointer
         assert p.current is not None and p.current.release == CONFIGURED and p.state == "stable"
         assert (p.current.model_id, p.current.snapshot_version) == (emb.model_id, 1) and "rel1" in p.failed
     finally:
@@ -194,17 +195,17 @@ def test_sync_made_at_a_model_switch_sees_the_retained_announcement(
     app.start()
     try:
         topic = app.topics.snapshot
-        app._on_announcement(topic, b'{"v": 9}', True)
-        assert seen == [(app.sync, b'{"v": 9}', True)]
+        app.serving.on_announcement(topic, b'{"v": 9}', True)
+        assert seen == [(app.serving.sync, b'{"v": 9}', True)]
         new_emb = FakeEmbedder(64, seed=7)
         d = make_snapshot(tmp_path / "v5", new_emb.embed(items), ["a", "b", "c"], key,
                           model_id=new_emb.model_id, version=5, threshold=0.3)
-        app._on_switch_pair(new_emb, ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()])))
-        assert app.sync is not None and app.sync._model_id == new_emb.model_id
-        assert seen[-1] == (app.sync, b'{"v": 9}', True)
-        app._on_announcement(topic, b"", True)  # the retained announcement cleared: nothing to hand on
-        app._on_switch_pair(FakeEmbedder(64, seed=9), app._current_pair().snapshot)  # type: ignore[arg-type]
-        assert seen[-1][0] is not app.sync
+        app.serving.switch(new_emb, ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()])))
+        assert app.serving.sync is not None and app.serving.sync._model_id == new_emb.model_id
+        assert seen[-1] == (app.serving.sync, b'{"v": 9}', True)
+        app.serving.on_announcement(topic, b"", True)  # the retained announcement cleared: nothing to hand on
+        app.serving.switch(FakeEmbedder(64, seed=9), app.serving.current().snapshot)  # type: ignore[arg-type]
+        assert seen[-1][0] is not app.serving.sync
     finally:
         app.stop()
 
@@ -218,8 +219,8 @@ def test_a_replaced_model_is_closed_while_the_kiosk_runs(
     import threading
 
     import device.app
+    from device.generations import Generation, LoadedGeneration
     from device.sync.active import ActiveSnapshot
-    from device.update import LoadedPair, Pair
     from storelens.snapshot import verify_snapshot
 
     class ClosableFake(FakeEmbedder):
@@ -240,16 +241,18 @@ def test_a_replaced_model_is_closed_while_the_kiosk_runs(
     app.start()
     try:
         updater = app.updater
-        assert updater is not None and app._base_embedder is base
+        assert updater is not None and app.serving.configured is base
         loaded = []
         for seq, seed in ((1, 7), (2, 8)):
             emb = ClosableFake(64, seed)
             d = make_snapshot(tmp_path / f"v{4 + seq}", emb.embed(items), ["a", "b", "c"], key,
                               model_id=emb.model_id, version=4 + seq, threshold=0.3)
             s = ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()]))
-            loaded.append(LoadedPair(Pair(f"rel{seq}", "b", "s", emb.model_id, 4 + seq, seq), emb, s))
-            updater._switch(loaded[-1])  # what the worker does after the self-test
-        updater._probation("rel2", threading.Event(), probation_s=0.0)  # rel2 is good: rel1 and base retire
+            gen = Generation(f"rel{seq}", "b", "s", emb.model_id, 4 + seq, seq)
+            loaded.append(LoadedGeneration(gen, emb, s))
+            updater.switcher.switch(loaded[-1])  # what the worker does after the self-test
+        # rel2 is good: rel1 and base retire
+        updater.switcher.probation("rel2", threading.Event(), probation_s=0.0)
         first, second = (lp.embedder for lp in loaded)
         assert isinstance(first, ClosableFake) and isinstance(second, ClosableFake)
         assert first.closed.wait(10.0), "the replaced release's model was not closed while the kiosk ran"

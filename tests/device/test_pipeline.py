@@ -18,7 +18,7 @@ from device.comms.stats import LatencyStats
 from device.config import DetectionConfig
 from device.detect import Detection, ForcedSteadyDetector, HeldItemDetector
 from device.detect.detector import DetectState
-from device.pipeline import Counters, ItemResult, ModelPair, Pipeline, aggregate, as_async
+from device.pipeline import Counters, ItemResult, ModelPair, Pipeline, aggregate, submit
 from device.pipeline.stages import Close, DetectStage, Handoff, SearchStage
 from device.sync.active import ActiveSnapshot
 from models.fake import FakeEmbedder
@@ -47,7 +47,7 @@ def _run(scene: Scene, emb: FakeEmbedder, snapshot: Callable[[], ActiveSnapshot 
          on_result: Callable[[ItemResult], None], **kw: object) -> Pipeline:
     q: BoundedQueue[Frame] = BoundedQueue(4, OverflowPolicy.WAIT)
     grab = GrabStage(lambda: SyntheticSource(scene.frames), q)
-    pipe = Pipeline(q, HeldItemDetector(DetectionConfig()), as_async(emb), snapshot, on_result=on_result,
+    pipe = Pipeline(q, HeldItemDetector(DetectionConfig()), emb, snapshot, on_result=on_result,
                     **kw)  # type: ignore[arg-type]
     stop = threading.Event()
     t = threading.Thread(target=grab.run, args=(stop,), name="test-grab")
@@ -130,7 +130,7 @@ def test_forced_steady_embeds_every_frame(catalog: tuple) -> None:  # type: igno
     frames = [np.ascontiguousarray(np.tile(items[i % N_ITEMS][:120, :120], (2, 2, 1))) for i in range(40)]
     q: BoundedQueue[Frame] = BoundedQueue(4, OverflowPolicy.WAIT)
     results: list[ItemResult] = []
-    pipe = Pipeline(q, ForcedSteadyDetector(), as_async(emb), lambda: snap, on_result=results.append,
+    pipe = Pipeline(q, ForcedSteadyDetector(), emb, lambda: snap, on_result=results.append,
                     aggregate_frames=1)
     pipe.start()
     for i, f in enumerate(frames):
@@ -184,7 +184,7 @@ def _detect_only(detector: _ScriptedDetector, emb: object, n_frames: int) -> tup
     handoff: BoundedQueue[Handoff] = BoundedQueue(64, OverflowPolicy.WAIT)
     counters = Counters()
     # No search stage releases the crops' slots: room for them beside the 8 that END takes back.
-    stage = DetectStage(frames, detector, lambda: ModelPair(as_async(emb), None), handoff,
+    stage = DetectStage(frames, detector, lambda: ModelPair(emb, None), handoff,
                         threading.Semaphore(8 + n_frames), max_inflight=8, aggregate_frames=3,
                         counters=counters)  # fmt: skip
     for i in range(n_frames):
@@ -200,7 +200,7 @@ def _detect_only(detector: _ScriptedDetector, emb: object, n_frames: int) -> tup
 def _search_only(emb: FakeEmbedder, snap: ActiveSnapshot, results: list[ItemResult]) -> SearchStage:
     """A search stage fed by hand (``_handle``): its results go to ``results``."""
     return SearchStage(BoundedQueue(1, OverflowPolicy.WAIT), threading.Semaphore(8),
-                       lambda: ModelPair(as_async(emb), snap), top_k=3, counters=Counters(),
+                       lambda: ModelPair(emb, snap), top_k=3, counters=Counters(),
                        stats=LatencyStats(), on_result=results.append, on_shown=lambda i: None)  # fmt: skip
 
 
@@ -233,14 +233,14 @@ class _FailsOnce:
     """An async embedder whose ``fail_at``-th submit raises (e.g. a request lost mid-update)."""
 
     def __init__(self, emb: FakeEmbedder, fail_at: int) -> None:
-        self._inner, self._fail_at, self.calls = as_async(emb), fail_at, 0
+        self._inner, self._fail_at, self.calls = emb, fail_at, 0
         self.dim, self.model_id = emb.dim, emb.model_id
 
     def submit(self, crop: np.ndarray, callback: Callable[..., None], userdata: object = None) -> None:
         self.calls += 1
         if self.calls == self._fail_at:
             raise RuntimeError("submit failed")
-        self._inner.submit(crop, callback, userdata)
+        submit(self._inner, crop, callback, userdata)
 
 
 def test_a_failed_last_crop_is_retried_on_the_next_steady_frame(catalog: tuple) -> None:  # type: ignore[type-arg]

@@ -228,7 +228,7 @@ def test_delta_published_mid_run_is_applied_onto_the_served_snapshot(
         app.stop()
         _clear_retained(broker)
     assert [a.detail for a in _alert_list(c) if a.kind == "snapshot_refused"] == []
-    served = app.sync.active if app.sync is not None else None
+    served = app.serving.sync.active if app.serving.sync is not None else None
     assert served is not None and (served.directory / "proof" / "v2").is_dir()  # applied, not re-fetched
     ordered = sorted(_events(c).values(), key=lambda e: e.seq)
     assert [e.results[0].sku for e in ordered] == _expected()

@@ -16,8 +16,9 @@ import numpy as np
 from device.camera.buffer import BoundedQueue, OverflowPolicy
 from device.comms import Comms, Outbox
 from device.comms.paho_transport import PahoTransport
+from device.config import UpdateConfig
 from device.sync import Sources
-from device.update import Updater, UpdateSettings
+from device.update import Updater
 from storelens.protocol import Alert, KioskState, MatchEvent, MatchItem, Status, Topics
 from tests.fleet.helpers import N_ITEMS, item_image
 
@@ -42,8 +43,9 @@ class StandInKiosk:
         self.outbox = Outbox(root / "outbox.sqlite")
         self.comms = Comms(self.transport, self.outbox, self.topics, app_version="test")
         self.updater = Updater(
-            UpdateSettings(
-                root / "update", probation_s=probation_s, probe_interval_s=0.05, compile_timeout_s=120
+            UpdateConfig(
+                state_dir=root / "update", probation_s=probation_s, probe_interval_s=0.05,
+                compile_timeout_s=120,
             ),
             self.topics,
             [public_key],

@@ -156,8 +156,17 @@ def test_untunable_requests_are_refused_by_name(tiny_bundle: Path, calib_dir: Pa
 
 def test_model_tune_cli(tiny_bundle: Path, tmp_path: Path) -> None:
     """`storelens model tune` reads a catalog, reports a bad image, writes a bundle; bad input exits 2."""
+    import typer
+
     from cloud.catalog import write_catalog
-    from models.cli import model_app
+    from cloud.tune_cli import register
+
+    model_app = typer.Typer()
+    register(model_app)
+
+    @model_app.callback()
+    def _root() -> None:
+        """Force a group so the command is addressed by name."""
 
     images, labels = _dataset(4, seed=5)
     rows: dict[int, list[str]] = {}

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from device.config import UpdateConfig
+from device.generations import store as pointer_mod
 from device.sync import Sources
-from device.update import Updater, UpdateSettings
-from device.update import pointer as pointer_mod
+from device.update import Updater
 from storelens.protocol import DesiredRelease, Topics, UpdateProgress
 from storelens.signing import load_public_key
 
@@ -48,7 +49,7 @@ def main() -> int:
         setattr(pointer_mod, "atomic_write_json", torn)  # noqa: B010
 
     u = Updater(
-        UpdateSettings(Path(root), probation_s=0.2, probe_interval_s=0.02),
+        UpdateConfig(state_dir=Path(root), probation_s=0.2, probe_interval_s=0.02),
         Topics(desired.store, desired.kiosk),
         [load_public_key(Path(pub))],
         transport=None,

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from device.config import UpdateConfig
 from device.sync import Sources
-from device.update import Updater, UpdateSettings, steps
+from device.update import Updater, steps
 from storelens.protocol import DesiredRelease, Topics
 from storelens.release import Artifact, BundleRef, ReleaseManifest, StoreSnapshotRef
 from tests.device.sync.test_sources import _Server
@@ -19,7 +20,8 @@ SOURCE = "https://cdn.example.com/releases/"
 
 def _updater(tmp_path: Path, alerts: list[tuple[str, str]], sources: list[str] | None = None) -> Updater:
     return Updater(
-        UpdateSettings(tmp_path / "upd"), Topics("s1", "k1"), [Ed25519PrivateKey.generate().public_key()],
+        UpdateConfig(state_dir=tmp_path / "upd"), Topics("s1", "k1"),
+        [Ed25519PrivateKey.generate().public_key()],
         transport=None, on_switch=lambda e, s: None, on_alert=lambda k, d: alerts.append((k, d)),
         sources=Sources(sources if sources is not None else [SOURCE]),
     )

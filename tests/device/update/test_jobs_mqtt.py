@@ -13,8 +13,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device.comms.paho_transport import PahoTransport
+from device.config import UpdateConfig
 from device.sync import Sources
-from device.update import JobsBridge, Updater, UpdateSettings
+from device.update import JobsBridge, Updater
 from storelens.protocol import Topics
 from storelens.release import job_document
 from tests.fleet.conftest import Releases
@@ -100,7 +101,7 @@ def kiosk(
     transport = PahoTransport(broker.url, f"{THING}-{tmp_path.name}"[:60])
     transport.connect(will=None, timeout_s=10)
     updater = Updater(
-        UpdateSettings(tmp_path / "k", probation_s=0.1, probe_interval_s=0.02),
+        UpdateConfig(state_dir=tmp_path / "k", probation_s=0.1, probe_interval_s=0.02),
         Topics("s1", THING),
         [releases.key.public_key()],
         transport=transport,

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from device.config import UpdateConfig
+from device.generations import GenerationStore
+from device.generations import close_embedder as _close
 from device.sync import Sources
-from device.update import PairStore, Updater, UpdateSettings
-from device.update.pairs import close_embedder as _close
+from device.update import Updater
 from storelens.protocol import Topics
 from storelens.snapshot import verify_snapshot
 from tests.device.update.crash_child import CRASHED
@@ -67,10 +69,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory, releases: Releases) -> t
 
 def _assert_consistent(root: Path, releases: Releases) -> str:
     """Boot a fresh updater on ``root``: the pair it loads is whole, verified, and old or new."""
-    p = PairStore(root).pointer
+    p = GenerationStore(root).pointer
     assert p.current is not None
     u = Updater(
-        UpdateSettings(root),
+        UpdateConfig(state_dir=root),
         Topics("s1", "k1"),
         [releases.key.public_key()],
         transport=None,
@@ -80,7 +82,7 @@ def _assert_consistent(root: Path, releases: Releases) -> str:
     loaded = u.boot()
     assert loaded is not None
     try:
-        pair = loaded.pair
+        pair = loaded.generation
         assert pair.release in ("rel10", "rel20")
         want = {"rel10": releases.good1, "rel20": releases.good2}[pair.release].manifest
         assert pair.model_id == want.bundle.model_id == loaded.embedder.model_id

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 from device.comms import InMemoryTransport
+from device.config import UpdateConfig
+from device.generations import GenerationStore
+from device.generations.child import CompileFailed, compile_in_child
 from device.sync import Sources
-from device.update import PairStore, Updater, UpdateSettings
-from device.update.child import CompileFailed, compile_in_child
+from device.update import Updater
 from storelens.protocol import Topics, UpdateProgress, decode
 from tests.fleet.conftest import Releases
 from tests.fleet.helpers import desired
@@ -42,7 +44,9 @@ class Kiosk:
         self.switches: list[tuple[str, int]] = []
         self.alerts: list[tuple[str, str]] = []
         self.updater = Updater(
-            UpdateSettings(root, probation_s=probation_s, probe_interval_s=0.02, compile_timeout_s=60),
+            UpdateConfig(
+                state_dir=root, probation_s=probation_s, probe_interval_s=0.02, compile_timeout_s=60
+            ),
             self.topics,
             [releases.key.public_key()],
             transport=self.transport,
@@ -134,7 +138,7 @@ def test_unhealthy_probation_rolls_back_to_the_old_pair(tmp_path: Path, releases
     assert final.step == "rolled_back" and "errors" in final.detail
     a, b = releases.good1.manifest.bundle.model_id, releases.good2.manifest.bundle.model_id
     assert k.switches == [(a, 10), (b, 20), (a, 10)]
-    p = PairStore(tmp_path / "k").pointer
+    p = GenerationStore(tmp_path / "k").pointer
     assert p.current is not None and p.current.release == "rel10" and p.state == "stable"
 
 
@@ -208,9 +212,9 @@ def test_crash_loop_in_probation_rolls_back_at_boot(tmp_path: Path, releases: Re
         again = Kiosk(tmp_path / "k", releases, probation_s=60.0)
         loaded = again.updater.boot()
         assert loaded is not None
-        models.append(loaded.pair.release)
+        models.append(loaded.generation.release)
     assert models == ["rel20", "rel20", "rel10"]  # max_probation_boots=2, then back
-    p = PairStore(tmp_path / "k").pointer
+    p = GenerationStore(tmp_path / "k").pointer
     assert (
         p.state == "stable" and p.current is not None and p.current.release == "rel10" and "rel20" in p.failed
     )
@@ -233,8 +237,8 @@ def _configured(tmp_path: Path, releases: Releases) -> Any:
     """The kiosk's configured model (a FakeEmbedder) and its snapshot v3, as the app would adopt them."""
     import numpy as np
 
+    from device.generations import LoadedGeneration, generation_zero
     from device.sync.active import ActiveSnapshot
-    from device.update import LoadedPair, configured_pair
     from models.fake import FakeEmbedder
     from storelens.snapshot import verify_snapshot
     from tests.device.snapshots import make_snapshot
@@ -244,7 +248,7 @@ def _configured(tmp_path: Path, releases: Releases) -> Any:
     d = make_snapshot(tmp_path / "configured-v3", vectors, ["a", "b", "c"], releases.key,
                       model_id=emb.model_id, version=3)
     snap = ActiveSnapshot.load(d, verify_snapshot(d, [releases.key.public_key()]))
-    return LoadedPair(configured_pair(emb.model_id, 3), emb, snap)
+    return LoadedGeneration(generation_zero(emb.model_id, 3), emb, snap)
 
 
 def test_first_update_failing_probation_rolls_back_to_the_configured_pair(
@@ -252,15 +256,15 @@ def test_first_update_failing_probation_rolls_back_to_the_configured_pair(
 ) -> None:
     """The very first update has the configured model+snapshot (recorded at boot) as its last known good:
     a regression in probation puts exactly that pair back, in memory and on disk, also after a restart."""
-    from device.update import CONFIGURED
+    from device.generations import CONFIGURED
 
     configured = _configured(tmp_path, releases)
     regressed = "3 embedding error(s) since the switch"
     k = Kiosk(tmp_path / "k", releases, probation_s=30.0, probe=lambda: regressed)
     assert k.updater.boot() is None  # nothing released yet: the app serves its configured pair
-    k.updater.adopt(configured)
-    p = PairStore(tmp_path / "k").pointer
-    assert p.current == configured.pair and p.state == "stable"
+    k.updater.switcher.adopt(configured)
+    p = GenerationStore(tmp_path / "k").pointer
+    assert p.current == configured.generation and p.state == "stable"
     k.updater.start()
     try:
         k.updater.submit(desired(releases.good1, "s1", "k1"))
@@ -268,18 +272,18 @@ def test_first_update_failing_probation_rolls_back_to_the_configured_pair(
     finally:
         k.updater.stop()
     assert final.step == "rolled_back" and "embedding error" in final.detail, final.detail
-    assert final.model == configured.pair.model_id and final.snapshot == 3
+    assert final.model == configured.generation.model_id and final.snapshot == 3
     a = releases.good1.manifest.bundle.model_id
-    assert k.switches == [(a, 10), (configured.pair.model_id, 3)]
+    assert k.switches == [(a, 10), (configured.generation.model_id, 3)]
     assert k.updater.active is configured
-    p = PairStore(tmp_path / "k").pointer
-    assert p.current == configured.pair and p.current.release == CONFIGURED
+    p = GenerationStore(tmp_path / "k").pointer
+    assert p.current == configured.generation and p.current.release == CONFIGURED
     assert p.state == "stable" and p.previous is None and "rel10" in p.failed
-    assert list(PairStore(tmp_path / "k").bundles.iterdir()) == []  # the failed release is gone
+    assert list(GenerationStore(tmp_path / "k").bundles.iterdir()) == []  # the failed release is gone
     # restart: the pointer names the configured pair, so the app serves it as at boot
     again = Kiosk(tmp_path / "k", releases)
     assert again.updater.boot() is None
-    assert again.updater.store.pointer.current == configured.pair
+    assert again.updater.store.pointer.current == configured.generation
 
 
 def test_restart_in_first_probation_then_regression_reopens_the_configured_pair(
@@ -290,29 +294,29 @@ def test_restart_in_first_probation_then_regression_reopens_the_configured_pair(
     configured = _configured(tmp_path, releases)
     k = Kiosk(tmp_path / "k", releases, probation_s=60.0)
     assert k.updater.boot() is None
-    k.updater.adopt(configured)
+    k.updater.switcher.adopt(configured)
     k.updater.start()
     k.updater.submit(desired(releases.good1, "s1", "k1"))
     k.wait_step("rel10", ("probation",))
     k.updater.stop()  # the kiosk restarts during probation
-    p = PairStore(tmp_path / "k").pointer
-    assert p.state == "probation" and p.previous == configured.pair
+    p = GenerationStore(tmp_path / "k").pointer
+    assert p.state == "probation" and p.previous == configured.generation
 
     again = Kiosk(tmp_path / "k", releases, probation_s=30.0, probe=lambda: "embed p50 90 ms vs 9 ms")
     opened: list[Any] = []
-    again.updater._open_configured = lambda pair: opened.append(pair) or configured
+    again.updater.switcher._open_configured = lambda pair: opened.append(pair) or configured
     loaded = again.updater.boot()
-    assert loaded is not None and loaded.pair.release == "rel10"
+    assert loaded is not None and loaded.generation.release == "rel10"
     again.updater.start()
     try:
         final = again.wait_step("rel10", ("rolled_back", "done", "failed"))
     finally:
         again.updater.stop()
     assert final.step == "rolled_back", final.detail
-    assert opened == [configured.pair]
-    assert again.switches == [(configured.pair.model_id, 3)]
-    p = PairStore(tmp_path / "k").pointer
-    assert p.current == configured.pair and p.state == "stable" and "rel10" in p.failed
+    assert opened == [configured.generation]
+    assert again.switches == [(configured.generation.model_id, 3)]
+    p = GenerationStore(tmp_path / "k").pointer
+    assert p.current == configured.generation and p.state == "stable" and "rel10" in p.failed
 
 
 def test_a_failed_switch_never_retires_the_model_now_serving(tmp_path: Path, releases: Releases) -> None:
@@ -324,7 +328,7 @@ def test_a_failed_switch_never_retires_the_model_now_serving(tmp_path: Path, rel
         raise RuntimeError("the app's switch failed")
 
     updater = Updater(
-        UpdateSettings(tmp_path / "k", probation_s=0.2, probe_interval_s=0.02, compile_timeout_s=60),
+        UpdateConfig(state_dir=tmp_path / "k", probation_s=0.2, probe_interval_s=0.02, compile_timeout_s=60),
         Topics("s1", "k1"), [releases.key.public_key()], transport=None, on_switch=on_switch,
         retire=retired.append, sources=Sources([releases.root.as_uri() + "/"]),
     )
@@ -334,8 +338,8 @@ def test_a_failed_switch_never_retires_the_model_now_serving(tmp_path: Path, rel
         updater.submit(desired(releases.good1, "s1", "k1"))
         assert updater.idle.wait(WAIT_S)
         assert updater.last is not None and updater.last.step == "failed", updater.last
-        assert updater.active is not None and updater.active.pair.release == "rel10"
+        assert updater.active is not None and updater.active.generation.release == "rel10"
         assert all(e is not updater.active.embedder for e in retired)
     finally:
         updater.stop()
-        updater.close_loaded()
+        updater.switcher.close_loaded()

@@ -1,4 +1,5 @@
-"""The update's data: settings, a loaded (embedder, snapshot) pair, and how pairs are opened and closed."""
+"""A generation loaded to serve (embedder + snapshot), how a stored one is opened again, and how models that
+serve no more are closed."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from device.generations.canary import UpdateFailed, load_snapshot
+from device.generations.store import Generation, GenerationStore
 from device.sync.active import ActiveSnapshot
-from device.update import steps
-from device.update.pointer import Pair, PairStore
+from models.port import EmbedderPort, close
 from storelens.snapshot import verify_snapshot
 
 _LOGGER = logging.getLogger(__name__)
@@ -22,72 +23,54 @@ _LOGGER = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class UpdateSettings:
-    root: Path
-    probation_s: float = 300.0  # long enough to see a crash loop and a latency trend, short for the fleet
-    probe_interval_s: float = 5.0
-    max_probation_boots: int = 2  # restarts tolerated in probation before the old pair comes back
-    compile_timeout_s: float = 120.0
-    compile_mem_bytes: int = 2 << 30  # tiny/resnet compile in < 1 GiB; a runaway model stops here
-    max_snapshot_bytes: int = 4 << 30
-    min_canary_cosine: float = 0.98
-    max_latency_factor: float = 3.0  # new model slower than this x old on the canaries: refused
-    cache_dir: Path | None = None
-
-
 @dataclass(slots=True)
-class LoadedPair:
-    pair: Pair
-    embedder: Any
+class LoadedGeneration:
+    generation: Generation
+    embedder: EmbedderPort
     snapshot: ActiveSnapshot
-    latency_ms: float | None = None
+    latency_ms: float | None = None  # the canaries' p50 (None: not measured)
 
 
-def default_loader(bundle: Path, cache_dir: Path | None) -> Any:
+Loader = Callable[[Path, Path | None], EmbedderPort]
+
+
+def default_loader(bundle: Path, cache_dir: Path | None) -> EmbedderPort:
     from models.embedder import Embedder
 
     return Embedder(bundle, mode="latency", cache_dir=cache_dir)
 
 
-def default_decoder(data: bytes) -> Any:
-    from models.images import decode_image
-
-    return decode_image(data)
-
-
-def open_pair(
-    store: PairStore,
+def open_generation(
+    store: GenerationStore,
     keys: list[Ed25519PublicKey],
-    load: Callable[[Path, Path | None], Any],
+    load: Loader,
     cache_dir: Path | None,
-    pair: Pair,
-) -> LoadedPair:
-    """Re-verify a stored pair (snapshot against the pair's model) and load both."""
+    pair: Generation,
+) -> LoadedGeneration:
+    """Re-verify a stored generation (snapshot against its model) and load both."""
     snap_dir = store.path(pair.snapshot)
     manifest = verify_snapshot(snap_dir, keys, model_id=pair.model_id, check_index=True)
     embedder = load(store.path(pair.bundle), cache_dir)
     if str(embedder.model_id) != pair.model_id:
         close_embedder(embedder)
-        raise steps.UpdateFailed("verify", "model_mismatch", f"{pair.bundle} is not {pair.model_id[:12]}")
+        raise UpdateFailed("verify", "model_mismatch", f"{pair.bundle} is not {pair.model_id[:12]}")
     try:
-        snap = steps.load_snapshot(snap_dir, manifest)
-    except steps.UpdateFailed:
+        snap = load_snapshot(snap_dir, manifest)
+    except UpdateFailed:
         close_embedder(embedder)
         raise
-    return LoadedPair(pair, embedder, snap)
+    return LoadedGeneration(pair, embedder, snap)
 
 
-def close_embedder(embedder: Any) -> None:
+def close_embedder(embedder: EmbedderPort) -> None:
     """Close an embedder no longer served, on a helper thread with a bounded wait: a close that hangs
     inside OpenVINO (seen with the AsyncInferQueue the Embedder once used) must not hang the caller."""
-    close = getattr(embedder, "close", None)
-    if not callable(close):
+    if not callable(getattr(embedder, "close", None)):
         return
 
     def run() -> None:
         try:
-            close()
+            close(embedder)
         except Exception:
             _LOGGER.exception("closing an embedder failed")
 
@@ -109,9 +92,9 @@ class RetiredModels:
         self._grace_s = grace_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._items: list[tuple[float, Any]] = []
+        self._items: list[tuple[float, EmbedderPort]] = []
 
-    def retire(self, embedder: Any) -> None:
+    def retire(self, embedder: EmbedderPort) -> None:
         """Take ``embedder`` out of service: closed at the first ``close_due`` after the grace period."""
         with self._lock:
             self._items.append((self._clock(), embedder))
@@ -121,7 +104,7 @@ class RetiredModels:
         close is bounded by CLOSE_TIMEOUT_S. Returns how many were closed."""
         now = self._clock()
 
-        def due(t: float, e: Any) -> bool:
+        def due(t: float, e: EmbedderPort) -> bool:
             return now - t >= self._grace_s and not any(e is u for u in in_use)
 
         with self._lock:

@@ -1,6 +1,6 @@
 """Compile an untrusted model in a child process with address-space, CPU and wall-clock limits.
 
-The parent runs ``python -m device.update.child`` with a JSON spec on stdin. The child lowers its own
+The parent runs ``python -m device.generations.child`` with a JSON spec on stdin. The child lowers its own
 limits (RLIMIT_AS, RLIMIT_CPU) before it imports OpenVINO or reads a model byte, verifies and compiles the
 bundle, embeds the self-test images, writes the vectors as raw little-endian float32 and prints one JSON
 line. A model that crashes the compiler, eats memory or loops only takes the child down.
@@ -68,7 +68,7 @@ def compile_in_child(
     }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "device.update.child"],
+        [sys.executable, "-m", "device.generations.child"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -1,13 +1,18 @@
-"""The active model+snapshot pair: one pointer file, atomically replaced, so a restart sees old or new.
+"""The generation store: what the kiosk serves, what it falls back to, and one pointer naming both.
 
-root/current.json     {"current": Pair, "previous": Pair|null, "state": "stable"|"probation",
-                       "probation_boots": n, "highest_sequence": n, "failed": [release ids]}
-root/bundles/<id12>/  verified bundles (never modified once placed)
+A generation is an immutable (model bundle, snapshot) pair, verified before it is placed. Generation 0 is
+the configured bundle and the snapshot its sync keeps (``CONFIGURED``: the app opens it, so its paths are
+empty). The pointer is the commit point of every switch and rollback, replaced atomically (temp, fsync,
+rename, fsync dir), so a restart at any instant finds the old generation or the new one, never a mix:
+
+root/current.json     {"current": Generation, "previous": Generation|null (the last good one),
+                       "state": "stable"|"probation", "probation_boots": n, "highest_sequence": n,
+                       "failed": [release ids]}
+root/bundles/<id16>/  verified bundles (never modified once placed)
 root/snapshots/<v>-<sha12>/  verified snapshot directories
 root/staging/         downloads and unpacking; junk after a crash, removed at start
 
-Every directory a pointer names is complete before the pointer is written (write temp, fsync, rename,
-fsync the directory); generations not named by current/previous are removed at start.
+Generations named by neither current nor previous are removed at start and after each switch.
 """
 
 from __future__ import annotations
@@ -34,11 +39,11 @@ State = Literal["stable", "probation"]
 
 
 class PointerError(Exception):
-    """The pointer file is unreadable; the kiosk must be re-provisioned (never guess a pair)."""
+    """The pointer file is unreadable; the kiosk must be re-provisioned (never guess a generation)."""
 
 
 @dataclass(frozen=True, slots=True)
-class Pair:
+class Generation:
     """A model bundle and the snapshot built by it, as directories relative to the root."""
 
     release: str
@@ -54,23 +59,23 @@ class Pair:
         return self.release == CONFIGURED
 
 
-def configured_pair(model_id: str, snapshot_version: int) -> Pair:
-    """The pair naming the kiosk's configured bundle and the snapshot its sync serves."""
-    return Pair(CONFIGURED, "", "", model_id, snapshot_version)
+def generation_zero(model_id: str, snapshot_version: int) -> Generation:
+    """The generation naming the kiosk's configured bundle and the snapshot its sync serves."""
+    return Generation(CONFIGURED, "", "", model_id, snapshot_version)
 
 
 @dataclass(frozen=True, slots=True)
 class Pointer:
-    current: Pair | None = None
-    previous: Pair | None = None
+    current: Generation | None = None
+    previous: Generation | None = None
     state: State = "stable"
     probation_boots: int = 0
     highest_sequence: int = 0
     failed: tuple[str, ...] = field(default_factory=tuple)
 
 
-class PairStore:
-    """Owns ``root``: the generations on disk and the one pointer naming the active pair."""
+class GenerationStore:
+    """Owns ``root``: the generations on disk and the one pointer naming the active one and the last good."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -173,12 +178,12 @@ def _to_json(p: Pointer) -> dict[str, Any]:
     return d
 
 
-def _pair(raw: Any) -> Pair | None:
+def _generation(raw: Any) -> Generation | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
         raise TypeError("pair is not an object")
-    pair = Pair(**raw)
+    pair = Generation(**raw)
     if pair.configured and pair.bundle == pair.snapshot == "":
         return pair
     for rel in (pair.bundle, pair.snapshot):
@@ -195,8 +200,8 @@ def _from_json(raw: Any) -> Pointer:
     if state not in ("stable", "probation"):
         raise ValueError(f"bad state {state!r}")
     return Pointer(
-        current=_pair(raw.get("current")),
-        previous=_pair(raw.get("previous")),
+        current=_generation(raw.get("current")),
+        previous=_generation(raw.get("previous")),
         state=state,
         probation_boots=int(raw.get("probation_boots", 0)),
         highest_sequence=int(raw.get("highest_sequence", 0)),

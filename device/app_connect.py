@@ -1,92 +1,22 @@
-"""Helpers of the composition root for model+snapshot updates and connection hooks: the probation probe,
-the transport wrapper that adds an on-connect hook, and the queue of work deferred off network threads."""
+"""Helpers of the composition root for connection hooks: the transport wrapper that adds an on-connect hook,
+and the queue of work deferred off network threads (what is re-sent after every reconnect)."""
 
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Final
 
 from device.comms.port import OnConnect, OnMessage, Transport
-from device.config import KioskConfig
-from device.pipeline import Counters
-from device.update import UpdateSettings
 from storelens.ha_discovery import HaDiscovery
 from storelens.protocol import Topics
 
 _LOGGER = logging.getLogger(__name__)
 
-_PROBE_WINDOW: Final = 64  # recent per-item embed latencies kept: enough for a stable median
-_PROBE_MIN_SAMPLES: Final = 5  # fewer items since the switch: no latency verdict yet (an idle kiosk is fine)
 _DEFERRED_MAX: Final = 64  # pending tasks; past this the oldest goes (each is re-created on the next connect)
 _RESEND_TIMEOUT_S: Final = 5.0  # PUBACK wait for what is re-sent after a reconnect
-
-
-def update_settings(cfg: KioskConfig) -> UpdateSettings | None:
-    """The updater's settings from the ``[update]`` section (None: updates disabled)."""
-    u = cfg.update
-    if u is None:
-        return None
-    return UpdateSettings(
-        u.state_dir, probation_s=u.probation_s, probe_interval_s=u.probe_interval_s,
-        max_probation_boots=u.max_probation_boots, compile_timeout_s=u.compile_timeout_s,
-        compile_mem_bytes=u.compile_mem_mb << 20, max_snapshot_bytes=u.max_snapshot_mb << 20,
-        min_canary_cosine=u.min_canary_cosine, max_latency_factor=u.max_latency_factor,
-        cache_dir=cfg.model.cache_dir,
-    )
-
-
-def sync_dir(state_dir: Path, model_id: str, *, configured: bool) -> Path:
-    """Snapshot-sync state for one model: the configured bundle's in ``state_dir``, each released model's
-    in its own folder (a snapshot is only valid for the model that built it)."""
-    return state_dir if configured else state_dir / "models" / model_id[:16]
-
-
-class SwitchProbe:
-    """The probation health check: pipeline errors grew since the switch, or the live embed p50 of the new
-    model exceeds ``factor`` x the p50 of the model before it (+ ``slack_ms``)."""
-
-    def __init__(self, counters: Counters, *, factor: float, slack_ms: float) -> None:
-        self._counters = counters
-        self._factor = factor
-        self._slack_ms = slack_ms
-        self._lock = threading.Lock()
-        self._recent: deque[tuple[str, float]] = deque(maxlen=_PROBE_WINDOW)
-        self._model: str | None = None
-        self._baseline_ms: float | None = None
-        self._errors_at_switch = 0
-
-    def on_result(self, model_id: str, embed_ms: float) -> None:
-        """Record one answered item's embed latency (search-stage thread)."""
-        with self._lock:
-            self._recent.append((model_id, embed_ms))
-
-    def on_switch(self, old_model: str, new_model: str) -> None:
-        """Take the baseline of the outgoing model and the error count at the switch."""
-        with self._lock:
-            old = [ms for m, ms in self._recent if m == old_model]
-            self._baseline_ms = statistics.median(old) if len(old) >= _PROBE_MIN_SAMPLES else None
-            self._model = new_model
-            self._errors_at_switch = self._counters.embed_errors
-
-    def __call__(self) -> str | None:
-        """None while healthy; else why the new pair should be rolled back."""
-        grown = self._counters.embed_errors - self._errors_at_switch
-        if grown > 0:
-            return f"{grown} embedding error(s) since the switch"
-        with self._lock:
-            new = [ms for m, ms in self._recent if m == self._model]
-            base = self._baseline_ms
-        if base is None or len(new) < _PROBE_MIN_SAMPLES:
-            return None
-        p50 = statistics.median(new)
-        if p50 > base * self._factor + self._slack_ms:
-            return f"embed p50 {p50:.1f} ms vs {base:.1f} ms before the switch"
-        return None
 
 
 class Deferred:

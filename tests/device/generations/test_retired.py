@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from device.update.pairs import RetiredModels
+from device.generations.loaded import RetiredModels
 
 
 class _Closable:
