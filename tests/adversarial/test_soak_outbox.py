@@ -50,14 +50,23 @@ def test_soak_broker_cycling_and_disk_filling_loses_no_event(
     stop = threading.Event()
     produced: list[str] = []
 
+    def emit() -> None:
+        ev = MatchEvent(kiosk="kiosk1", store="store1", matched=True, results=[], threshold=0.5,
+                        frames=3, model="m" * 64, snapshot=1, seq=len(produced))
+        comms.publish_event(TOPICS.match, ev.to_bytes())  # must never raise
+        produced.append(ev.id)
+
     def produce() -> None:
-        seq = 0
         while not stop.wait(1.0 / RATE_PER_S):
-            ev = MatchEvent(kiosk="kiosk1", store="store1", matched=True, results=[], threshold=0.5,
-                            frames=3, model="m" * 64, snapshot=1, seq=seq)
-            comms.publish_event(TOPICS.match, ev.to_bytes())  # must never raise
-            produced.append(ev.id)
-            seq += 1
+            emit()
+
+    def until_full(max_events: int = 20_000) -> None:
+        """SQLite reuses free pages and WAL space, so a full disk bites only once they are used up: a
+        burst of real (counted) events gets it there, so every no-room phase tests what it names."""
+        for _ in range(max_events):
+            if comms.outbox_memory > 0:
+                return
+            emit()
 
     producer = threading.Thread(target=produce, name="soak-producer")
     held_max = 0
@@ -72,6 +81,8 @@ def test_soak_broker_cycling_and_disk_filling_loses_no_event(
             if want_room != room:
                 tiny_disk.drain() if want_room else tiny_disk.fill()
                 room = want_room
+            if not room:
+                until_full()
             phase_end = threading.Event()
             for _ in range(int(PHASE_S / 0.25)):
                 phase_end.wait(0.25)
