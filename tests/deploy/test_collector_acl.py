@@ -33,18 +33,20 @@ def test_collector_user_collects_over_tls_and_cannot_forge_or_read_more(
     c = FeedbackCollector(STORE, cfg, FeedbackStore(tmp_path / "fb"), known)
     c.start()
     try:
-        with peer(store_broker, "kA") as kiosk, peer(store_broker, "ops") as ops, \
-                peer(store_broker, "collector", tag="spy") as spy:  # fmt: skip
+        with peer(store_broker, "kA") as kiosk:
             msg = feedback("kA", 1, store=STORE)
             assert kiosk.publish(feedback_topic(STORE, "kA"), msg.to_bytes()).value < 128
             assert c.wait_handled(1, 10.0) and c.stats()["stored"] == 1
-            forged = feedback("kA", 2, store=STORE)
-            assert spy.publish(feedback_topic(STORE, "kA"), forged.to_bytes()).value == NOT_AUTHORIZED
-            spy.subscribe(A.match)
-            assert kiosk.publish(A.match, b"{}").value < 128
-            assert_not_delivered(ops, spy, A.match)
     finally:
         c.stop()
+    # One connection per login (use_username_as_clientid): the spy logs in as the collector once it left.
+    with peer(store_broker, "kA") as kiosk, peer(store_broker, "ops") as ops, \
+            peer(store_broker, "collector", tag="spy") as spy:  # fmt: skip
+        forged = feedback("kA", 2, store=STORE)
+        assert spy.publish(feedback_topic(STORE, "kA"), forged.to_bytes()).value == NOT_AUTHORIZED
+        spy.subscribe(A.match)
+        assert kiosk.publish(A.match, b"{}").value < 128
+        assert_not_delivered(ops, spy, A.match)
     assert len(FeedbackStore(tmp_path / "fb").records()) == 1
 
 
