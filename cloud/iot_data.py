@@ -42,14 +42,15 @@ class IotPublisher:
         region = urllib.parse.parse_qs(parts.query).get("region")
         if region:
             kwargs["region_name"] = region[0]
+        session = boto3.session.Session()  # fresh: the default session caches credentials for the process
         try:
             if parts.hostname:
                 kwargs["endpoint_url"] = f"https://{parts.netloc}"
             elif not any(os.environ.get(e) for e in _ENDPOINT_ENVS):
-                iot = boto3.client("iot", **kwargs)
+                iot = session.client("iot", **kwargs)
                 host = iot.describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
                 kwargs["endpoint_url"] = f"https://{host}"
-            return cls(boto3.client("iot-data", **kwargs))
+            return cls(session.client("iot-data", **kwargs))
         except bex.NoCredentialsError as exc:
             raise IotDataError("no AWS credentials (environment, ~/.aws, or an instance role)") from exc
         except bex.NoRegionError as exc:

@@ -187,18 +187,18 @@ def check(settings: BrokerSettings) -> None:
     _, _, _, tls, _ = settings.endpoint()
     if (settings.cert is None) != (settings.key is None):
         raise BrokerError("a client certificate needs both --cert and --key")
-    for label, path in (("CA file", settings.ca), ("client certificate", settings.cert),
-                        ("client key", settings.key)):  # fmt: skip
+    for label, path in (("CA file (--ca)", settings.ca), ("client certificate (--cert)", settings.cert),
+                        ("client key (--key)", settings.key)):  # fmt: skip
         if path is None:
             continue
-        if not tls:
-            raise BrokerError(f"{label} {path} given for {settings.where()}: TLS needs mqtts:// or wss://")
         if not path.is_file():
             raise BrokerError(f"{label} {path} does not exist")
         try:
             path.open("rb").close()
         except OSError as exc:
             raise BrokerError(f"cannot read {label} {path}: {exc.strerror}") from exc
+        if not tls:
+            raise BrokerError(f"{label} {path} given for {settings.where()}: TLS needs mqtts:// or wss://")
 
 
 class CloudClient:
@@ -232,6 +232,7 @@ class CloudClient:
         self._on_disconnected = on_disconnected
         self._connack = threading.Event()
         self._closed_early = threading.Event()
+        self._settled = threading.Event()  # CONNACK (either way) or the connection closed first
         self._refusal: str | None = None
         self._cond = threading.Condition()
         self._acks: dict[int, Any] = {}  # mid -> PUBACK reason code (None for MQTT 3.1.1)
@@ -292,19 +293,20 @@ class CloudClient:
         except (TimeoutError, OSError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
             if self._tls and isinstance(exc, ConnectionResetError | BrokenPipeError):
-                reason += " during the TLS handshake"
+                raise BrokerError(f"{self.where}: TLS handshake failed: the broker hung up ({reason}): "
+                                  "a plain MQTT port, or a client certificate it refuses?") from exc
             raise BrokerError(f"cannot reach broker {self.where}: {reason}") from exc
         except ValueError as exc:
             raise BrokerError(f"{self.where}: {exc}") from exc
         self.client.loop_start()
-        if not self._connack.wait(timeout_s) and not self._closed_early.is_set():
+        if not self._settled.wait(timeout_s):
             self.close()
             raise BrokerError(f"{self.where}: no CONNACK within {timeout_s:g} s")
         if self._refusal is not None or not self._connack.is_set():
             self.close()
-            raise BrokerError(self._refusal or (
-                f"{self.where} closed the connection before answering"
-                + (" (a TLS port? use mqtts://)" if not self._tls else "")))  # fmt: skip
+            hint = (" (a client certificate it refuses: expired, or from another CA?)" if self._tls
+                    else " (a TLS port? use mqtts://)")  # fmt: skip
+            raise BrokerError(self._refusal or f"{self.where} closed the connection before answering{hint}")
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 timeout_s: float = PUBACK_TIMEOUT_S) -> None:  # fmt: skip
@@ -335,9 +337,11 @@ class CloudClient:
             why = "bad username or password, or not authorised" if code in _REFUSED_LOGIN else str(reason)
             self._refusal = f"{self.where} refused the login{who}: {why}"
             self._closed_early.set()
+            self._settled.set()
             client.disconnect()
             return
         self._connack.set()
+        self._settled.set()
         if self._on_connected is not None:
             self._on_connected(client, bool(getattr(flags, "session_present", False)))
 
@@ -349,6 +353,7 @@ class CloudClient:
     def _handle_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if not self._connack.is_set():
             self._closed_early.set()
+            self._settled.set()
         elif self._on_disconnected is not None:
             self._on_disconnected(reason)
 
