@@ -1,4 +1,4 @@
-"""The one console script: `storelens model|catalog|keys|kiosk|dashboard|fleet|feedback ...`."""
+"""The one console script: `storelens model|catalog|keys|kiosk|dashboard|fleet|feedback|deploy ...`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="StoreLens vi
 def _register() -> None:
     # Each package owns its sub-app; imports here stay light (heavy libraries load inside commands).
     from cloud.cli import catalog_app, dashboard_app, feedback_app, fleet_app, keys_app
+    from cloud.deploy_cli import deploy_app
     from device.cli import kiosk_app
     from models.cli import model_app
 
@@ -23,6 +24,7 @@ def _register() -> None:
     app.add_typer(dashboard_app, name="dashboard")
     app.add_typer(fleet_app, name="fleet")
     app.add_typer(feedback_app, name="feedback")
+    app.add_typer(deploy_app, name="deploy")
 
 
 def main() -> None:
