@@ -9,6 +9,8 @@ test ports), `broker.s042.example` -> `localhost`.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -64,6 +66,48 @@ def _env_file(path: Path) -> dict[str, str]:
 def _toml(cfg: dict[str, dict[str, Any]]) -> str:
     return "".join(f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in vals.items()) + "\n"
                    for s, vals in cfg.items())  # fmt: skip
+
+
+def _dashboard_shows_kiosk_online(prov: Path, ws_port: int, tmp_path: Path) -> None:
+    """`storelens dashboard serve --broker wss://{host}:9001` (README, "Staff dashboard"): real Chromium
+    trusting the provisioned server key only (as a staff PC trusting the store CA would) shows the kiosk."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from cloud.dashboard.serve import DashboardServer, PageConfig
+    from tests.dashboard.conftest import CHROMIUM, CHROMIUM_ARGS, STATIC, VIEWPORT, _mqtt_bundle
+
+    bundle = _mqtt_bundle()
+    if not CHROMIUM.exists() or bundle is None:
+        pytest.skip("Chromium or the MQTT.js bundle is missing (`make setup`)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    static = tmp_path / "static"
+    shutil.copytree(STATIC, static)
+    shutil.copy2(bundle, static / "mqtt.min.js")
+    password = _env_file(prov / "cloud" / "dashboard.env")["STORELENS_DASHBOARD_PASSWORD"]
+    cfg = PageConfig(broker_ws_url=f"wss://localhost:{ws_port}", store=STORE, username="dashboard",
+                     password=password)  # fmt: skip
+    chain = (prov / "broker" / "storelens" / "tls" / "server.crt").read_bytes()
+    cert = x509.load_pem_x509_certificates(chain)[0]
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
+    pin = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    server = DashboardServer("127.0.0.1", 0, cfg, static_dir=static).start()
+    try:
+        with sync_api.sync_playwright() as pw:
+            ctx = pw.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
+                args=[*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={pin}"], viewport=VIEWPORT,
+            )
+            try:
+                page = ctx.pages[0] if ctx.pages else ctx.new_page()
+                page.goto(server.url)
+                page.wait_for_selector(f'article.kiosk[data-kiosk="{KIOSK}"][data-state="online"]',
+                                       timeout=20_000)  # fmt: skip
+            finally:
+                ctx.close()
+    finally:
+        server.stop()
 
 
 def test_runbook_end_to_end(tmp_path: Path) -> None:
@@ -165,6 +209,10 @@ def test_runbook_end_to_end(tmp_path: Path) -> None:
             out = _storelens("fleet", "rollout", url, "--stores", STORE, "--broker", broker, "--canary", "1",
                              "--timeout-s", "150", "--probation-s", "2", cwd=work, env=cloud_env)  # fmt: skip
             assert out.strip().splitlines()[-1].startswith("done"), out + log.read_text()[-3000:]
+
+            # deploy/mosquitto/README.md, "Staff dashboard": the page reads the kiosks over wss as the
+            # read-only dashboard user.
+            _dashboard_shows_kiosk_online(prov, ports["ws_port"], tmp_path)
         finally:
             watch.close()
             if proc.poll() is None:
