@@ -23,8 +23,8 @@ from storelens import protocol
 from tests.cloud.conftest import CountingEmbedder, make_catalog
 from tests.deploy.conftest import PASSWORDS, STORE, StoreBroker
 from tests.deploy.test_mosquitto_acl import peer
+from tests.support import pki as test_pki
 from tests.support.mosquitto import LOG_TO_STDERR, BrokerLog, Mosquitto, free_port, mosquitto_binary
-from tests.support.pki import TestPKI
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -98,7 +98,7 @@ def test_refused_login_unknown_ca_wrong_port_missing_ca_are_one_line_each(
     """Each mistake a retailer makes first must say what is wrong in one line, exit 2, no traceback."""
     tls = f"mqtts://localhost:{store_broker.tls_port}"
     ca = str(store_broker.ca)
-    foreign_ca = str(TestPKI(tmp_path / "other").ca)
+    foreign_ca = str(test_pki.TestPKI(tmp_path / "other").ca)
     pw = {"STORELENS_MQTT_PASSWORD": "wrong"}
     ok = {"STORELENS_MQTT_PASSWORD": PASSWORDS["ops"]}
     dash = {"STORELENS_MQTT_PASSWORD": PASSWORDS["dashboard"]}
@@ -147,7 +147,7 @@ def _tls_dropper() -> Iterator[int]:
 
 def test_a_broker_dropping_tls_mid_handshake_is_one_error(tmp_path: Path) -> None:
     """A TLS terminator that hangs up during the handshake must not be a traceback or a hang."""
-    ca = TestPKI(tmp_path / "pki").ca
+    ca = test_pki.TestPKI(tmp_path / "pki").ca
     with _tls_dropper() as port:
         s = BrokerSettings(f"mqtts://127.0.0.1:{port}", ca=ca)
         with pytest.raises(BrokerError, match=r"TLS handshake failed|cannot reach"):
@@ -167,7 +167,7 @@ def test_client_certificate_logs_in_and_an_expired_or_foreign_one_is_refused(tmp
         c.publish("bc/storelens/s042/snapshot", b"{}", retain=False)
         c.close()
         expired = broker.pki.issue("old", expired=True)
-        foreign = TestPKI(tmp_path / "foreign").issue("ops")
+        foreign = test_pki.TestPKI(tmp_path / "foreign").issue("ops")
         for pair in (expired, foreign):
             s = BrokerSettings(url, ca=broker.pki.ca, cert=pair.cert, key=pair.key)
             with pytest.raises(BrokerError, match=r"TLS handshake failed|client certificate it refuses"):
@@ -184,7 +184,7 @@ def test_wss_url_connects_over_websockets_with_tls(tmp_path: Path) -> None:
     binary = mosquitto_binary()
     if binary is None:
         pytest.skip("mosquitto not installed")
-    pki = TestPKI(tmp_path / "pki")
+    pki = test_pki.TestPKI(tmp_path / "pki")
     port = free_port()
     conf = tmp_path / "m.conf"
     conf.write_text(
