@@ -14,6 +14,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from cloud import broker_cli as bc
+
 catalog_app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Build, verify, publish snapshots."
 )
@@ -274,17 +276,25 @@ def catalog_verify(
 def catalog_publish(
     snapshot: Annotated[Path, typer.Argument(help="Snapshot directory or .tar archive")],
     to: Annotated[str, typer.Option("--to", help="file:///dir or s3://bucket/prefix")],
-    broker: Annotated[str | None, typer.Option("--broker", help="mqtt://host:port to announce on")] = None,
+    broker: bc.Broker = None,
     s3_endpoint: Annotated[str | None, typer.Option("--s3-endpoint", help="S3 endpoint URL")] = None,
+    config: bc.Config = None,
+    username: bc.Username = None,
+    password_env: bc.PasswordEnv = None,
+    ca: bc.Ca = None,
+    cert: bc.Cert = None,
+    key: bc.Key = None,
 ) -> None:
     """Upload the snapshot archive and announce it retained on the store's snapshot topic."""
     from cloud.publish import publish_snapshot
 
-    p = _guard(lambda: publish_snapshot(snapshot, to, broker, s3_endpoint=s3_endpoint))
+    settings = bc.settings(broker, config, username, ca, cert, key, password_env, required=False)
+    p = _guard(lambda: publish_snapshot(snapshot, to, settings, s3_endpoint=s3_endpoint))
     a = p.announcement
     typer.echo(
         f"OK published {a.store} v{a.version} ({a.kind}, {a.size} bytes, sha256 {a.sha256[:12]}) "
-        f"{'uploaded' if p.uploaded else 'already stored'} at {p.key}{', announced' if broker else ''}"
+        f"{'uploaded' if p.uploaded else 'already stored'} at {p.key}"
+        f"{f', announced on {settings.where()}' if settings else ''}"
     )
 
 

@@ -17,13 +17,13 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from cloud.mqtt import BrokerSettings
 from storelens import protocol
 from storelens.fsutil import atomic_write_bytes, sha256_file
 from storelens.snapshot import (
@@ -193,7 +193,7 @@ def _archive_of(snapshot: Path, workdir: Path) -> tuple[Path, SnapshotManifest, 
 def publish_snapshot(
     snapshot: Path,
     to: str,
-    broker: str | None,
+    broker: str | BrokerSettings | None,
     *,
     s3_endpoint: str | None = None,
     s3_client: Any = None,
@@ -281,49 +281,33 @@ def _reuse_url(latest: Any, msha: str) -> tuple[str | None, float]:
     return str(latest["url"]), until
 
 
-def _broker_address(url: str) -> tuple[str, int]:
-    parts = urllib.parse.urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme not in ("mqtt", "tcp"):
-        raise PublishError(f"unsupported broker URL {url!r} (mqtt://host:port)")
-    return parts.hostname or "127.0.0.1", parts.port or 1883
+def announce(
+    broker: str | BrokerSettings, ann: protocol.SnapshotAnnouncement, *, timeout_s: float = PUBACK_TIMEOUT_S
+) -> None:
+    """Publish the announcement retained, QoS 1, and wait for the broker's PUBACK (or IoT Core's 200)."""
+    from cloud.iot_data import IotDataError, IotPublisher
+    from cloud.mqtt import BrokerError, CloudClient, check
 
-
-def announce(broker: str, ann: protocol.SnapshotAnnouncement, *, timeout_s: float = PUBACK_TIMEOUT_S) -> None:
-    """Publish the announcement retained, QoS 1, and wait for the broker's PUBACK."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    host, port = _broker_address(broker)
-    connected = threading.Event()
-    result: dict[str, Any] = {}
-
-    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        result["rc"] = reason
-        connected.set()
-
-    def on_socket_open(client: Any, userdata: Any, sock: Any) -> None:
+    topic = protocol.snapshot_topic(ann.store)
+    try:
+        settings = broker if isinstance(broker, BrokerSettings) else BrokerSettings(broker)
+        check(settings)
+        if settings.is_iot:
+            IotPublisher.from_url(settings.url).publish(topic, ann.to_bytes(), retain=True)
+            return
+        client = CloudClient(settings, client_id=f"storelens-publish-{ann.store}-{ann.version}")
+        client.client.on_socket_open = _nodelay
+        client.connect(CONNECT_TIMEOUT_S)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # not a TCP socket (e.g. a unix socket): nothing to tune
-            pass
+            client.publish(topic, ann.to_bytes(), qos=1, retain=True, timeout_s=timeout_s)
+        finally:
+            client.close()
+    except (BrokerError, IotDataError) as exc:
+        raise PublishError(f"announcement not published: {exc}") from exc
 
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"storelens-publish-{ann.store}-{ann.version}"
-    )
-    client.on_connect = on_connect
-    client.on_socket_open = on_socket_open
+
+def _nodelay(client: Any, userdata: Any, sock: Any) -> None:
     try:
-        client.connect(host, port, keepalive=30)
-    except OSError as exc:
-        raise PublishError(f"cannot reach broker {host}:{port}: {exc}") from exc
-    client.loop_start()
-    try:
-        if not connected.wait(CONNECT_TIMEOUT_S) or result["rc"].is_failure:
-            raise PublishError(f"broker {host}:{port} did not accept the connection: {result.get('rc')}")
-        info = client.publish(protocol.snapshot_topic(ann.store), ann.to_bytes(), qos=1, retain=True)
-        info.wait_for_publish(timeout=timeout_s)
-        if not info.is_published():
-            raise PublishError(f"no PUBACK from {host}:{port} within {timeout_s}s")
-    finally:
-        client.disconnect()
-        client.loop_stop()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (a unix or TLS-wrapped one): nothing to tune
+        pass

@@ -27,6 +27,7 @@ from device.feedback import FeedbackRecorder
 from device.generations import RetiredModels
 from device.generations.probe import SwitchProbe
 from device.generations.serving import Serving
+from device.notify import CAMERA_RETRYING, Notifier
 from device.pipeline import ItemResult, Pipeline, limit_blas_threads
 from device.screen import ScreenServer
 from device.sync import Sources
@@ -212,16 +213,21 @@ class KioskApp:
         """Start, block until the stop event (or EOF / ``max_seconds``), then stop (also after a failed
         start: whatever had started is stopped before the error propagates)."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        notifier = Notifier.from_env()  # systemd Type=notify + WatchdogSec (no-op outside systemd)
         try:
             self.start()
+            notifier.ready(f"serving {self.topics.store}/{self.topics.kiosk}")
             while not self.stop_event.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 if exit_at_eof and self.pipeline.done.is_set():
                     self._drain(_DRAIN_AT_EOF_S)
                     break
+                retrying = self.grab.state in CAMERA_RETRYING
+                notifier.tick(self.pipeline.counters.frames_processed, idle_ok=retrying)
                 self.stop_event.wait(0.2)
         finally:
+            notifier.stopping()
             self.stop()
 
     def _drain(self, timeout_s: float) -> None:

@@ -59,8 +59,8 @@ from device.camera.synthetic import (  # noqa: E402
 )
 from models.export import export_model  # noqa: E402
 from storelens import protocol, signing  # noqa: E402
-from storelens.feedback import FeedbackEvent, store_feedback_filter  # noqa: E402
 from storelens.devbroker import Mosquitto  # noqa: E402
+from storelens.feedback import FeedbackEvent, store_feedback_filter  # noqa: E402
 
 STORE, KIOSK = "store-042", "kiosk-01"
 MOBILENET = "models/coral/tf2_mobilenet_v2_1.0_224_ptq.tflite"

@@ -1,4 +1,4 @@
-"""The one console script: `storelens model|catalog|keys|kiosk|dashboard|fleet|feedback ...`."""
+"""The one console script: `storelens model|catalog|keys|kiosk|dashboard|fleet|feedback|deploy ...`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ _SUBAPPS: dict[str, tuple[str, str]] = {
     "dashboard": ("cloud.cli", "dashboard_app"),
     "fleet": ("cloud.cli", "fleet_app"),
     "feedback": ("cloud.cli", "feedback_app"),
+    "deploy": ("cloud.deploy_cli", "deploy_app"),
 }
 
 

@@ -315,7 +315,7 @@ def register(app: typer.Typer) -> None:
         broker_ws_url: Annotated[
             str,
             typer.Option("--broker", help="Broker websockets URL; {host} = the host the page came from."),
-        ] = "ws://{host}:9001",
+        ] = "wss://{host}:9001",  # the shipped store broker: TLS websockets
         username: Annotated[str, typer.Option(help="Read-only broker user.")] = "dashboard",
         password: Annotated[
             str | None, typer.Option(envvar=PASSWORD_ENV, help="Its password (prefer the env variable).")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, NoReturn
 
 import typer
+
+from cloud import broker_cli as bc
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -24,7 +25,6 @@ def _fail(msg: str) -> NoReturn:
 def collect_cmd(
     store: Annotated[str, typer.Option("--store", help="Store id whose kiosks' feedback to collect")],
     feedback_dir: Annotated[Path, typer.Option("--feedback-dir", help="Feedback store folder")],
-    broker: Annotated[str, typer.Option("--broker", help="mqtt://host:port or mqtts://host:port")],
     snapshots: Annotated[
         Path | None,
         typer.Option("--snapshots", help="Folder `catalog publish --to file://DIR` writes: known snapshots"),
@@ -36,13 +36,13 @@ def collect_cmd(
         str | None,
         typer.Option("--client-id", help="Fixed MQTT client id (default storelens-feedback-STORE)"),
     ] = None,
-    username: Annotated[str | None, typer.Option("--username", help="Broker user")] = None,
-    password_env: Annotated[
-        str, typer.Option("--password-env", help="Env var holding the broker password (never a flag)")
-    ] = PASSWORD_ENV,
-    ca: Annotated[Path | None, typer.Option("--ca", help="CA file for mqtts://")] = None,
-    cert: Annotated[Path | None, typer.Option("--cert", help="Client certificate (mqtts://)")] = None,
-    key: Annotated[Path | None, typer.Option("--key", help="Client key (mqtts://)")] = None,
+    broker: bc.Broker = None,
+    config: bc.Config = None,
+    username: bc.Username = None,
+    password_env: bc.PasswordEnv = None,
+    ca: bc.Ca = None,
+    cert: bc.Cert = None,
+    key: bc.Key = None,
     rate_per_hour: Annotated[
         float, typer.Option("--rate-per-hour", help="Per-kiosk sustained rate; over it: not stored")
     ] = 3600.0,
@@ -60,16 +60,16 @@ def collect_cmd(
     bad = [m for m in models if not (8 <= len(m) <= 64 and all(c in "0123456789abcdef" for c in m))]
     if bad:
         _fail(f"--model {bad[0]!r} is not a model id (8-64 lowercase hex)")
-    for name, path in (("--ca", ca), ("--cert", cert), ("--key", key)):
-        if path is not None and not path.is_file():
-            _fail(f"{name} {path} is not a file")
-    password = os.environ.get(password_env) if username is not None else None
+    bs = bc.settings(broker, config, username, ca, cert, key, password_env)
+    assert bs is not None
+    if bs.is_iot:
+        _fail("the collector needs the store broker (a persistent MQTT session), not iot://")
     try:
         check_id(store, "store id")
         cfg = BrokerConfig(
-            url=broker, client_id=check_id(client_id or f"storelens-feedback-{store}", "client id"),
-            username=username, password=password, ca=None if ca is None else str(ca),
-            cert=None if cert is None else str(cert), key=None if key is None else str(key),
+            url=bs.url, client_id=check_id(client_id or f"storelens-feedback-{store}", "client id"),
+            username=bs.username, password=bs.password, ca=None if bs.ca is None else str(bs.ca),
+            cert=None if bs.cert is None else str(bs.cert), key=None if bs.key is None else str(bs.key),
         )
         known = KnownSnapshots(store, snapshots_dir=snapshots, model_ids=models)
         fstore = FeedbackStore(feedback_dir)
@@ -87,7 +87,7 @@ def collect_cmd(
         except CollectorError as exc:
             _fail(str(exc))
         typer.echo(
-            f"collecting feedback of {store} from {broker} into {feedback_dir} "
+            f"collecting feedback of {store} from {bs.where()} into {feedback_dir} "
             f"(published snapshot versions {sorted(known.versions())}, {len(models)} model ids given)",
             err=True,
         )

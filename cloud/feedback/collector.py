@@ -18,16 +18,16 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import ssl
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cloud.feedback.store import FeedbackStore
 from cloud.feedback.verify import KnownSnapshots, Reason, Refused, TokenBuckets, verify
+from cloud.mqtt import BrokerError, BrokerSettings, CloudClient, check
 from storelens.feedback import FeedbackEvent, store_feedback_filter
 from storelens.protocol import ProtocolError, check_id, parse_kiosk_topic
 
@@ -79,9 +79,6 @@ class FeedbackCollector:
         on_stored: OnStored | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
         self.store_id = check_id(store_id, "store id")
         self._filter = store_feedback_filter(store_id)
         self._feedback = feedback
@@ -102,37 +99,25 @@ class FeedbackCollector:
         self._queue: queue.Queue[tuple[str, bytes, int, int] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="feedback-collector", daemon=True)
         self._connect_error: str | None = None
-        parts = urllib.parse.urlsplit(broker.url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise CollectorError(
-                f"broker URL must be mqtt://host:port or mqtts://host:port, got {broker.url!r}"
-            )
-        self._tls = parts.scheme == "mqtts"
-        self._host, self._port = parts.hostname, parts.port or (8883 if self._tls else 1883)
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=check_id(broker.client_id, "client id"),
-            protocol=mqtt.MQTTv311,
-            clean_session=False,  # the broker keeps our subscription and queues QoS 1 while we are down
-            manual_ack=True,
+        settings = BrokerSettings(
+            url=broker.url, username=broker.username, password=broker.password,
+            ca=_path(broker.ca), cert=_path(broker.cert), key=_path(broker.key),
         )
-        if broker.username is not None:
-            self._client.username_pw_set(broker.username, broker.password)
-        if self._tls:
-            try:
-                self._client.tls_set(ca_certs=broker.ca, certfile=broker.cert, keyfile=broker.key,
-                                     cert_reqs=ssl.CERT_REQUIRED)  # fmt: skip
-            except (OSError, ValueError, ssl.SSLError) as exc:
-                raise CollectorError(f"cannot load TLS files: {exc}") from exc
-        self._client.reconnect_delay_set(1, 30)
-        self._client.on_connect = self._handle_connect
-        self._client.on_disconnect = self._handle_disconnect
+        try:
+            check(settings)
+            self._cc = CloudClient(
+                settings, client_id=check_id(broker.client_id, "client id"), mqtt5=False,
+                clean_session=False,  # the broker keeps our subscription and queues QoS 1 while we are down
+                manual_ack=True, on_connected=self._handle_connect, on_disconnected=self._handle_disconnect,
+            )
+        except BrokerError as exc:
+            raise CollectorError(str(exc)) from exc
+        self._client = self._cc.client
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_message = self._handle_message
 
     def __repr__(self) -> str:  # never shows the password
-        scheme = "mqtts" if self._tls else "mqtt"
-        return f"FeedbackCollector({self.store_id}, {scheme}://{self._host}:{self._port})"
+        return f"FeedbackCollector({self.store_id}, {self._cc.where})"
 
     # ---- lifecycle ----
 
@@ -140,16 +125,13 @@ class FeedbackCollector:
         """Connect and subscribe (QoS 1); CollectorError when the broker refuses or does not answer."""
         self._worker.start()
         try:
-            self._client.connect(self._host, self._port, keepalive=KEEPALIVE_S)
-        except (OSError, ssl.SSLError) as exc:
+            self._cc.connect(timeout_s)
+        except BrokerError as exc:
             self.stop()
-            raise CollectorError(f"cannot reach broker {self._host}:{self._port}: {exc}") from exc
-        self._client.loop_start()
+            raise CollectorError(str(exc)) from exc
         if not self._subscribed.wait(timeout_s) or self._connect_error:
             self.stop()
-            raise CollectorError(
-                f"broker {self._host}:{self._port}: {self._connect_error or 'no CONNACK/SUBACK in time'}"
-            )
+            raise CollectorError(f"{self._cc.where}: {self._connect_error or 'no SUBACK in time'}")
         _LOGGER.info("%r collecting %s", self, self._filter)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
@@ -162,8 +144,7 @@ class FeedbackCollector:
             if self._worker.is_alive():
                 _LOGGER.error("feedback worker still busy after %.1f s; its message will be redelivered",
                               timeout_s)  # fmt: skip
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._cc.close()
         self._connected.clear()
         with self._cond:
             self._cond.notify_all()
@@ -273,13 +254,9 @@ class FeedbackCollector:
             return  # not acknowledged: redelivered in the next session
         self._queue.put((msg.topic, bytes(msg.payload), msg.mid, msg.qos))
 
-    def _handle_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if reason.is_failure:
-            self._connect_error = f"connection refused: {reason}"
-            self._subscribed.set()  # wakes start(), which reports it
-            return
+    def _handle_connect(self, client: Any, session_present: bool) -> None:
         self._connected.set()
-        _LOGGER.info("%r connected (session present: %s)", self, bool(flags.session_present))
+        _LOGGER.info("%r connected (session present: %s)", self, session_present)
         client.subscribe(self._filter, qos=1)
 
     def _handle_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
@@ -287,10 +264,14 @@ class FeedbackCollector:
             self._connect_error = f"subscription to {self._filter} refused (ACL?): {reasons[0]}"
         self._subscribed.set()
 
-    def _handle_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+    def _handle_disconnect(self, reason: Any) -> None:
         self._connected.clear()
         if not self._stop.is_set():
             _LOGGER.warning("%r lost the broker (%s); reconnecting", self, reason)
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
 class _Held(Exception):

@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import urllib.parse
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from storelens.protocol import (
     DesiredRelease,
@@ -27,6 +26,9 @@ from storelens.protocol import (
     parse_kiosk_topic,
     store_telemetry_filter,
 )
+
+if TYPE_CHECKING:
+    from cloud.mqtt import BrokerSettings
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -79,39 +81,38 @@ class RolloutChannel(Protocol):
 
 
 def broker_address(url: str) -> tuple[str, int]:
-    parts = urllib.parse.urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme not in ("mqtt", "tcp"):
-        raise ChannelError(f"unsupported broker URL {url!r} (mqtt://host:port)")
-    return parts.hostname or "127.0.0.1", parts.port or 1883
+    """(host, port) of an MQTT broker URL; ChannelError for one the cloud client cannot use."""
+    from cloud.mqtt import BrokerError, BrokerSettings
+
+    try:
+        host, port, _, _, _ = BrokerSettings(url if "://" in url else f"mqtt://{url}").endpoint()
+    except BrokerError as exc:
+        raise ChannelError(str(exc)) from exc
+    return host, port
 
 
 class MqttChannel:
-    """The store-broker channel (paho, one connection, retained desired messages)."""
+    """The store-broker channel (the cloud MQTT client, one connection, retained desired messages)."""
 
-    def __init__(self, broker: str, *, client_id: str | None = None) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
+    def __init__(self, broker: str | BrokerSettings, *, client_id: str | None = None) -> None:
+        from cloud.mqtt import BrokerError, BrokerSettings, CloudClient, check
 
-        self._host, self._port = broker_address(broker)
+        settings = broker if isinstance(broker, BrokerSettings) else BrokerSettings(
+            broker if "://" in broker else f"mqtt://{broker}")  # fmt: skip
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._views: dict[tuple[str, str], KioskView] = {}
         self._last_msg_s = time.monotonic()
-        self._connected = threading.Event()
         self._subscribed: set[str] = set()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id or f"storelens-fleet-{uuid.uuid4().hex[:8]}"
-        )
-        self._client.on_connect = self._on_connect
-        self._client.on_message = self._on_message
         try:
-            self._client.connect(self._host, self._port, keepalive=30)
-        except OSError as exc:
-            raise ChannelError(f"cannot reach broker {self._host}:{self._port}: {exc}") from exc
-        self._client.loop_start()
-        if not self._connected.wait(CONNECT_TIMEOUT_S):
-            self.close()
-            raise ChannelError(f"broker {self._host}:{self._port} did not accept the connection")
+            check(settings)
+            self._cc = CloudClient(settings, client_id=client_id or f"storelens-fleet-{uuid.uuid4().hex[:8]}",
+                                   on_connected=self._on_connect)  # fmt: skip
+            self._client = self._cc.client
+            self._client.on_message = self._on_message
+            self._cc.connect(CONNECT_TIMEOUT_S)
+        except BrokerError as exc:
+            raise ChannelError(str(exc)) from exc
 
     # -- port --
     def discover(self, stores: Sequence[str], *, timeout_s: float = 5.0) -> list[KioskView]:
@@ -132,21 +133,15 @@ class MqttChannel:
             )
 
     def stage(self, kiosks: Sequence[KioskView], desired: DesiredRelease, *, stage: int) -> None:
-        infos = []
+        from cloud.mqtt import BrokerError
+
         for k in kiosks:
             msg = desired.model_copy(update={"kiosk": k.kiosk, "store": k.store})
-            infos.append(
-                (
-                    k,
-                    self._client.publish(
-                        Topics(k.store, k.kiosk).desired, msg.to_bytes(), qos=1, retain=True
-                    ),
-                )
-            )
-        for k, info in infos:
-            info.wait_for_publish(timeout=PUBACK_TIMEOUT_S)
-            if not info.is_published():
-                raise ChannelError(f"no PUBACK for the desired release of {k.store}/{k.kiosk}")
+            try:
+                self._cc.publish(Topics(k.store, k.kiosk).desired, msg.to_bytes(), qos=1, retain=True,
+                                 timeout_s=PUBACK_TIMEOUT_S)  # fmt: skip
+            except BrokerError as exc:
+                raise ChannelError(f"desired release of {k.store}/{k.kiosk} not delivered: {exc}") from exc
         _LOGGER.info("stage %d: desired %s published to %d kiosk(s)", stage, desired.release, len(kiosks))
 
     def poll(self, kiosks: Sequence[KioskView]) -> list[KioskView]:
@@ -157,15 +152,12 @@ class MqttChannel:
         _LOGGER.warning("rollout halted: %s (kiosks not yet staged keep their desired release)", reason)
 
     def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._cc.close()
 
     # -- paho callbacks (network thread) --
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if not reason.is_failure:
-            for topic in self._subscribed:
-                client.subscribe(topic, qos=1)
-            self._connected.set()
+    def _on_connect(self, client: Any, session_present: bool) -> None:
+        for topic in self._subscribed:
+            client.subscribe(topic, qos=1)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         try:

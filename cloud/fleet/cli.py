@@ -8,6 +8,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from cloud import broker_cli as bc
+
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -88,10 +90,8 @@ def release_cmd(
 def rollout_cmd(
     release: Annotated[str, typer.Argument(help="release.json URL or path")],
     stores: Annotated[str, typer.Option("--stores", help="Comma-separated store ids")],
-    broker: Annotated[
-        str | None, typer.Option("--broker", help="mqtt://host:port (store broker channel)")
-    ] = None,
-    iot: Annotated[bool, typer.Option("--iot", help="Use AWS IoT Jobs instead of a broker")] = False,
+    broker: bc.Broker = None,
+    iot: Annotated[bool, typer.Option("--iot", help="AWS IoT Jobs (= --broker iot://)")] = False,
     canary: Annotated[int, typer.Option("--canary", help="Kiosks in the canary stage")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Kiosks per later stage")] = 10,
     timeout_s: Annotated[float, typer.Option("--timeout-s", help="Per-stage timeout")] = 1800.0,
@@ -101,6 +101,12 @@ def rollout_cmd(
     probation_s: Annotated[
         float | None, typer.Option("--probation-s", help="Override kiosk probation")
     ] = None,
+    config: bc.Config = None,
+    username: bc.Username = None,
+    password_env: bc.PasswordEnv = None,
+    ca: bc.Ca = None,
+    cert: bc.Cert = None,
+    key: bc.Key = None,
 ) -> None:
     """Stage RELEASE to canary kiosks, then batches; halt (exit 1) at the first failed stage."""
     from cloud.fleet.channel import ChannelError, MqttChannel, RolloutChannel
@@ -111,18 +117,17 @@ def rollout_cmd(
     missing = [s for s in store_ids if s not in m.stores]
     if missing:
         _fail(f"release {m.release} has no snapshot for {', '.join(missing)}")
+    settings = None if iot else bc.settings(broker, config, username, ca, cert, key, password_env)
     channel: RolloutChannel
     try:
-        if iot:
+        if settings is None or settings.is_iot:
             import boto3
 
             from cloud.fleet.iot_jobs import IotJobsChannel
 
             channel = IotJobsChannel(boto3.client("iot"))
-        elif broker:
-            channel = MqttChannel(broker)
         else:
-            _fail("give --broker URL or --iot")
+            channel = MqttChannel(settings)
         try:
             found = channel.discover(store_ids, timeout_s=10.0)
             kiosks = [k for k in found if k.state != "offline"]
@@ -151,13 +156,23 @@ def rollout_cmd(
 
 def status_cmd(
     stores: Annotated[str, typer.Option("--stores", help="Comma-separated store ids")],
-    broker: Annotated[str, typer.Option("--broker", help="mqtt://host:port")],
+    broker: bc.Broker = None,
+    config: bc.Config = None,
+    username: bc.Username = None,
+    password_env: bc.PasswordEnv = None,
+    ca: bc.Ca = None,
+    cert: bc.Cert = None,
+    key: bc.Key = None,
 ) -> None:
-    """Every kiosk's state, model, snapshot and last update step."""
+    """Every kiosk's state, model, snapshot and last update step (from the store broker)."""
     from cloud.fleet.channel import ChannelError, MqttChannel
 
+    settings = bc.settings(broker, config, username, ca, cert, key, password_env)
+    assert settings is not None
+    if settings.is_iot:
+        _fail("fleet status reads the kiosks' retained telemetry: it needs a store broker, not iot://")
     try:
-        channel = MqttChannel(broker)
+        channel = MqttChannel(settings)
         try:
             views = channel.discover(_stores(stores), timeout_s=5.0)
         finally:

@@ -126,8 +126,9 @@ def _allowed(filters: tuple[str, ...], topic: str) -> bool:
 
 def _connect(sb: StoreBroker, who: Identity) -> Peer:
     port = sb.ws_port if who.transport == "websockets" else sb.port
+    ws = who.transport == "websockets"  # the shipped websockets listener is TLS (wss)
     return Peer("127.0.0.1", port, who.client_id, who.username, who.password,
-                transport="websockets" if who.transport == "websockets" else "tcp").connect()
+                transport="websockets" if ws else "tcp", tls_ca=str(sb.ca) if ws else None).connect()
 
 
 @pytest.mark.parametrize("who", IDENTITIES, ids=lambda i: i.name)
@@ -190,7 +191,7 @@ def test_no_login_can_take_over_a_connected_kiosk(
         port = {"loopback": sb.port, "tls": sb.tls_port, "websockets": sb.ws_port}[listener]
         intruder = Peer("127.0.0.1", port, "kB", user, PASSWORDS[user],
                         transport="websockets" if listener == "websockets" else "tcp",
-                        tls_ca=str(sb.ca) if listener == "tls" else None).connect()
+                        tls_ca=str(sb.ca) if listener in ("tls", "websockets") else None).connect()
         intruder.close()
         # B is still connected: its publish is acked and reaches the watcher after the intruder came and went.
         alive = f"alive:{listener}".encode()

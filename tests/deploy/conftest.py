@@ -48,18 +48,26 @@ def install_acl(dest: Path, store: str) -> None:
 
 
 def render_config(
-    tmp: Path, *, port: int, tls_port: int, ws_port: int, pki: TestPKI, http_dir: Path
+    tmp: Path, *, port: int, tls_port: int, ws_port: int, pki: TestPKI | None, http_dir: Path,
+    etc: Path | None = None, conf: Path | None = None,
 ) -> str:
-    """deploy/mosquitto/storelens.conf with its Debian paths and ports swapped for test ones."""
-    text = (DEPLOY / "storelens.conf").read_text()
-    subs = {
-        "/etc/mosquitto/storelens/passwd": str(tmp / "passwd"),
-        "/etc/mosquitto/storelens/acl": str(tmp / "acl"),
-        "/etc/mosquitto/storelens/tls/ca.crt": str(pki.ca),
-        "/etc/mosquitto/storelens/tls/server.crt": str(pki.server.cert),
-        "/etc/mosquitto/storelens/tls/server.key": str(pki.server.key),
-        "/usr/share/storelens/dashboard": str(http_dir),
-    }
+    """deploy/mosquitto/storelens.conf (or ``conf``) with its Debian paths and ports swapped for test ones:
+    password file and ACL in ``tmp``, TLS files from ``pki``; or all of them under ``etc`` (a provisioned
+    ``broker/storelens`` folder, as it would sit in /etc/mosquitto/storelens)."""
+    text = (conf or DEPLOY / "storelens.conf").read_text()
+    if etc is not None:
+        subs = {f"/etc/mosquitto/storelens/{f}": str(etc / f)
+                for f in ("passwd", "acl", "tls/ca.crt", "tls/server.crt", "tls/server.key")}  # fmt: skip
+    else:
+        assert pki is not None
+        subs = {
+            "/etc/mosquitto/storelens/passwd": str(tmp / "passwd"),
+            "/etc/mosquitto/storelens/acl": str(tmp / "acl"),
+            "/etc/mosquitto/storelens/tls/ca.crt": str(pki.ca),
+            "/etc/mosquitto/storelens/tls/server.crt": str(pki.server.cert),
+            "/etc/mosquitto/storelens/tls/server.key": str(pki.server.key),
+        }
+    subs["/usr/share/storelens/dashboard"] = str(http_dir)
     for old, new in subs.items():
         assert old in text, f"{old} vanished from storelens.conf; update this test"
         text = text.replace(old, new)
@@ -77,12 +85,40 @@ def render_config(
 
 
 @contextmanager
+def start_broker(conf_text: str, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """mosquitto on ``conf_text``, stopped by PID at exit; AssertionError with its log if it fails."""
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto not installed; run `make setup`")
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(conf_text)
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        BrokerLog(proc).wait_running(_START_TIMEOUT_S)
+    except (RuntimeError, TimeoutError) as exc:
+        proc.kill()
+        proc.wait(timeout=10)
+        log = (tmp_path / "mosquitto.log").read_text() if (tmp_path / "mosquitto.log").exists() else ""
+        raise AssertionError(f"deploy config did not start: {exc}\n{log}") from exc
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+@contextmanager
 def run_store_broker(
     tmp_path: Path, passwords: dict[str, str] = PASSWORDS, acl_extra: str = ""
 ) -> Iterator[StoreBroker]:
     """The deploy config on real mosquitto (``acl_extra``: test-only lines appended to the installed ACL)."""
-    binary = mosquitto_binary()
-    if binary is None or shutil.which("mosquitto_passwd") is None:
+    if mosquitto_binary() is None or shutil.which("mosquitto_passwd") is None:
         pytest.skip("mosquitto/mosquitto_passwd not installed; run `make setup`")
     pw = tmp_path / "passwd"
     pw.write_text("".join(f"{u}:{p}\n" for u, p in passwords.items()))
@@ -97,27 +133,8 @@ def run_store_broker(
     (http_dir / "index.html").write_text("<!doctype html><title>StoreLens</title>storelens-dashboard")
     pki = TestPKI(tmp_path / "pki")
     ports = {"port": free_port(), "tls_port": free_port(), "ws_port": free_port()}
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(render_config(tmp_path, pki=pki, http_dir=http_dir, **ports))
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        BrokerLog(proc).wait_running(_START_TIMEOUT_S)
-    except (RuntimeError, TimeoutError) as exc:
-        proc.kill()
-        proc.wait(timeout=10)
-        log = (tmp_path / "mosquitto.log").read_text() if (tmp_path / "mosquitto.log").exists() else ""
-        raise AssertionError(f"deploy config did not start: {exc}\n{log}") from exc
-    try:
+    with start_broker(render_config(tmp_path, pki=pki, http_dir=http_dir, **ports), tmp_path) as proc:
         yield StoreBroker(proc=proc, ca=pki.ca, http_dir=http_dir, log=tmp_path / "mosquitto.log", **ports)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stderr:
-            proc.stderr.close()
 
 
 @pytest.fixture

@@ -111,6 +111,13 @@ class Peer:
         with self._cond:
             return self._cond.wait_for(lambda: sum(m.topic == topic for m in self.messages) >= n, timeout_s)
 
+    def wait_match(self, topic: str, pred: Callable[[bytes], bool], timeout_s: float = WAIT_S) -> bool:
+        """Wait until a message on ``topic`` whose payload satisfies ``pred`` has arrived."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: any(m.topic == topic and pred(m.payload) for m in self.messages), timeout_s
+            )
+
     def wait_for_payload(self, payload: bytes, timeout_s: float = WAIT_S) -> Received | None:
         """The first message received with exactly ``payload``, or None after ``timeout_s``."""
         with self._cond:

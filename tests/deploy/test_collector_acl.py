@@ -39,8 +39,7 @@ def test_collector_user_collects_over_tls_and_cannot_forge_or_read_more(
             assert c.wait_handled(1, 10.0) and c.stats()["stored"] == 1
     finally:
         c.stop()
-    # The broker binds client ids to logins (one session per login): the spy logs in as the collector
-    # once the collector is gone, or it would take the collector's session over.
+    # One connection per login (use_username_as_clientid): the spy logs in as the collector once it left.
     with peer(store_broker, "kA") as kiosk, peer(store_broker, "ops") as ops, \
             peer(store_broker, "collector", tag="spy") as spy:  # fmt: skip
         forged = feedback("kA", 2, store=STORE)

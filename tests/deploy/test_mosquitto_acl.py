@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,8 +47,11 @@ def _status(kiosk: str) -> bytes:
 
 
 def test_every_listener_starts_and_websockets_serves_http_dir(store_broker: StoreBroker) -> None:
-    """The shipped config must start on 2.0.11 (a websockets-only or malformed config does not)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{store_broker.ws_port}/index.html", timeout=5) as r:
+    """The shipped config must start on 2.0.11 (a websockets-only or malformed config does not), and serve
+    the dashboard over TLS on the websockets port."""
+    ctx = ssl.create_default_context(cafile=str(store_broker.ca))
+    with urllib.request.urlopen(f"https://127.0.0.1:{store_broker.ws_port}/index.html", timeout=5,
+                                context=ctx) as r:  # fmt: skip
         assert r.status == 200
         assert b"storelens-dashboard" in r.read()
 
@@ -57,14 +61,15 @@ def test_anonymous_and_wrong_password_are_refused(store_broker: StoreBroker) -> 
     for user, pw in ((None, None), ("dashboard", "wrong")):
         with pytest.raises(ConnectionRefusedError):
             Peer("127.0.0.1", store_broker.ws_port, "t-anon", username=user, password=pw,
-                 transport="websockets").connect()
+                 transport="websockets", tls_ca=str(store_broker.ca)).connect()
 
 
 def test_dashboard_reads_store_telemetry_but_every_publish_is_refused(store_broker: StoreBroker) -> None:
     """A staff browser holding the read-only credentials must not be able to fake or command a kiosk."""
     with (
         peer(store_broker, "ops") as ops,
-        peer(store_broker, "dashboard", port=store_broker.ws_port, transport="websockets") as dash,
+        peer(store_broker, "dashboard", port=store_broker.ws_port, transport="websockets",
+             tls_ca=str(store_broker.ca)) as dash,
         peer(store_broker, "kA") as kiosk,
     ):
         assert ops.subscribe("#").value < 128

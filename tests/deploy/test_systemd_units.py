@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import re
 import shlex
 import shutil
 import subprocess
@@ -25,18 +26,55 @@ def _service(unit: Path) -> configparser.SectionProxy:
     return cp["Service"]
 
 
-def test_feedback_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    """A unit systemd warns about (unknown key, wrong section, bad value) would be half-ignored on install."""
+MAX_EXPOSURE = 3.5  # `systemd-analyze security`: "OK" is below 4.0; the issue asks 3.5 or lower
+UNIT_NAMES = ("storelens-kiosk.service", "storelens-feedback.service")
+
+
+def _installed_copy(name: str, tmp_path: Path) -> Path:
+    """The unit as shipped, with only what this machine lacks swapped: the console script, the env file."""
     if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed")
-    text = (UNITS / "storelens-feedback.service").read_text()
-    # Only what the test machine lacks is swapped: the installed console script and the env file.
-    text = text.replace("/opt/storelens/.venv/bin/storelens", sys.executable)
-    text = text.replace("EnvironmentFile=/etc/storelens/feedback.env", "EnvironmentFile=-/nonexistent.env")
-    unit = tmp_path / "storelens-feedback.service"
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    text = (UNITS / name).read_text().replace("/opt/storelens/.venv/bin/storelens", sys.executable)
+    text = re.sub(r"^EnvironmentFile=-?(/etc/storelens/\S+)$", r"EnvironmentFile=-\1", text, flags=re.M)
+    unit = tmp_path / name
     unit.write_text(text)
+    return unit
+
+
+@pytest.mark.parametrize("name", UNIT_NAMES)
+def test_unit_passes_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
+    """A unit systemd warns about (unknown key, wrong section, bad value) would be half-ignored on install:
+    the kiosk's StartLimitIntervalSec sat in [Service], where systemd ignores it."""
+    unit = _installed_copy(name, tmp_path)
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+@pytest.mark.parametrize("name", UNIT_NAMES)
+def test_unit_exposure_score_is_at_most_3_5(name: str, tmp_path: Path) -> None:
+    """`systemd-analyze security` scored the kiosk 7.4 (MEDIUM); both services must stay at 3.5 or lower."""
+    unit = _installed_copy(name, tmp_path)
+    threshold = f"--threshold={int(MAX_EXPOSURE * 10)}"  # its exit code fails above this (x10 scale)
+    r = subprocess.run(["systemd-analyze", "security", "--offline=true", threshold, str(unit)],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
+    assert m is not None, r.stdout + r.stderr
+    assert float(m.group(1)) <= MAX_EXPOSURE and r.returncode == 0, r.stdout
+
+
+def test_kiosk_unit_is_notify_with_a_watchdog_and_start_limits_in_unit() -> None:
+    """Type=simple without a watchdog left a hung camera loop hung; [Service] start limits were ignored."""
+    cp = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    for name in UNIT_NAMES:
+        cp.read_string((UNITS / name).read_text())
+        assert {"StartLimitIntervalSec", "StartLimitBurst"} <= set(cp["Unit"]), name
+        assert not {"StartLimitIntervalSec", "StartLimitBurst"} & set(cp["Service"]), name
+        cp.clear()
+    k = _service(UNITS / "storelens-kiosk.service")
+    assert k["Type"] == "notify" and k["NotifyAccess"] == "main" and int(k["WatchdogSec"]) >= 10
+    assert k["DevicePolicy"] == "closed" and k["DeviceAllow"] == "char-video4linux rw"
+    assert k["CapabilityBoundingSet"] == "" and k["User"] != "root"
 
 
 def test_feedback_unit_is_hardened_like_the_kiosk_and_keeps_secrets_off_the_command_line() -> None:

@@ -51,10 +51,10 @@ class TestPKI:
         self.ca.write_bytes(self._ca_cert.public_bytes(serialization.Encoding.PEM))
         self.server = self.issue("localhost", server=True)
 
-    def issue(self, common_name: str, *, server: bool = False) -> CertPair:
-        """Issue a certificate signed by the test CA."""
+    def issue(self, common_name: str, *, server: bool = False, expired: bool = False) -> CertPair:
+        """Issue a certificate signed by the test CA (``expired``: it ended an hour ago)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
+        now = dt.datetime.now(dt.UTC) - (dt.timedelta(days=1, hours=1) if expired else dt.timedelta())
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))

@@ -84,7 +84,8 @@
     }
     const q = new URLSearchParams(location.search);
     const store = q.get("store") || cfg.store || "";
-    let url = q.get("ws") || cfg.broker_ws_url || "ws://{host}:" + (location.port || "9001");
+    const scheme = location.protocol === "https:" ? "wss://" : "ws://"; // mosquitto serves the page over TLS
+    let url = q.get("ws") || cfg.broker_ws_url || scheme + "{host}:" + (location.port || "9001");
     url = url.replace("{host}", location.hostname || "127.0.0.1");
     return {
       store, url, username: cfg.username || undefined, password: cfg.password || undefined,
