@@ -124,6 +124,7 @@ def release_cmd(
     `storelens fleet rollout` (canary gate, probation, rollback).
     """
     from cloud.build import BuildError
+    from cloud.catalog import CatalogError
     from cloud.feedback.relearn import FeedbackError
     from cloud.feedback.release import CatalogTuner, ModelReleaseError, Threshold, release_relearned_model
     from cloud.fleet.cli import _fail
@@ -142,8 +143,8 @@ def release_cmd(
             threshold=Threshold(min_products, min_photos), tune=CatalogTuner(tune_convs, epochs),
             release_id=release_id, sequence=sequence, cache_dir=cache_dir,
         )  # fmt: skip
-    except (ModelReleaseError, FeedbackError, ReleaseError, BuildError, PublishError, ModelError,
-            SigningKeyError, ProtocolError, OSError, ValueError) as exc:  # fmt: skip
+    except (ModelReleaseError, FeedbackError, CatalogError, ReleaseError, BuildError, PublishError,
+            ModelError, SigningKeyError, ProtocolError, OSError, ValueError) as exc:  # fmt: skip
         _fail(str(exc))
     if r.published is None:
         typer.echo(f"not yet: {r.readiness.describe()}; nothing tuned or released")

@@ -30,7 +30,7 @@ from cloud.feedback.store import FeedbackStore
 from models.bundle import read_manifest, verify_bundle
 from storelens.feedback import make_feedback
 from storelens.release import verify_release
-from storelens.snapshot import unpack, verify_snapshot
+from storelens.snapshot import SnapshotRejected, unpack, verify_snapshot
 from tests.fleet.helpers import export_tiny, item_image, make_catalog, make_release
 from tests.support.mosquitto import Mosquitto
 
@@ -141,6 +141,8 @@ def test_release_ships_the_tuned_model_with_a_snapshot_of_the_store_photos(
     unpack(rel_dir / "snapshots" / STORE / "snapshot.tar", snap, max_total_bytes=1 << 30)
     sm = verify_snapshot(snap, [world.key.public_key()], model_id=tuned.model_id, store=STORE)
     assert sm.version == SEQUENCE
+    with pytest.raises(SnapshotRejected):  # the pairing rule: not with the model the kiosks ran before
+        verify_snapshot(snap, [world.key.public_key()], model_id=world.base_id, store=STORE)
     rows = read_rows(snap / VECTORS)
     assert {r["record"] for r in rows if r.get("source") == "store"} == released.approved
     assert any(r["source"] == "catalog" for r in rows)
