@@ -1,4 +1,5 @@
-"""`storelens feedback auto-review|relearn`: the loop's cloud steps after the collector (thin wrappers)."""
+"""`storelens feedback auto-review|relearn|release`: the loop's cloud steps after the collector (thin
+wrappers)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def newest_full_snapshot(snapshots: Path, store: str) -> Path | None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add the auto-review and relearn commands to the `storelens feedback` app."""
+    """Add the auto-review, relearn and release commands to the `storelens feedback` app."""
+    app.command("release")(release_cmd)
 
     @app.command("auto-review")
     def auto_review_cmd(
@@ -90,3 +92,70 @@ def register(app: typer.Typer) -> None:
             f"OK {res.report['kind']} snapshot v{res.manifest.version} of {store} at {final}: "
             f"{fbr.get('store_photos', 0)} store photos, threshold {res.report['threshold']}"
         )
+
+
+def release_cmd(
+    store: Annotated[str, typer.Option("--store", help="Store id")],
+    feedback_dir: Annotated[Path, typer.Option("--feedback-dir", help="Feedback store folder")],
+    catalog: Annotated[Path, typer.Option("--catalog", help="The retailer's CSV or JSON Lines catalog")],
+    bundle: Annotated[Path, typer.Option("--bundle", help="The bundle the store's kiosks run (fp16/fp32)")],
+    key: Annotated[Path, typer.Option("--key", help="Ed25519 private key PEM")],
+    work: Annotated[Path, typer.Option("--work", help="New folder for the tuned bundle + tuning catalog")],
+    to: Annotated[str, typer.Option("--to", help="file:///dir or s3://bucket/prefix")] = "file://releases",
+    min_products: Annotated[
+        int, typer.Option("--min-products", help="Tune once this many products have enough photos")
+    ] = 10,
+    min_photos: Annotated[
+        int, typer.Option("--min-photos", help="Approved store photos a product needs to count")
+    ] = 3,
+    release_id: Annotated[
+        str | None, typer.Option("--id", help="Release id (default r<seq>-<model>)")
+    ] = None,
+    sequence: Annotated[
+        int | None, typer.Option("--sequence", help="Monotonic number (default: unix time)")
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Embedding + OpenVINO cache")] = None,
+    epochs: Annotated[int, typer.Option(min=1, max=50)] = 3,
+    tune_convs: Annotated[int, typer.Option(min=1, max=12, help="Convolutions before the pool to train")] = 4,
+) -> None:
+    """Enough approved store photos? Tune a bundle on them, build the store's snapshot with it, release both.
+
+    Exit 0 with the reason when the threshold is not met yet; then roll the release out with
+    `storelens fleet rollout` (canary gate, probation, rollback).
+    """
+    from cloud.build import BuildError
+    from cloud.catalog import CatalogError
+    from cloud.feedback.relearn import FeedbackError
+    from cloud.feedback.release import CatalogTuner, ModelReleaseError, Threshold, release_relearned_model
+    from cloud.fleet.cli import _fail
+    from cloud.fleet.release import ReleaseError
+    from cloud.publish import PublishError
+    from models.errors import ModelError
+    from storelens.protocol import ProtocolError, check_id
+    from storelens.signing import SigningKeyError, load_private_key
+
+    try:
+        check_id(store, "store id")
+        if not feedback_dir.is_dir():
+            _fail(f"feedback folder {feedback_dir} does not exist")
+        r = release_relearned_model(
+            store, feedback_dir, catalog, bundle, load_private_key(key), to, work,
+            threshold=Threshold(min_products, min_photos), tune=CatalogTuner(tune_convs, epochs),
+            release_id=release_id, sequence=sequence, cache_dir=cache_dir,
+        )  # fmt: skip
+    except (ModelReleaseError, FeedbackError, CatalogError, ReleaseError, BuildError, PublishError,
+            ModelError, SigningKeyError, ProtocolError, OSError, ValueError) as exc:  # fmt: skip
+        _fail(str(exc))
+    if r.published is None:
+        typer.echo(f"not yet: {r.readiness.describe()}; nothing tuned or released")
+        return
+    m = r.published.manifest
+    typer.echo(
+        f"OK release {m.release} #{m.sequence}: model {m.bundle.name} {m.bundle.model_id[:12]} (tuned from "
+        f"{r.base_model_id[:12]}, bundle at {r.tuned_bundle}), {store} snapshot v{m.stores[store].version} "
+        f"with store photos; {r.readiness.describe()}"
+    )
+    typer.echo(r.published.url)
+    for w in r.warnings:
+        typer.echo(f"warning: {w}")
+    typer.echo(f"next: storelens fleet rollout {r.published.url} --stores {store} --broker mqtts://HOST:8883")

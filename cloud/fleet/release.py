@@ -122,8 +122,12 @@ def build_release(
     embedder: Any = None,
     s3_client: Any = None,
     notes: str = "",
+    feedback: Path | None = None,
 ) -> PublishedRelease:
-    """Build every store's snapshot with ``bundle``, sign the release, and publish it to ``to``."""
+    """Build every store's snapshot with ``bundle``, sign the release, and publish it to ``to``.
+
+    ``feedback``: a feedback store folder whose approved store photos join each store's snapshot (as
+    ``catalog build --feedback`` adds them: rows marked ``store``)."""
     t0 = time.monotonic()
     bm = verify_bundle(bundle)
     sequence = sequence if sequence is not None else int(time.time())
@@ -155,6 +159,7 @@ def build_release(
                     version=sequence,
                     cache_dir=cache_dir,
                     progress=False,
+                    feedback=feedback,
                 )
                 warnings += [f"store {s}: {w}" for w in built.report["warnings"]]
                 n = attach_canary_images(out, catalog, key)
