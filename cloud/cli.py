@@ -138,7 +138,7 @@ def catalog_build(
                                  location_column=location_column, options=opts))  # fmt: skip
     if engine != "single":
         _fail(f"--engine must be 'single' or 'ray', not {engine!r}")
-    from cloud.build import build_snapshot
+    from cloud.build import BuildSpec, build_snapshot
     from cloud.feeds.summary import summary_lines
     from storelens import signing
     from storelens.protocol import check_id
@@ -146,11 +146,11 @@ def catalog_build(
     def run() -> Any:
         check_id(store, "store id")
         pk = signing.load_private_key(key)
-        res = build_snapshot(
-            catalog,
-            store,
-            out,
-            pk,
+        res = build_snapshot(BuildSpec(
+            catalog=catalog,
+            store=store,
+            out_dir=out,
+            private_key=pk,
             bundle=bundle,
             base=base,
             version=version,
@@ -162,7 +162,7 @@ def catalog_build(
             location_column=location_column,
             feedback=feedback,
             feedback_cap=feedback_cap,
-        )
+        ))
         return res
 
     res = _guard(run)
