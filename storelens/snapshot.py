@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from storelens import signing
+from storelens.errors import ReasonError
 from storelens.fsutil import atomic_write_bytes, fsync_dir, read_capped, sha256_file
 
 FORMAT = "storelens.snapshot/1"
@@ -65,13 +66,10 @@ class RejectReason(StrEnum):
     BAD_ARCHIVE = "bad_archive"
 
 
-class SnapshotRejected(Exception):
+class SnapshotRejected(ReasonError[RejectReason]):
     """A snapshot failed verification; ``reason`` names the check, ``detail`` says what was found."""
 
-    def __init__(self, reason: RejectReason, detail: str) -> None:
-        super().__init__(f"snapshot refused ({reason.value}): {detail}")
-        self.reason = reason
-        self.detail = detail
+    what = "snapshot refused"
 
 
 class _Strict(BaseModel):
