@@ -31,6 +31,7 @@ from cloud.feeds.download import Downloader, http_sources
 from cloud.feeds.summary import catalog_fields
 from models.bundle import BundleManifest
 from storelens import vindex
+from storelens.archive import pack
 from storelens.fsutil import atomic_write_bytes, atomic_write_json
 from storelens.snapshot import (
     Canary,
@@ -38,7 +39,6 @@ from storelens.snapshot import (
     Projection,
     SnapshotManifest,
     describe_files,
-    pack,
     read_manifest_unverified,
     utc_now_iso,
     write_signed,

@@ -241,7 +241,8 @@ def catalog_verify(
 ) -> None:
     """Verify signature, files, model and index header; print OK and a summary or the reason (exit 2)."""
     from storelens import signing
-    from storelens.snapshot import unpack, verify_snapshot
+    from storelens.archive import unpack
+    from storelens.snapshot import verify_snapshot
     from storelens.swap import recover_for_reading
 
     _guard(lambda: recover_for_reading(snapshot))  # a build a crash interrupted: finish or undo it

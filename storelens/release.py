@@ -54,7 +54,7 @@ class BundleRef(_Strict):
 class StoreSnapshotRef(_Strict):
     version: int = Field(ge=1)
     manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    archive: Artifact  # the snapshot tar (storelens.snapshot.pack)
+    archive: Artifact  # the snapshot tar (storelens.archive.pack)
 
 
 class ReleaseManifest(_Strict):

@@ -27,6 +27,7 @@ from cloud.build import BuildSpec, build_snapshot
 from cloud.catalog import fetch_image_bytes, load_catalog
 from cloud.publish import ArtifactStore, open_store
 from models.bundle import verify_bundle
+from storelens.archive import pack
 from storelens.fsutil import atomic_write_bytes, sha256_file
 from storelens.release import (
     BUNDLE_FILES,
@@ -42,7 +43,6 @@ from storelens.release import (
 from storelens.snapshot import (
     describe_files,
     manifest_sha256,
-    pack,
     read_manifest_unverified,
     utc_now_iso,
     write_signed,

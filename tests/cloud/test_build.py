@@ -239,7 +239,8 @@ def test_threshold_separates_items() -> None:
 def test_build_spec_refuses_what_no_build_can_do(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
     """A bad build request (no model, features with feedback, nonsense hnsw or delta settings) used to be
     found minutes into the build, after embedding, or not at all: the spec refuses it when made."""
-    base = {"catalog": tmp_path / "c.csv", "store": "s", "out_dir": tmp_path / "o", "private_key": signing_key}
+    base = {"catalog": tmp_path / "c.csv", "store": "s", "out_dir": tmp_path / "o",
+            "private_key": signing_key}
     with pytest.raises(BuildError, match="bundle or an embedder"):
         BuildSpec(**base)  # type: ignore[arg-type]
     emb = CountingEmbedder()

@@ -34,7 +34,7 @@ def test_verify_reports_ok_or_the_reason(catalog: CatalogFiles, tmp_path: Path) 
     """verify prints OK with a summary, or REJECTED <reason> and exit 2 (directory and archive)."""
     from cloud.build import BuildSpec, build_snapshot
     from storelens import signing
-    from storelens.snapshot import pack
+    from storelens.archive import pack
     from tests.cloud.conftest import CountingEmbedder
 
     runner.invoke(_app(), ["keys", "generate", "--out", str(tmp_path / "k")])
@@ -66,7 +66,7 @@ def test_verify_refuses_unlisted_nested_files_and_symlinks(catalog: CatalogFiles
 
     from cloud.build import BuildSpec, build_snapshot
     from storelens import signing
-    from storelens.snapshot import pack
+    from storelens.archive import pack
 
     runner.invoke(_app(), ["keys", "generate", "--out", str(tmp_path / "k")])
     key = signing.load_private_key(tmp_path / "k" / "private.pem")

@@ -13,14 +13,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.build import BuildSpec, build_snapshot
+from storelens.archive import pack, unpack
 from storelens.snapshot import (
     RejectReason,
     SnapshotRejected,
     describe_files,
     manifest_sha256,
-    pack,
     read_manifest_unverified,
-    unpack,
     verify_snapshot,
     write_signed,
 )

@@ -16,9 +16,10 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.build import BuildSpec, build_snapshot
+from storelens.archive import pack
 from storelens.delta import apply_delta
 from storelens.protocol import FullSnapshotRef, SnapshotAnnouncement
-from storelens.snapshot import manifest_sha256, pack, read_manifest_unverified
+from storelens.snapshot import manifest_sha256, read_manifest_unverified
 from tests.cloud.conftest import CatalogFiles, CountingEmbedder, item_image, make_catalog, write_jpeg
 
 STORE = "s1"
