@@ -50,8 +50,8 @@ def _guard(fn: Callable[[], Any]) -> Any:
     """Run a command body, turning the errors a user can fix into one line and exit code 2."""
     from cloud.build import BuildError
     from cloud.catalog import CatalogError
-    from cloud.evaluate import EvalError
     from cloud.publish import PublishError
+    from cloud.research.evaluate import EvalError
     from models.errors import ModelError
     from storelens.signing import SigningKeyError
     from storelens.snapshot import SnapshotRejected
@@ -297,7 +297,7 @@ def catalog_eval(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
     """Recall@1/@5 (items), mean similarity of right vs wrong top-1, most confused pairs."""
-    from cloud.evaluate import EvalError, evaluate
+    from cloud.research.evaluate import EvalError, evaluate
 
     def run() -> Any:
         from models.embedder import Embedder

@@ -48,8 +48,8 @@ from cloud.feedback.collector import BrokerConfig as CollectorBroker  # noqa: E4
 from cloud.feedback.collector import FeedbackCollector  # noqa: E402
 from cloud.feedback.store import Decision, FeedbackStore  # noqa: E402
 from cloud.feedback.verify import KnownSnapshots  # noqa: E402
-from cloud.grocery import read_classes, write_grocery_catalog  # noqa: E402
 from cloud.publish import publish_snapshot  # noqa: E402
+from cloud.research.grocery import read_classes, write_grocery_catalog  # noqa: E402
 from device.camera.synthetic import (  # noqa: E402
     load_item_images,
     make_scene,

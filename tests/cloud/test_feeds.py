@@ -399,7 +399,7 @@ def test_grocery_one_row_per_image_builds_the_same_snapshot(
 ) -> None:
     """The grocery catalog written one row per image (title, price, aisle on the first row only) must build
     the snapshot of one row per item with ';'-joined images: same items, same vectors, same index."""
-    from cloud.grocery import write_grocery_catalog
+    from cloud.research.grocery import write_grocery_catalog
     from tests.conftest import shared_path
 
     root = shared_path("data", "grocery")

@@ -11,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.build import BuildSpec, build_snapshot
-from cloud.evaluate import evaluate
-from cloud.grocery import write_grocery_catalog, write_grocery_queries
 from cloud.publish import publish_snapshot
+from cloud.research.evaluate import evaluate
+from cloud.research.grocery import write_grocery_catalog, write_grocery_queries
 from storelens import protocol
 from storelens.snapshot import verify_snapshot
 from tests.conftest import shared_path
