@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.featurize import MOBILENET, _images, _one_per_item
 from bench.models import _shared, export_bench_bundle
-from cloud.build import build_snapshot
+from cloud.build import BuildSpec, build_snapshot
 from cloud.catalog import Item
 from cloud.featurize import _Job, featurize
 from cloud.scale.embed import BundleEmbedders, EmbeddingSpace, embed_jobs, make_jobs
@@ -131,8 +131,9 @@ def _stores(dim: int, out_dir: Path) -> dict[str, Any]:
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
     for s in stores:
-        build_snapshot(catalog, s, root / "single" / s, key, embedder=space, progress=False, created_at=when,
-                       features=store_features(jobs, s, dim))  # fmt: skip
+        build_snapshot(BuildSpec(catalog=catalog, store=s, out_dir=root / "single" / s, private_key=key,
+                                 embedder=space, progress=False, created_at=when,
+                                 features=store_features(jobs, s, dim)))  # fmt: skip
     single_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     done = fan_out(jobs, {s: root / "ray" / s for s in stores}, catalog, key, space, created_at=when,

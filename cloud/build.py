@@ -13,17 +13,16 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud import delta as d
 from cloud import open_set, retrieval
+from cloud.build_spec import BuildError, BuildResult, BuildSpec
 from cloud.cache import EmbeddingCache
 from cloud.catalog import Catalog, load_catalog
 from cloud.featurize import Features, featurize, preprocessing_hash
@@ -31,8 +30,8 @@ from cloud.feedback import relearn
 from cloud.feeds.download import Downloader, http_sources
 from cloud.feeds.summary import catalog_fields
 from models.bundle import BundleManifest
-from models.port import EmbedderPort
 from storelens import vindex
+from storelens.archive import pack
 from storelens.fsutil import atomic_write_bytes, atomic_write_json
 from storelens.snapshot import (
     Canary,
@@ -40,7 +39,6 @@ from storelens.snapshot import (
     Projection,
     SnapshotManifest,
     describe_files,
-    pack,
     read_manifest_unverified,
     utc_now_iso,
     write_signed,
@@ -49,24 +47,12 @@ from storelens.swap import install_output, recover_for_reading, recover_output, 
 
 _LOGGER = logging.getLogger(__name__)
 
-DELTA_MAX_FRACTION = 0.30  # past this share of changed vectors a full rebuild is smaller and cleaner
-DEFAULT_EF = 100  # query ef recorded for kiosks: recall ~1.0 on catalogs up to ~100k at < 1 ms
+__all__ = ["BuildError", "BuildResult", "BuildSpec", "build_snapshot"]
+
 CANARIES = 8  # enough to catch a wrong model/index pairing; each costs dim*4 bytes in the manifest
 EXPIRES_DAYS = 30  # a kiosk flags its catalog stale after this (reliability A5)
 PROJECTION = "projection.bin"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class BuildError(Exception):
-    """The build cannot produce a snapshot (no usable items, bad base, model mismatch...)."""
-
-
-@dataclass(slots=True)
-class BuildResult:
-    out_dir: Path
-    manifest: SnapshotManifest
-    report: dict[str, Any] = field(default_factory=dict)
-    report_path: Path | None = None
 
 
 def thumb_name(sku: str) -> str:
@@ -116,61 +102,36 @@ def _open_embedder(bundle: Path, cache_dir: Path | None) -> Any:
     return Embedder(bundle, mode="throughput", cache_dir=cache_dir)
 
 
-def build_snapshot(
-    catalog_path: Path,
-    store: str,
-    out_dir: Path,
-    private_key: Ed25519PrivateKey,
-    *,
-    bundle: Path | None = None,
-    embedder: EmbedderPort | None = None,
-    base: Path | None = None,
-    version: int | None = None,
-    M: int = 16,
-    ef_construction: int = 200,
-    ef: int = DEFAULT_EF,
-    cache_dir: Path | None = None,
-    progress: bool = True,
-    delta_max_fraction: float = DELTA_MAX_FRACTION,
-    s3_client: Any = None,
-    adapter: Literal["lda", "none"] = "lda",
-    archive: bool = False,
-    location_column: str | None = None,
-    feedback: Path | None = None,
-    feedback_cap: int = relearn.DEFAULT_CAP,
-    features: Features | None = None,
-    created_at: datetime | None = None,
-) -> BuildResult:
-    """Build, sign and write a snapshot for ``store``; a report JSON lands beside ``out_dir``.
+def build_snapshot(spec: BuildSpec) -> BuildResult:
+    """Build, sign and write the snapshot ``spec`` describes; a report JSON lands beside its ``out_dir``.
 
-    With ``archive`` ``out_dir.tar`` is written too (without, an older one is removed: it would not
+    With ``spec.archive`` ``out_dir.tar`` is written too (without, an older one is removed: it would not
     agree); both are switched crash-safe by ``storelens.swap``, which first finishes or undoes a swap
-    that a crash interrupted and removes an unfinished build's leftovers. With ``feedback`` (a feedback
-    store folder) the approved store photos of the store's products join their images
-    (``cloud.feedback.relearn``: at most ``feedback_cap`` per product, rows marked ``store``).
-    ``features``: the store's images already embedded (``cloud.scale``) by ``embedder``, which then
-    only names the model; ``created_at``: the build time to record (one for all stores of a run).
+    that a crash interrupted and removes an unfinished build's leftovers. With ``spec.feedback`` the
+    approved store photos of the store's products join their images (``cloud.feedback.relearn``, rows
+    marked ``store``).
     """
+    catalog_path, store, base, version = spec.catalog, spec.store, spec.base, spec.version
+    out_dir, cache_dir, progress, feedback, features = spec.out_dir, spec.cache_dir, spec.progress, \
+        spec.feedback, spec.features
+    embedder = spec.embedder
     recover_output(out_dir, discard_staged=True)
     if base is not None:
         recover_for_reading(base)
     t0 = time.monotonic()
     out_dir = Path(out_dir)
-    catalog = load_catalog(catalog_path, location_column=location_column, progress=progress)
+    catalog = load_catalog(catalog_path, location_column=spec.location_column, progress=progress)
     items = catalog.for_store(store)
     if not items:
         raise BuildError(f"catalog has no valid items for store {store!r} ({len(catalog.errors)} bad rows)")
     try:
-        if features is not None and feedback is not None:
-            raise BuildError("give either pre-embedded features or a feedback folder, not both")
         sel = relearn.select_approved(feedback, store, items) if feedback is not None else None
     except relearn.FeedbackError as exc:
         raise BuildError(str(exc)) from exc
     own = embedder is None
     if embedder is None:
-        if bundle is None:
-            raise BuildError("need a model bundle or an embedder")
-        embedder = _open_embedder(bundle, cache_dir)
+        assert spec.bundle is not None  # BuildSpec checked: a bundle or an embedder
+        embedder = _open_embedder(spec.bundle, cache_dir)
     cache = EmbeddingCache(cache_dir / "embeddings.sqlite") if cache_dir else None
     # Photos given as URLs land in the cache's images/ (a rebuild fetches nothing), else only for this build.
     urls = http_sources(s for it in items for s in it.images) if features is None else []
@@ -183,7 +144,7 @@ def build_snapshot(
             downloader.prefetch(urls, progress=progress)
         feats = features if features is not None else featurize(
             relearn.with_store_photos(items, sel) if sel is not None else items,
-            embedder, base_dir=catalog.base_dir, cache=cache, progress=progress, s3_client=s3_client,
+            embedder, base_dir=catalog.base_dir, cache=cache, progress=progress, s3_client=spec.s3_client,
             downloader=downloader,
         )  # fmt: skip
         model_id, pre_hash = str(embedder.model_id), preprocessing_hash(embedder)
@@ -200,7 +161,7 @@ def build_snapshot(
         raise BuildError("no catalog image could be embedded")
     fb_report = None
     if sel is not None:
-        feats, fb_report = relearn.cap_store_photos(feats, sel, feedback_cap)
+        feats, fb_report = relearn.cap_store_photos(feats, sel, spec.feedback_cap)
     item_rows = _item_rows(catalog, store, feats)
     skus = [r.sku for r in feats.rows]
     base_m = read_manifest_unverified(base) if base is not None else None
@@ -233,8 +194,9 @@ def build_snapshot(
             plan = d.plan_delta(
                 d.read_rows(base / d.ITEMS), d.read_rows(base / d.VECTORS), item_rows, vec_rows
             )
-            if plan.fraction > delta_max_fraction:
-                reason, plan = f"{plan.fraction:.0%} of vectors changed (> {delta_max_fraction:.0%})", None
+            if plan.fraction > spec.delta_max_fraction:
+                changed = f"{plan.fraction:.0%} of vectors changed (> {spec.delta_max_fraction:.0%})"
+                reason, plan = changed, None
         report["delta_fallback"] = reason
     kind: Literal["full", "delta"] = "delta" if plan is not None else "full"
     # A delta keeps its base's projection (its vectors must live in the same space); a full build refits.
@@ -247,11 +209,11 @@ def build_snapshot(
             tstats["warning"] = base_stats["warning"]  # still true of this delta
     else:
         with one_blas_thread():
-            proj, tstats = open_set.fit_for_snapshot(feats.vectors, skus, adapter)
+            proj, tstats = open_set.fit_for_snapshot(feats.vectors, skus, spec.adapter)
         threshold = float(tstats["threshold"])  # type: ignore[arg-type]
     with one_blas_thread():
         index_vectors = proj.apply(feats.vectors) if proj is not None else feats.vectors
-    report.update(threshold=threshold, threshold_stats=tstats, adapter=adapter if proj else "none",
+    report.update(threshold=threshold, threshold_stats=tstats, adapter=spec.adapter if proj else "none",
                   warnings=[tstats["warning"]] if "warning" in tstats else [])  # fmt: skip
     common: dict[str, Any] = {
         "store": store,
@@ -265,11 +227,11 @@ def build_snapshot(
         ),
         "item_count": len(item_rows),
         "vector_count": len(skus),
-        "hnsw": HnswParams(M=M, ef_construction=ef_construction, ef=ef),
+        "hnsw": HnswParams(M=spec.M, ef_construction=spec.ef_construction, ef=spec.ef),
         "threshold": threshold,
         "canary": _canaries(feats.vectors, skus),
-        "created_at": utc_now_iso() if created_at is None else _iso_z(created_at),
-        "expires_at": ((created_at or datetime.now(UTC)) + timedelta(days=EXPIRES_DAYS)).isoformat(
+        "created_at": utc_now_iso() if spec.created_at is None else _iso_z(spec.created_at),
+        "expires_at": ((spec.created_at or datetime.now(UTC)) + timedelta(days=EXPIRES_DAYS)).isoformat(
             timespec="seconds"
         ),
     }
@@ -287,7 +249,7 @@ def build_snapshot(
         extra["delta"] = _write_delta(tmp, base, plan, item_rows, vec_rows, feats, index_vectors)
         common.update(base_version=base_m.version, base_manifest_sha256=d.snapshot_identity(base)[1])
     else:
-        _write_full(tmp, item_rows, vec_rows, feats, index_vectors, M, ef_construction, ef)
+        _write_full(tmp, item_rows, vec_rows, feats, index_vectors, spec.M, spec.ef_construction, spec.ef)
     report["kind"] = kind
     extra["build"] = {k: report[k] for k in ("images_embedded", "cache_hits", "vectors", "items")}
     bundle_m = getattr(embedder, "manifest", None)
@@ -295,10 +257,10 @@ def build_snapshot(
         extra["model"] = bundle_m.describe()
     names = [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]
     manifest = SnapshotManifest(kind=kind, files=describe_files(tmp, names), extra=extra, **common)
-    write_signed(tmp, manifest, private_key)
-    if archive:
+    write_signed(tmp, manifest, spec.private_key)
+    if spec.archive:
         pack(tmp, staging_archive(out_dir))
-    install_output(out_dir, archive=archive)
+    install_output(out_dir, archive=spec.archive)
     report["build_s"] = round(time.monotonic() - t0, 2)
     report_path = out_dir.with_name(f"{out_dir.name}.report.json")
     atomic_write_json(report_path, report)

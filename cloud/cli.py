@@ -52,8 +52,8 @@ def _guard(fn: Callable[[], Any]) -> Any:
     """Run a command body, turning the errors a user can fix into one line and exit code 2."""
     from cloud.build import BuildError
     from cloud.catalog import CatalogError
-    from cloud.evaluate import EvalError
     from cloud.publish import PublishError
+    from cloud.research.evaluate import EvalError
     from models.errors import ModelError
     from storelens.signing import SigningKeyError
     from storelens.snapshot import SnapshotRejected
@@ -140,7 +140,7 @@ def catalog_build(
                                  location_column=location_column, options=opts))  # fmt: skip
     if engine != "single":
         _fail(f"--engine must be 'single' or 'ray', not {engine!r}")
-    from cloud.build import build_snapshot
+    from cloud.build import BuildSpec, build_snapshot
     from cloud.feeds.summary import summary_lines
     from storelens import signing
     from storelens.protocol import check_id
@@ -148,11 +148,11 @@ def catalog_build(
     def run() -> Any:
         check_id(store, "store id")
         pk = signing.load_private_key(key)
-        res = build_snapshot(
-            catalog,
-            store,
-            out,
-            pk,
+        res = build_snapshot(BuildSpec(
+            catalog=catalog,
+            store=store,
+            out_dir=out,
+            private_key=pk,
             bundle=bundle,
             base=base,
             version=version,
@@ -164,7 +164,7 @@ def catalog_build(
             location_column=location_column,
             feedback=feedback,
             feedback_cap=feedback_cap,
-        )
+        ))
         return res
 
     res = _guard(run)
@@ -243,7 +243,8 @@ def catalog_verify(
 ) -> None:
     """Verify signature, files, model and index header; print OK and a summary or the reason (exit 2)."""
     from storelens import signing
-    from storelens.snapshot import unpack, verify_snapshot
+    from storelens.archive import unpack
+    from storelens.snapshot import verify_snapshot
     from storelens.swap import recover_for_reading
 
     _guard(lambda: recover_for_reading(snapshot))  # a build a crash interrupted: finish or undo it
@@ -306,7 +307,7 @@ def catalog_eval(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
     """Recall@1/@5 (items), mean similarity of right vs wrong top-1, most confused pairs."""
-    from cloud.evaluate import EvalError, evaluate
+    from cloud.research.evaluate import EvalError, evaluate
 
     def run() -> Any:
         from models.embedder import Embedder

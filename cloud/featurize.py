@@ -32,7 +32,7 @@ _LOGGER = logging.getLogger(__name__)
 
 THUMB_PX = 160  # longest side of a kiosk-screen thumbnail; ~5-10 KB as JPEG
 THUMB_QUALITY = 80
-DECODE_WORKERS = 2  # query decoding in cloud.evaluate; decode is ~0.5 ms (348 px) to ~6 ms (1080p) per photo
+DECODE_WORKERS = 2  # query decoding (cloud.research.evaluate): ~0.5 ms (348 px) to ~6 ms (1080p) per photo
 DECODE_THREADS = 1  # a catalog build's own decoder (see _Pipeline for why one)
 CHUNK = 8  # decoded photos handed over at once: one thread wake-up per chunk, not per photo
 CHUNK_PIXELS = 4_000_000  # ... or fewer when they are large (a chunk of 12 MP photos is one photo)

@@ -25,13 +25,13 @@ from typing import Any, Protocol
 
 from cloud.mqtt import BrokerSettings
 from storelens import protocol
+from storelens.archive import pack
 from storelens.fsutil import atomic_write_bytes, sha256_file
 from storelens.snapshot import (
     MANIFEST,
     SIGNATURE,
     SnapshotManifest,
     manifest_sha256,
-    pack,
     read_manifest_unverified,
 )
 
@@ -171,7 +171,7 @@ class Published:
 
 def _archive_of(snapshot: Path, workdir: Path) -> tuple[Path, SnapshotManifest, str]:
     """(archive path, manifest, manifest sha256) for a snapshot directory or an existing archive."""
-    from storelens.snapshot import unpack
+    from storelens.archive import unpack
     from storelens.swap import recover_for_reading
 
     recover_for_reading(snapshot)  # a build a crash interrupted: finish or undo it first

@@ -1,5 +1,6 @@
 """The kiosk's composition root: builds every component from the config, starts them in dependency order
 (what serves, comms, snapshot sync, updater, screen, pipeline, camera, health) and stops them in reverse.
+What the kiosk reports (status, health, match events, alerts) is composed in ``device.app_report``.
 
 What serves is ``device.generations``: the serving reference (model + snapshot, read once per held item),
 the switcher (the one way a new generation serves) and its store. This module only wires them."""
@@ -12,12 +13,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-from device.app_build import default_synthetic, make_embedder, make_transport, relative_to
+from device.app_build import default_synthetic, make_embedder, make_transport
 from device.app_connect import ConnectTasks, HookedTransport
+from device.app_report import Reporter
 from device.camera.buffer import BoundedQueue, Frame, OverflowPolicy
-from device.camera.grab import HEALTHY, CameraState, GrabStage
+from device.camera.grab import GrabStage
 from device.camera.port import Image
 from device.camera.sources import open_source_factory, source_is_live
 from device.comms import Comms, Outbox, Transport
@@ -35,24 +37,12 @@ from device.update import JobsBridge, Updater
 from models.port import EmbedderPort
 from storelens import __version__
 from storelens.ha_discovery import HaDiscovery
-from storelens.protocol import (
-    Alert,
-    Health,
-    KioskState,
-    MatchEvent,
-    MatchItem,
-    Status,
-    Topics,
-    UpdateProgress,
-)
+from storelens.protocol import Health, Topics, UpdateProgress
 from storelens.signing import load_public_key
-from storelens.snapshot import utc_now_iso
 
 _LOGGER = logging.getLogger(__name__)
 
-_STATUS_TICK_S: Final = 0.5  # how often status is re-evaluated (camera, snapshot, updates)
 _DRAIN_AT_EOF_S: Final = 10.0  # --exit-at-eof: wait this long for the outbox to empty before stopping
-_DEFERRED_PUBLISH_TIMEOUT_S: Final = 5.0  # HA discovery / update progress re-sent after a reconnect
 
 
 class KioskApp:
@@ -71,17 +61,8 @@ class KioskApp:
         self.topics = Topics(cfg.kiosk.store_id, cfg.kiosk.kiosk_id)
         self.boot_id = uuid.uuid4().hex
         self.stop_event = threading.Event()  # the one stop event; set by signals, EOF or stop()
-        self._app_version = app_version
-        self._seq = 0
-        self._seq_lock = threading.Lock()
-        self._t_start = time.monotonic()
-        self._state: tuple[KioskState, str | None] | None = None
-        self._status_key: tuple[object, ...] | None = None  # what a status change is judged on
-        self._since = utc_now_iso()
         self._threads: list[threading.Thread] = []
         self._started = False
-        self._camera_down = False
-        self._status_lock = threading.Lock()
         keys = [load_public_key(p) for p in cfg.snapshots.public_keys]
         self._sources = Sources(cfg.sync.sources)  # where announcements and releases may point
         # Embedders no longer served: closed by the health loop after their grace period, once no open
@@ -113,7 +94,8 @@ class KioskApp:
         )
         self.grab = GrabStage(
             factory, frames, stall_s=cam.stall_s, backoff_min_s=cam.backoff_min_s,
-            backoff_max_s=cam.backoff_max_s, loop=cam.loop, on_state=self._on_camera_state,
+            backoff_max_s=cam.backoff_max_s, loop=cam.loop,
+            on_state=lambda old, new: self.report.on_camera_state(old, new),
         )
         det = cfg.detection
         self.pipeline = Pipeline.of_pairs(
@@ -129,18 +111,25 @@ class KioskApp:
         self.serving = Serving(
             cfg.snapshots, keys, store_id=cfg.kiosk.store_id, sources=self._sources,
             make_configured=lambda: make_embedder(cfg.model), injected=embedder, retired=self._retired,
-            probe=self.probe, on_refused=self._on_refused, on_alert=self._alert,
-            on_model=self.connect_tasks.set_model, on_changed=self._refresh_status,
+            probe=self.probe, on_refused=lambda r, d: self.report.on_refused(r, d),
+            on_alert=lambda k, d: self.report.alert(k, d), on_model=self.connect_tasks.set_model,
+            on_changed=lambda: self.report.refresh_status(),
         )
         self.updater: Updater | None = None if u is None else Updater(
             u, self.topics, keys, transport=self.transport, on_switch=self.serving.switch,
-            on_alert=self._alert, probe=self.probe, retire=self._retired.retire,
+            on_alert=lambda k, d: self.report.alert(k, d), probe=self.probe, retire=self._retired.retire,
             open_configured=self.serving.open_configured, sources=self._sources,
             cache_dir=cfg.model.cache_dir,
         )
         if self.updater is not None:
             self.serving.switcher = self.updater.switcher
         self.jobs: JobsBridge | None = None
+        self.report = Reporter(
+            self.topics, boot_id=self.boot_id, app_version=app_version,
+            health_interval_s=cfg.health.interval_s, comms=self.comms, grab=self.grab,
+            pipeline=self.pipeline, serving=self.serving,
+            updater=self.updater, screen=self.screen, feedback=self.feedback, stop_event=self.stop_event,
+        )
 
     @property
     def model_id(self) -> str:
@@ -152,7 +141,7 @@ class KioskApp:
         """Start everything in dependency order; the kiosk serves even with no broker or no snapshot."""
         if self._started:
             raise RuntimeError("kiosk already started")
-        self._started = True
+        self._started = self.report.started = True
         limit_blas_threads()
         if not self._sources:
             _LOGGER.warning("[sync] sources is empty: announced snapshots and releases will be refused "
@@ -160,7 +149,7 @@ class KioskApp:
         model_id = self.serving.start()
         if self.updater is not None:
             self.connect_tasks.extra.append(self.updater.republish)
-        self.comms.start(self._status())
+        self.comms.start(self.report.status())
         if self.cfg.snapshots.subscribe:
             self.comms.subscribe(self.topics.snapshot, self.serving.on_announcement)
         for topic in HaDiscovery.subscriptions:
@@ -172,8 +161,10 @@ class KioskApp:
         if self.screen is not None:
             self.screen.start()
         self.pipeline.start()
-        for name, target in (("camera-grab", self.grab.run), ("kiosk-health", self._health_loop)):
-            t = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
+        health = (self.stop_event, self.connect_tasks, self._retired)
+        for name, target, args in (("camera-grab", self.grab.run, (self.stop_event,)),
+                                   ("kiosk-health", self.report.health_loop, health)):
+            t = threading.Thread(target=target, args=args, name=name, daemon=True)
             self._threads.append(t)
             t.start()
         _LOGGER.info("kiosk %s/%s started (boot %s, model %s)", self.topics.store, self.topics.kiosk,
@@ -242,119 +233,19 @@ class KioskApp:
             self.screen.show_frame(frame.seq, frame.image, det.box, det.state.value)
 
     def _on_result(self, r: ItemResult) -> None:
-        root = r.snapshot_dir  # the snapshot this item was searched in (a swap may have happened since)
         if "embed" in r.latency_ms:
             self.probe.on_result(r.model_id, r.latency_ms["embed"])
-        items = [
-            MatchItem(rank=i + 1, sku=h.sku, title=h.title, price=h.price, location=h.location,
-                      score=round(h.score, 4), thumbnail=relative_to(h.thumbnail, root))
-            for i, h in enumerate(r.hits)
-        ]
-        with self._seq_lock:
-            self._seq += 1
-            seq = self._seq
-        event = MatchEvent(
-            kiosk=self.topics.kiosk, store=self.topics.store, seq=seq, boot_id=self.boot_id,
-            matched=r.matched, results=items, threshold=r.threshold, frames=r.frames,
-            model=r.model_id or self.model_id, snapshot=r.snapshot_version, latency_ms=r.latency_ms,
-        )
-        self.comms.publish_event(self.topics.match, event.to_bytes())
-        _LOGGER.info("item %d: %s (%s, %.3f) v%d", r.item_id, "match" if r.matched else "no match",
-                     items[0].sku if items else "-", items[0].score if items else 0.0, r.snapshot_version)
-        if self.screen is not None:
-            self.feedback.remember(event.id, r)  # references only; built when the customer answers
-            self.screen.show_result(event.model_dump(mode="json"))
-
-    def _on_camera_state(self, old: CameraState, new: CameraState) -> None:
-        if new is CameraState.STOPPED and self.stop_event.is_set():
-            return  # a deliberate stop: the camera is not lost, and the status says offline anyway
-        if new not in HEALTHY and not self._camera_down:
-            self._camera_down = True  # one alert per episode, however many reopen attempts it takes
-            self._alert("camera_lost", f"camera {new.value}")
-        elif new is CameraState.STREAMING and self._camera_down:
-            self._camera_down = False
-            self._alert("camera_back", f"streaming again after {self.grab.reopens} reopen(s)")
-        self._refresh_status()
+        self.report.on_result(r)
 
     def _on_update_progress(self, p: UpdateProgress) -> None:
         if p.step == "done":
             self.serving.on_done()  # the configured bundle serves no more
-        self._refresh_status()
-
-    def _on_refused(self, reason: str, detail: str) -> None:
-        self._alert("snapshot_refused", f"{reason}: {detail}"[:500])
-
-    def _alert(self, kind: Any, detail: str) -> None:  # Any: Alert.kind checks the name
-        alert = Alert(kiosk=self.topics.kiosk, store=self.topics.store, kind=kind, detail=detail)
-        try:
-            self.comms.publish_event(self.topics.alert, alert.to_bytes())
-        except Exception:
-            _LOGGER.exception("could not queue %s alert", kind)
+        self.report.refresh_status()
 
     def _thumbs_dir(self) -> Path | None:
         snap = self.serving.snapshot
         return snap.directory if snap is not None else None
 
-    # -- status and health --
-    def _status(self) -> Status:
-        cam = self.grab.state
-        snap = self.serving.snapshot
-        sync = self.serving.sync
-        state, reason = KioskState.ONLINE, None
-        if self.updater is not None and not self.updater.idle.is_set():
-            state, reason = KioskState.UPDATING, "model update"
-        elif sync is not None and not sync.idle.is_set():
-            state, reason = KioskState.UPDATING, "snapshot update"
-        elif cam not in HEALTHY:
-            state, reason = KioskState.DEGRADED, f"camera {cam.value}"
-        elif snap is None:
-            state, reason = KioskState.DEGRADED, "no snapshot"
-        if self._state != (state, reason):
-            self._state, self._since = (state, reason), utc_now_iso()
-        return Status(
-            kiosk=self.topics.kiosk, store=self.topics.store, state=state, reason=reason,
-            app=self._app_version, model=self.model_id or None,
-            snapshot=snap.version if snap else None, since=self._since, camera=cam.value,
-        )
-
-    def _refresh_status(self) -> None:
-        with self._status_lock:
-            before = self._status_key
-            status = self._status()
-            self._status_key = (status.state, status.reason, status.model, status.snapshot)
-            changed = self._status_key != before
-        if self._started and changed and not self.stop_event.is_set():
-            _LOGGER.info("kiosk %s%s", status.state.value, f" ({status.reason})" if status.reason else "")
-            self.comms.set_status(status)
-        if self.screen is not None:
-            self.screen.set_status(status=status.state.value, camera=status.camera, snapshot=status.snapshot,
-                                   model=self.model_id[:12],
-                                   broker="connected" if self.comms.connected else "offline")
-
     def health(self) -> Health:
         """The current health figures."""
-        snap = self.serving.snapshot
-        return Health(
-            kiosk=self.topics.kiosk, store=self.topics.store,
-            uptime_s=round(time.monotonic() - self._t_start, 3), camera=self.grab.state.value,
-            frames_in=self.grab.frames_in, frames_processed=self.pipeline.counters.frames_processed,
-            frames_dropped=self.grab.frames_dropped, fps=round(self.pipeline.fps(), 2),
-            latency_ms=self.pipeline.stats.percentiles(), model=self.model_id,
-            snapshot=snap.version if snap else None, interval_s=self.cfg.health.interval_s,
-        )
-
-    def _health_loop(self, stop: threading.Event) -> None:
-        interval_s = self.cfg.health.interval_s
-        next_health = time.monotonic()
-        while not stop.is_set():
-            try:
-                self.connect_tasks.run_pending()
-                self._refresh_status()
-                self._retired.close_due(in_use=self.pipeline.embedders_in_use())
-                if time.monotonic() >= next_health:
-                    next_health += interval_s
-                    self.comms.publish_health(self.health())
-            except Exception:
-                _LOGGER.exception("health loop iteration failed")
-            stop.wait(min(_STATUS_TICK_S, interval_s))
-
+        return self.report.health()

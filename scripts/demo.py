@@ -42,14 +42,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cloud.build import build_snapshot  # noqa: E402
+from cloud.build import BuildSpec, build_snapshot  # noqa: E402
 from cloud.feedback.auto import ReviewSpace, auto_review  # noqa: E402
 from cloud.feedback.collector import BrokerConfig as CollectorBroker  # noqa: E402
 from cloud.feedback.collector import FeedbackCollector  # noqa: E402
 from cloud.feedback.store import Decision, FeedbackStore  # noqa: E402
 from cloud.feedback.verify import KnownSnapshots  # noqa: E402
-from cloud.grocery import read_classes, write_grocery_catalog  # noqa: E402
 from cloud.publish import publish_snapshot  # noqa: E402
+from cloud.research.grocery import read_classes, write_grocery_catalog  # noqa: E402
 from device.camera.synthetic import (  # noqa: E402
     load_item_images,
     make_scene,
@@ -298,10 +298,11 @@ def main() -> int:
     say("building and signing the store snapshot")
     signing.generate_keypair(work / "keys/private.pem", work / "keys/public.pem")
     key = signing.load_private_key(work / "keys/private.pem")
-    v1 = build_snapshot(
-        catalog, STORE, work / "snapshot", key, bundle=bundle, cache_dir=work / "cache",
+    v1 = build_snapshot(BuildSpec(
+        catalog=catalog, store=STORE, out_dir=work / "snapshot", private_key=key, bundle=bundle,
+        cache_dir=work / "cache",
         progress=sys.stderr.isatty(),
-    ).manifest  # fmt: skip
+    )).manifest  # fmt: skip
     print(f"   v{v1.version}: {v1.item_count} items, {v1.vector_count} vectors, dim {v1.dim}")
 
     say("starting the store broker (mosquitto) and publishing the snapshot")
@@ -343,10 +344,11 @@ def main() -> int:
         _review_as_staff(dashboard, staff_pw, fb_dir, collected, customer.truth, titles)
 
         say("relearning: a new signed snapshot with the approved store photos (catalog build --feedback)")
-        res = build_snapshot(
-            catalog, STORE, work / "snapshot-v2", key, bundle=bundle, base=work / "snapshot",
+        res = build_snapshot(BuildSpec(
+            catalog=catalog, store=STORE, out_dir=work / "snapshot-v2", private_key=key, bundle=bundle,
+            base=work / "snapshot",
             cache_dir=work / "cache", progress=sys.stderr.isatty(), feedback=fb_dir,
-        )  # fmt: skip
+        ))  # fmt: skip
         rep, m2, v2 = res.report, res.manifest, res.manifest.version
         fbr = rep.get("feedback", {})
         print(f"   v{v2} ({rep['kind']}): {m2.item_count} items, {m2.vector_count} vectors, "

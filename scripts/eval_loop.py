@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cloud.build import build_snapshot  # noqa: E402
+from cloud.build import BuildSpec, build_snapshot  # noqa: E402
 from cloud.feedback.auto import WHO, ReviewSpace, auto_review  # noqa: E402
 from cloud.feedback.store import FeedbackStore  # noqa: E402
 from cloud.open_set import open_set_score  # noqa: E402
@@ -162,8 +162,9 @@ def _loop(name: str, d: Data, bundle: Path, key: Any, mistaps: bool, policy: str
 
     def build(tag: str, catalog: Path, with_feedback: bool) -> Path:
         out = root / tag
-        build_snapshot(catalog, STORE, out, key, bundle=bundle, cache_dir=cache, progress=False,
-                       feedback=fb.root if with_feedback else None)  # fmt: skip
+        build_snapshot(BuildSpec(catalog=catalog, store=STORE, out_dir=out, private_key=key, bundle=bundle,
+                                 cache_dir=cache, progress=False,
+                                 feedback=fb.root if with_feedback else None))  # fmt: skip
         return out
 
     rng = np.random.default_rng(SEED)  # the same draws in every loop: only the labels differ

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from storelens import signing
+from storelens.errors import ReasonError
 
 FORMAT = "storelens.release/1"
 RELEASE_JSON = "release.json"
@@ -25,13 +26,10 @@ BUNDLE_FILES = ("manifest.json", "model.xml", "model.bin")
 _RELEASE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class ReleaseRejected(Exception):
+class ReleaseRejected(ReasonError[str]):
     """A release.json that fails parsing or its signature; ``reason`` is a stable string."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"release refused ({reason}): {detail}")
-        self.reason = reason
-        self.detail = detail
+    what = "release refused"
 
 
 class _Strict(BaseModel):
@@ -56,7 +54,7 @@ class BundleRef(_Strict):
 class StoreSnapshotRef(_Strict):
     version: int = Field(ge=1)
     manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    archive: Artifact  # the snapshot tar (storelens.snapshot.pack)
+    archive: Artifact  # the snapshot tar (storelens.archive.pack)
 
 
 class ReleaseManifest(_Strict):

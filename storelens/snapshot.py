@@ -1,4 +1,4 @@
-"""The index snapshot contract: manifest schema, signing, verification, transport archive.
+"""The index snapshot contract: manifest schema, signing, verification (its archive: ``storelens.archive``).
 
 One module for both sides: the cloud writes and signs snapshots with it, the kiosk verifies them with
 it before hnswlib ever opens a file. A snapshot is a flat directory:
@@ -15,12 +15,9 @@ sub-folder).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
-import shutil
-import tarfile
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -30,15 +27,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from storelens import signing
-from storelens.fsutil import atomic_write_bytes, fsync_dir, read_capped, sha256_file
+from storelens.errors import ReasonError
+from storelens.fsutil import atomic_write_bytes, read_capped, sha256_file
 
 FORMAT = "storelens.snapshot/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 # A manifest holds a few canary vectors; 2 MiB is ample and bounds what we parse from the network.
 MAX_MANIFEST_BYTES = 2 << 20
-_END_MARKER_BYTES = 2 * tarfile.BLOCKSIZE  # POSIX: an archive ends with two zero blocks
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?$")
 
 
 class RejectReason(StrEnum):
@@ -65,13 +62,10 @@ class RejectReason(StrEnum):
     BAD_ARCHIVE = "bad_archive"
 
 
-class SnapshotRejected(Exception):
+class SnapshotRejected(ReasonError[RejectReason]):
     """A snapshot failed verification; ``reason`` names the check, ``detail`` says what was found."""
 
-    def __init__(self, reason: RejectReason, detail: str) -> None:
-        super().__init__(f"snapshot refused ({reason.value}): {detail}")
-        self.reason = reason
-        self.detail = detail
+    what = "snapshot refused"
 
 
 class _Strict(BaseModel):
@@ -294,7 +288,7 @@ def scan_files(directory: Path) -> set[str]:
 def _check_files(directory: Path, m: SnapshotManifest, present: set[str]) -> None:
     """Every file listed, and only those: ``present`` is :func:`scan_files` of ``directory``."""
     for name in m.files:
-        if not _SAFE_NAME.match(name) or ".." in name.split("/"):
+        if not SAFE_NAME.match(name) or ".." in name.split("/"):
             raise SnapshotRejected(RejectReason.UNSAFE_NAME, f"file name {name!r}")
     extra = sorted(present - set(m.files) - {MANIFEST, SIGNATURE})  # only the top-level pair is exempt
     if extra:
@@ -324,82 +318,3 @@ def _parse_ts(ts: str) -> datetime:
 def utc_now_iso() -> str:
     """Current UTC time as ISO-8601 with a Z suffix (millisecond precision)."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-# ---- transport archive: an uncompressed tar of the flat directory, extracted defensively ----
-
-
-def pack(directory: Path, archive: Path) -> None:
-    """Write the snapshot directory as one tar file (atomically), manifest first.
-
-    Every regular file goes in as it is (a nested file named like the manifest too: the kiosk refuses
-    what is unlisted); SnapshotRejected (``symlink``) rather than packing what a symlink points at.
-    """
-    directory = Path(directory)
-    buf = io.BytesIO()
-    names = [MANIFEST, SIGNATURE, *sorted(scan_files(directory) - {MANIFEST, SIGNATURE})]
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in names:
-            info = tar.gettarinfo(str(directory / name), arcname=name)
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.mtime = 0
-            with open(directory / name, "rb") as fh:
-                tar.addfile(info, fh)
-    atomic_write_bytes(Path(archive), buf.getvalue())
-
-
-def unpack(archive: Path, dest: Path, *, max_total_bytes: int, max_members: int = 100_000) -> None:
-    """Extract a snapshot archive into a new directory ``dest``: regular files with safe names only.
-
-    The archive must be whole: a tar without its end-of-archive marker (two zero blocks after the last
-    member: a cut-short download or upload) is refused, as is one naming a member twice (the later copy
-    would silently replace the earlier one on extraction).
-    """
-    dest = Path(dest)
-    if dest.exists():
-        raise FileExistsError(f"{dest} already exists")
-    try:
-        with tarfile.open(archive, mode="r:") as tar:
-            members = []
-            names: set[str] = set()
-            total = 0
-            for i, info in enumerate(tar):
-                if i >= max_members:
-                    raise SnapshotRejected(RejectReason.BAD_ARCHIVE, "too many members")
-                if not info.isreg():
-                    raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"{info.name!r} is not a regular file")
-                if info.name not in (MANIFEST, SIGNATURE) and (
-                    not _SAFE_NAME.match(info.name) or ".." in info.name.split("/")
-                ):
-                    raise SnapshotRejected(RejectReason.UNSAFE_NAME, f"archive member {info.name!r}")
-                if info.name in names:
-                    raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"member {info.name!r} appears twice")
-                names.add(info.name)
-                total += info.size
-                if total > max_total_bytes:
-                    raise SnapshotRejected(
-                        RejectReason.BAD_ARCHIVE, f"archive exceeds {max_total_bytes} bytes"
-                    )
-                members.append(info)
-            _check_end_marker(Path(archive), tar.offset)
-            tmp = dest.with_name(f".{dest.name}.partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            tar.extractall(tmp, members=members, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"cannot read archive: {exc}") from exc
-    fsync_dir(tmp)
-    tmp.rename(dest)
-    fsync_dir(dest.parent)
-
-
-def _check_end_marker(archive: Path, offset: int) -> None:
-    """tarfile stops quietly at a missing header; demand the two zero blocks that end a whole archive."""
-    with open(archive, "rb") as fh:
-        fh.seek(offset)
-        tail = fh.read(_END_MARKER_BYTES)
-    if len(tail) < _END_MARKER_BYTES or tail.count(0) != _END_MARKER_BYTES:
-        raise SnapshotRejected(
-            RejectReason.BAD_ARCHIVE, f"no end-of-archive marker at byte {offset}: the archive is cut short"
-        )

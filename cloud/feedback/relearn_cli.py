@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         cache: Annotated[Path | None, typer.Option("--cache", help="Embedding cache directory")] = None,
     ) -> None:
         """`catalog build --feedback` on the newest full snapshot as base (a delta when it can be one)."""
-        from cloud.build import build_snapshot
+        from cloud.build import BuildSpec, build_snapshot
         from cloud.cli import _fail, _guard
         from storelens import signing
         from storelens.protocol import check_id
@@ -76,8 +76,9 @@ def register(app: typer.Typer) -> None:
             base = newest_full_snapshot(snapshots, store)
             pk = signing.load_private_key(key)
             out = snapshots / ".relearn-new"
-            res = build_snapshot(catalog, store, out, pk, bundle=bundle, base=base, cache_dir=cache,
-                                 feedback=feedback_dir, progress=False)  # fmt: skip
+            res = build_snapshot(BuildSpec(catalog=catalog, store=store, out_dir=out, private_key=pk,
+                                           bundle=bundle, base=base, cache_dir=cache,
+                                           feedback=feedback_dir, progress=False))  # fmt: skip
             final = snapshots / f"v{res.manifest.version}"
             if final.exists():
                 _fail(f"{final} already exists")

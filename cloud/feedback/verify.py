@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from enum import StrEnum
 from pathlib import Path
 
+from storelens.errors import ReasonError
 from storelens.feedback import (
     FEEDBACK_SUFFIX,
     MAX_CROP_SIDE_PX,
@@ -49,13 +50,8 @@ class Reason(StrEnum):
     WRONG_STORE = "wrong_store"  # a topic of another store (a broad subscription)
 
 
-class Refused(Exception):
+class Refused(ReasonError[Reason]):
     """A message that is not stored, with its reason and a one-line detail."""
-
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 class KnownSnapshots:

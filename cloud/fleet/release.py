@@ -23,10 +23,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.build import build_snapshot
+from cloud.build import BuildSpec, build_snapshot
 from cloud.catalog import fetch_image_bytes, load_catalog
 from cloud.publish import ArtifactStore, open_store
 from models.bundle import verify_bundle
+from storelens.archive import pack
 from storelens.fsutil import atomic_write_bytes, sha256_file
 from storelens.release import (
     BUNDLE_FILES,
@@ -42,7 +43,6 @@ from storelens.release import (
 from storelens.snapshot import (
     describe_files,
     manifest_sha256,
-    pack,
     read_manifest_unverified,
     utc_now_iso,
     write_signed,
@@ -150,17 +150,17 @@ def build_release(
             work = Path(tmp)
             for s in stores:
                 out = work / s
-                built = build_snapshot(
-                    catalog,
-                    s,
-                    out,
-                    key,
+                built = build_snapshot(BuildSpec(
+                    catalog=catalog,
+                    store=s,
+                    out_dir=out,
+                    private_key=key,
                     embedder=embedder,
                     version=sequence,
                     cache_dir=cache_dir,
                     progress=False,
                     feedback=feedback,
-                )
+                ))
                 warnings += [f"store {s}: {w}" for w in built.report["warnings"]]
                 n = attach_canary_images(out, catalog, key)
                 if n == 0:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cloud.build import BuildError, build_snapshot
+from cloud.build import BuildError, BuildSpec, build_snapshot
 from cloud.catalog import Catalog, load_catalog
 from cloud.featurize import Features, _collect, _Context, _Job, _thumbs_after_bad_first
 from cloud.scale.embed import BATCH, EmbedderFactory, EmbeddingSpace, embed_jobs, make_jobs
@@ -112,9 +112,10 @@ def _build_store(
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     try:
-        build_snapshot(Path(catalog_path), store, Path(out), Ed25519PrivateKey.from_private_bytes(key),
-                       embedder=space, features=feats, created_at=created_at, progress=False,
-                       **options)  # fmt: skip
+        build_snapshot(BuildSpec(catalog=Path(catalog_path), store=store, out_dir=Path(out),
+                                 private_key=Ed25519PrivateKey.from_private_bytes(key),
+                                 embedder=space, features=feats, created_at=created_at, progress=False,
+                                 **options))  # fmt: skip
     except (BuildError, OSError, ValueError) as exc:
         _LOGGER.warning("store %s: %s", store, exc)
         return f"error: {exc}"

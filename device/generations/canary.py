@@ -18,19 +18,21 @@ import numpy.typing as npt
 
 from device.sync.active import ActiveSnapshot, SnapshotLoadError
 from models.port import EmbedderPort, embed_one
+from storelens.errors import ReasonError
 from storelens.snapshot import SnapshotManifest
 
 Crop = npt.NDArray[np.uint8]
 
 
-class UpdateFailed(Exception):
+class UpdateFailed(ReasonError[str]):
     """One step failed; ``step`` is the UpdateProgress step it failed in."""
 
     def __init__(self, step: str, reason: str, detail: str) -> None:
-        super().__init__(f"{step}/{reason}: {detail}")
         self.step = step
-        self.reason = reason
-        self.detail = detail
+        super().__init__(reason, detail)
+
+    def _message(self) -> str:
+        return f"{self.step}/{super()._message()}"
 
 
 def canary_images(

@@ -24,18 +24,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from storelens.errors import ReasonError
+
 _LOGGER = logging.getLogger(__name__)
 
 MAX_STDOUT_BYTES = 64 << 10  # the child's one JSON line; anything more is a misbehaving child
 
 
-class CompileFailed(Exception):
+class CompileFailed(ReasonError[str]):
     """The child did not produce a compiled, working model (reason: crash, timeout, memory, bad_model)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)

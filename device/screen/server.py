@@ -1,4 +1,5 @@
-"""The kiosk's own screen: a local web page (stdlib HTTP server), live MJPEG preview, SSE state pushes.
+"""The kiosk's own screen: a local web page (stdlib HTTP server; requests: ``device.screen.http``), live
+MJPEG preview, SSE state pushes.
 
 Everything is served from the kiosk itself (page and its script from ``static/``, preview, catalog
 thumbnails from the active snapshot), so the screen keeps working with the network down. JPEG encoding
@@ -18,7 +19,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,18 +28,14 @@ import numpy as np
 
 from device.camera.port import Image
 from device.config import ScreenConfig
-from device.screen.answers import Answer, AnswerBook, AnswerRefused
+from device.screen.answers import Answer, AnswerBook
+from device.screen.http import ScreenHandler, load_static
 
 _LOGGER = logging.getLogger(__name__)
 
 _WAIT_S: Final = 0.5  # streaming handlers re-check the closing flag this often
-_KEEPALIVE_S: Final = 15.0  # SSE comment line so proxies and the browser keep the stream open
 _PREVIEW_WIDTH: Final = 640  # preview is downscaled to this: enough for a kiosk panel, cheap to encode
 _BOX_COLOURS: Final = {"present": (0, 200, 255), "steady": (0, 140, 255), "result_shown": (80, 220, 60)}
-_STATIC: Final = Path(__file__).resolve().parent / "static"  # packaged with the wheel (hatch: all files)
-_STATIC_TYPES: Final = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
-                        ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
-_MAX_ANSWER_BYTES: Final = 4096  # a tap is ~100 bytes of JSON; anything bigger is not the page
 _SHOWN_MATCH: Final = 4  # the page shows the top result and 3 similar items
 _SHOWN_NO_MATCH: Final = 3  # "not found": 3 candidates the customer may still recognise
 
@@ -83,8 +80,8 @@ class ScreenServer:
     # -- lifecycle --
     def start(self) -> None:
         """Load the page's files, bind and serve on a named thread; time out unanswered results."""
-        self._static = _load_static()
-        handler = type("Handler", (_Handler,), {"screen": self})
+        self._static = load_static()
+        handler = type("Handler", (ScreenHandler,), {"screen": self})
         addr = (self._cfg.host, self._cfg.port)
         try:
             self._httpd = ThreadingHTTPServer(addr, handler)
@@ -267,150 +264,6 @@ class ScreenServer:
         return p if root in p.parents and p.is_file() else None
 
 
-def _load_static() -> dict[str, tuple[str, bytes]]:
-    """URL path -> (content type, bytes) of every file under static/ (``/`` is index.html)."""
-    files: dict[str, tuple[str, bytes]] = {}
-    for p in sorted(_STATIC.rglob("*")):
-        if p.is_file() and p.suffix in _STATIC_TYPES:
-            files["/static/" + p.relative_to(_STATIC).as_posix()] = (_STATIC_TYPES[p.suffix], p.read_bytes())
-    index = files.get("/static/index.html")
-    if index is None:
-        raise FileNotFoundError(f"kiosk screen page missing: {_STATIC / 'index.html'} (broken install?)")
-    files["/"] = files["/index.html"] = index
-    return files
-
-
 def _thumb_url(path: object) -> str | None:
     """The URL of a snapshot-relative thumbnail path (as in MatchItem.thumbnail)."""
     return "/thumbs/" + urllib.parse.quote(str(path)) if path else None
-
-
-class _Handler(BaseHTTPRequestHandler):
-    screen: ScreenServer
-    timeout = 10  # a stuck client cannot hold a handler thread forever
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        _LOGGER.debug("screen %s %s", self.address_string(), format % args)
-
-    def do_GET(self) -> None:
-        path = urllib.parse.urlsplit(self.path).path
-        try:
-            static = self.screen.static_file(path)
-            if static is not None:
-                self._send(200, static[0], static[1])
-            elif path == "/api/state":
-                self._send(200, "application/json", json.dumps(self.screen.state()).encode())
-            elif path == "/events":
-                self._events()
-            elif path == "/preview.mjpg":
-                self._mjpeg()
-            elif path == "/preview.jpg":
-                data = self.screen.jpeg()
-                if data:
-                    self._send(200, "image/jpeg", data)
-                else:
-                    self._send(404, "text/plain", b"no frame yet")
-            elif path.startswith("/thumbs/"):
-                p = self.screen.thumb_path(urllib.parse.unquote(path[len("/thumbs/"):]))
-                if p is None:
-                    self._send(404, "text/plain", b"not found")
-                else:
-                    self._send(200, "image/jpeg" if p.suffix.lower() in (".jpg", ".jpeg") else "image/png",
-                               p.read_bytes(), cache=True)
-            else:
-                self._send(404, "text/plain", b"not found")
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            _LOGGER.debug("screen client went away")
-
-    def do_POST(self) -> None:
-        path = urllib.parse.urlsplit(self.path).path
-        try:
-            if path != "/answer":
-                self._send(404, "text/plain", b"not found")
-                return
-            try:
-                match_id, answer, sku = self._answer_body()
-                a = self.screen.take_answer(match_id, answer, sku)
-            except AnswerRefused as exc:
-                _LOGGER.warning("screen answer refused (%d): %s", exc.status, exc)
-                self._send(exc.status, "application/json", json.dumps({"error": str(exc)}).encode())
-                return
-            self._send(200, "application/json", json.dumps({"ok": True, "answer": a.answer}).encode())
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            _LOGGER.debug("screen client went away")
-
-    def _answer_body(self) -> tuple[str, str, str | None]:
-        """The posted tap as (match_id, answer, sku); AnswerRefused(400/413) naming what is wrong."""
-        try:
-            length = int(self.headers.get("Content-Length") or "")
-        except ValueError:
-            self.close_connection = True
-            raise AnswerRefused(411, "answer needs a Content-Length") from None
-        if length < 0 or length > _MAX_ANSWER_BYTES:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
-            raise AnswerRefused(413, f"answer body of {length} bytes (at most {_MAX_ANSWER_BYTES})")
-        try:
-            body = json.loads(self.rfile.read(length))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise AnswerRefused(400, f"answer is not JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise AnswerRefused(400, "answer must be a JSON object")
-        match_id, answer, sku = body.get("match_id"), body.get("answer"), body.get("sku")
-        if not isinstance(match_id, str) or not isinstance(answer, str):
-            raise AnswerRefused(400, "answer needs match_id and answer (strings)")
-        if sku is not None and not isinstance(sku, str):
-            raise AnswerRefused(400, "sku must be a string")
-        return match_id, answer, sku
-
-    def _send(self, code: int, ctype: str, body: bytes, *, cache: bool = False) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _events(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        seen, last_sent = -1, time.monotonic()
-        while not self.screen._closing.is_set():
-            ver = self.screen._wait(seen, "state")
-            if ver is None:
-                if time.monotonic() - last_sent > _KEEPALIVE_S:
-                    self.wfile.write(b": keep-alive\n\n")
-                    self.wfile.flush()
-                    last_sent = time.monotonic()
-                continue
-            seen = ver
-            data = json.dumps(self.screen.state(), separators=(",", ":"))
-            self.wfile.write(f"event: state\ndata: {data}\n\n".encode())
-            self.wfile.flush()
-            last_sent = time.monotonic()
-
-    def _mjpeg(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        period_s = 1.0 / self.screen._cfg.preview_fps
-        seen = -2
-        while not self.screen._closing.is_set():
-            t0 = time.monotonic()
-            cur = self.screen._wait(seen, "frame")
-            if cur is None:
-                continue
-            seen = cur
-            data = self.screen.jpeg()
-            if data:
-                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
-                                 + str(len(data)).encode() + b"\r\n\r\n" + data + b"\r\n")
-                self.wfile.flush()
-            self.screen._closing.wait(max(0.0, period_s - (time.monotonic() - t0)))

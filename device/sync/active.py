@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from storelens import vindex
 from storelens.delta import INDEX, ITEMS, VECTORS, is_applied, read_rows
+from storelens.errors import ReasonError
 from storelens.fsutil import read_capped
 from storelens.matching import MatchRule
 from storelens.projection import Adapter
@@ -29,13 +30,8 @@ from storelens.snapshot import SnapshotManifest
 OVERFETCH = 4  # several vectors per sku: ask hnswlib for k*OVERFETCH labels first, x4 while short of k skus
 
 
-class SnapshotLoadError(Exception):
+class SnapshotLoadError(ReasonError[str]):
     """A verified snapshot still cannot be served (row files inconsistent with the index, bad canary)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)

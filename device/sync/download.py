@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from device.sync.sources import SourceError, Sources
+from storelens.errors import ReasonError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -28,13 +29,8 @@ CHUNK_BYTES = 1 << 20  # 1 MiB reads: throughput without holding the archive in 
 SOCKET_TIMEOUT_S = 30.0  # one stalled read; the overall deadline bounds a trickle
 
 
-class DownloadError(Exception):
+class DownloadError(ReasonError[str]):
     """A fetch failed; ``reason`` is a stable string for the status/alert."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def redact_url(url: str) -> str:

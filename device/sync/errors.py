@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from storelens.errors import ReasonError
 
-class SnapshotRefused(Exception):
+
+class SnapshotRefused(ReasonError[str]):
     """An install was refused; ``reason`` is a stable string (RejectReason values and a few of ours)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"snapshot refused ({reason}): {detail}")
-        self.reason = reason
-        self.detail = detail
+    what = "snapshot refused"

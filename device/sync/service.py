@@ -29,8 +29,9 @@ from device.sync.download import DownloadError, check_source, fetch, redact_url
 from device.sync.errors import SnapshotRefused
 from device.sync.sources import Sources
 from device.sync.store import SnapshotStore
+from storelens.archive import unpack
 from storelens.protocol import ProtocolError, SnapshotAnnouncement, decode
-from storelens.snapshot import SnapshotManifest, SnapshotRejected, manifest_sha256, unpack
+from storelens.snapshot import SnapshotManifest, SnapshotRejected, manifest_sha256
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from device.sync.download import DownloadError, check_source, fetch, open_url, r
 from device.sync.sources import Sources
 from models.bundle import BundleManifest, verify_bundle
 from models.errors import ModelError
+from storelens.archive import unpack
 from storelens.protocol import DesiredRelease
 from storelens.release import (
     MAX_RELEASE_BYTES,
@@ -27,7 +28,7 @@ from storelens.release import (
     StoreSnapshotRef,
     verify_release,
 )
-from storelens.snapshot import SnapshotManifest, SnapshotRejected, manifest_sha256, unpack, verify_snapshot
+from storelens.snapshot import SnapshotManifest, SnapshotRejected, manifest_sha256, verify_snapshot
 
 _LOGGER = logging.getLogger(__name__)
 

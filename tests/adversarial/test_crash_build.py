@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from storelens.snapshot import manifest_sha256, pack, unpack, verify_snapshot
+from storelens.archive import pack, unpack
+from storelens.snapshot import manifest_sha256, verify_snapshot
 from storelens.swap import recover_for_reading, recover_output, staging_dir
 from tests.adversarial.conftest import Tally
 from tests.adversarial.crash import KILLED, crash_points, need_strace
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 _CHILD = """
 import sys
 from pathlib import Path
-from storelens.snapshot import pack
+from storelens.archive import pack
 from storelens.swap import install_output, staging_archive, staging_dir
 out = Path(sys.argv[1])
 pack(staging_dir(out), staging_archive(out))  # the build's last steps: archive, then the swap

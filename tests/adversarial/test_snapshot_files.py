@@ -18,7 +18,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
-from storelens.snapshot import MANIFEST, SIGNATURE, SnapshotRejected, pack, scan_files, verify_snapshot
+from storelens.archive import pack
+from storelens.snapshot import MANIFEST, SIGNATURE, SnapshotRejected, scan_files, verify_snapshot
 from tests.adversarial.conftest import Outcome, Tally
 from tests.device.sync.snapbuild import MODEL_DIM, MODEL_ID, Built, build_snapshot
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.build import BuildError, build_snapshot
+from cloud.build import BuildError, BuildSpec, build_snapshot
 from cloud.catalog import load_catalog
 from cloud.delta import VECTORS, read_rows
 from cloud.open_set import plain_threshold
@@ -81,9 +81,10 @@ def test_build_survives_bad_images_and_rows(
     catalog.rows.append({"sku": "ONLY-BAD", "title": "Broken", "images": ["bad/text.jpg"]})
     catalog.rows.append({"title": "no sku", "images": ["img/item0_0.jpg"]})
     catalog.write()
-    res = build_snapshot(
-        catalog.path, "store1", tmp_path / "snap", signing_key, embedder=embedder, progress=False
-    )
+    res = build_snapshot(BuildSpec(
+        catalog=catalog.path, store="store1", out_dir=tmp_path / "snap", private_key=signing_key,
+        embedder=embedder, progress=False
+    ))
     r = json.loads(res.report_path.read_text()) if res.report_path else {}
     assert {b["source"] for b in r["bad_images"]} == {
         "bad/empty.jpg",
@@ -118,7 +119,8 @@ def test_one_image_per_item_builds_without_a_no_match_rule(
     """The commonest retail catalog, one product photo per item, must build: there is nothing to hold out
     to calibrate "no match" on, so the snapshot never says it, and the report and manifest say why."""
     cat = make_catalog(tmp_path / "cat", n_items=12, per_item=1)
-    res = build_snapshot(cat.path, "s", tmp_path / "snap", signing_key, embedder=embedder, progress=False)
+    res = build_snapshot(BuildSpec(catalog=cat.path, store="s", out_dir=tmp_path / "snap",
+                                   private_key=signing_key, embedder=embedder, progress=False))
     m = verify_snapshot(res.out_dir, [signing_key.public_key()], model_id=embedder.model_id, store="s")
     assert m.item_count == m.vector_count == 12 and m.projection is not None
     assert m.extra["threshold"]["method"] == "uncalibrated" and "open_set" not in m.extra
@@ -133,20 +135,23 @@ def test_a_delta_never_keeps_an_uncalibrated_base_once_photos_allow_a_rule(
     """A delta inherits its base's "no match" decision: on a base without a rule it carries the warning
     on, and once second photos make a rule possible (the runbook's fix) the build is full and has one."""
     cat = make_catalog(tmp_path / "cat", n_items=12, per_item=1)
-    v1 = build_snapshot(cat.path, "s", tmp_path / "v1", signing_key, embedder=embedder, progress=False)
+    v1 = build_snapshot(BuildSpec(catalog=cat.path, store="s", out_dir=tmp_path / "v1",
+                                  private_key=signing_key, embedder=embedder, progress=False))
     assert v1.manifest.extra["threshold"]["method"] == "uncalibrated"
     cat.rows[5]["price"] = "9.99"
     cat.write()
-    v2 = build_snapshot(cat.path, "s", tmp_path / "v2", signing_key, embedder=embedder, base=v1.out_dir,
-                        progress=False)  # fmt: skip
+    v2 = build_snapshot(BuildSpec(catalog=cat.path, store="s", out_dir=tmp_path / "v2",
+                                  private_key=signing_key, embedder=embedder, base=v1.out_dir,
+                                  progress=False))  # fmt: skip
     assert v2.report["kind"] == "delta" and 'never answer "no match"' in v2.report["warnings"][0]
     for i in range(4):  # 4 new vectors of 16: small enough for a delta
         cat.rows[i]["images"].append(
             str(write_jpeg(cat.dir / "img" / f"item{i}_1.jpg", item_image(i, 1)).relative_to(cat.dir))
         )
     cat.write()
-    v3 = build_snapshot(cat.path, "s", tmp_path / "v3", signing_key, embedder=embedder, base=v1.out_dir,
-                        version=3, progress=False)  # fmt: skip
+    v3 = build_snapshot(BuildSpec(catalog=cat.path, store="s", out_dir=tmp_path / "v3",
+                                  private_key=signing_key, embedder=embedder, base=v1.out_dir,
+                                  version=3, progress=False))  # fmt: skip
     assert v3.report["kind"] == "full" and 'no "no match" rule' in v3.report["delta_fallback"]
     assert v3.manifest.extra["threshold"]["method"] == "cross_fitted_lda_open_set"
     assert not v3.report["warnings"]
@@ -157,7 +162,8 @@ def test_three_items_with_photos_enough_get_a_rule(
 ) -> None:
     """The smallest adapter catalog (3 items) calibrates when every item has several photos."""
     cat = make_catalog(tmp_path / "cat", n_items=3, per_item=6)
-    res = build_snapshot(cat.path, "s", tmp_path / "snap", signing_key, embedder=embedder, progress=False)
+    res = build_snapshot(BuildSpec(catalog=cat.path, store="s", out_dir=tmp_path / "snap",
+                                   private_key=signing_key, embedder=embedder, progress=False))
     assert res.manifest.extra["threshold"]["method"] == "cross_fitted_lda_open_set", res.report["warnings"]
 
 
@@ -167,21 +173,24 @@ def test_cache_embeds_only_changed_images(
     """A rebuild after one image changes must run the model on that image only."""
     cache = tmp_path / "cache"
     first = CountingEmbedder()
-    build_snapshot(
-        catalog.path, "s", tmp_path / "a", signing_key, embedder=first, cache_dir=cache, progress=False
-    )
+    build_snapshot(BuildSpec(
+        catalog=catalog.path, store="s", out_dir=tmp_path / "a", private_key=signing_key, embedder=first,
+        cache_dir=cache, progress=False
+    ))
     assert first.calls == 36
     write_jpeg(catalog.dir / "img" / "item3_1.jpg", item_image(3, 7))
     second = CountingEmbedder()
-    res = build_snapshot(
-        catalog.path, "s", tmp_path / "b", signing_key, embedder=second, cache_dir=cache, progress=False
-    )
+    res = build_snapshot(BuildSpec(
+        catalog=catalog.path, store="s", out_dir=tmp_path / "b", private_key=signing_key, embedder=second,
+        cache_dir=cache, progress=False
+    ))
     assert second.calls == 1
     assert res.report["cache_hits"] == 35 and res.report["images_embedded"] == 1
     other_model = CountingEmbedder(seed=5)
-    build_snapshot(
-        catalog.path, "s", tmp_path / "c", signing_key, embedder=other_model, cache_dir=cache, progress=False
-    )
+    build_snapshot(BuildSpec(
+        catalog=catalog.path, store="s", out_dir=tmp_path / "c", private_key=signing_key,
+        embedder=other_model, cache_dir=cache, progress=False
+    ))
     assert other_model.calls == 36  # the cache is keyed by model: no cross-model reuse
 
 
@@ -193,12 +202,14 @@ def test_cache_is_not_reused_across_decoder_versions(
     import cloud.cache
 
     cache = tmp_path / "cache"
-    build_snapshot(catalog.path, "s", tmp_path / "a", signing_key, embedder=CountingEmbedder(),
-                   cache_dir=cache, progress=False)  # fmt: skip
+    build_snapshot(BuildSpec(catalog=catalog.path, store="s", out_dir=tmp_path / "a", private_key=signing_key,
+                             embedder=CountingEmbedder(),
+                             cache_dir=cache, progress=False))  # fmt: skip
     monkeypatch.setattr(cloud.cache, "DECODE_VERSION", cloud.cache.DECODE_VERSION + 1)
     again = CountingEmbedder()
-    res = build_snapshot(catalog.path, "s", tmp_path / "b", signing_key, embedder=again, cache_dir=cache,
-                         progress=False)  # fmt: skip
+    res = build_snapshot(BuildSpec(catalog=catalog.path, store="s", out_dir=tmp_path / "b",
+                                   private_key=signing_key, embedder=again, cache_dir=cache,
+                                   progress=False))  # fmt: skip
     assert again.calls == 36 and res.report["cache_hits"] == 0
 
 
@@ -207,7 +218,8 @@ def test_no_usable_items_is_a_clear_error(tmp_path: Path, signing_key: Ed25519Pr
     p = tmp_path / "c.jsonl"
     p.write_text('{"sku": "A", "title": "a", "images": ["missing.jpg"]}\n')
     with pytest.raises(BuildError, match="no catalog image"):
-        build_snapshot(p, "s", tmp_path / "o", signing_key, embedder=CountingEmbedder(), progress=False)
+        build_snapshot(BuildSpec(catalog=p, store="s", out_dir=tmp_path / "o", private_key=signing_key,
+                                 embedder=CountingEmbedder(), progress=False))
 
 
 def test_threshold_separates_items() -> None:
@@ -222,3 +234,18 @@ def test_threshold_separates_items() -> None:
     # one image per item: nothing to calibrate on, so never "no match" (not other items' images as a guess)
     t1, stats1 = plain_threshold(vecs[::3].copy(), [f"s{i}" for i in range(20)])
     assert (t1, stats1["method"]) == (-1.0, "uncalibrated") and "never" in stats1["warning"]
+
+
+def test_build_spec_refuses_what_no_build_can_do(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    """A bad build request (no model, features with feedback, nonsense hnsw or delta settings) used to be
+    found minutes into the build, after embedding, or not at all: the spec refuses it when made."""
+    base = {"catalog": tmp_path / "c.csv", "store": "s", "out_dir": tmp_path / "o",
+            "private_key": signing_key}
+    with pytest.raises(BuildError, match="bundle or an embedder"):
+        BuildSpec(**base)  # type: ignore[arg-type]
+    emb = CountingEmbedder()
+    for bad, match in (({"M": 1}, "hnsw"), ({"ef": 0}, "hnsw"), ({"delta_max_fraction": 1.5}, "within"),
+                       ({"version": 0}, "version"), ({"feedback_cap": 0}, "feedback_cap"),
+                       ({"feedback": tmp_path, "features": object()}, "not both")):
+        with pytest.raises(BuildError, match=match):
+            BuildSpec(**base, embedder=emb, **bad)  # type: ignore[arg-type]

@@ -32,16 +32,17 @@ def test_keys_generate_makes_private_0600(tmp_path: Path) -> None:
 
 def test_verify_reports_ok_or_the_reason(catalog: CatalogFiles, tmp_path: Path) -> None:
     """verify prints OK with a summary, or REJECTED <reason> and exit 2 (directory and archive)."""
-    from cloud.build import build_snapshot
+    from cloud.build import BuildSpec, build_snapshot
     from storelens import signing
-    from storelens.snapshot import pack
+    from storelens.archive import pack
     from tests.cloud.conftest import CountingEmbedder
 
     runner.invoke(_app(), ["keys", "generate", "--out", str(tmp_path / "k")])
     key = signing.load_private_key(tmp_path / "k" / "private.pem")
-    snap = build_snapshot(
-        catalog.path, "s1", tmp_path / "snap", key, embedder=CountingEmbedder(), progress=False
-    ).out_dir
+    snap = build_snapshot(BuildSpec(
+        catalog=catalog.path, store="s1", out_dir=tmp_path / "snap", private_key=key,
+        embedder=CountingEmbedder(), progress=False
+    )).out_dir
     pack(snap, tmp_path / "snap.tar")
     pub = str(tmp_path / "k" / "public.pem")
     for target in (snap, tmp_path / "snap.tar"):
@@ -63,15 +64,16 @@ def test_verify_refuses_unlisted_nested_files_and_symlinks(catalog: CatalogFiles
     of random bytes; files named like the manifest were skipped at any depth) or a symlinked folder."""
     import os
 
-    from cloud.build import build_snapshot
+    from cloud.build import BuildSpec, build_snapshot
     from storelens import signing
-    from storelens.snapshot import pack
+    from storelens.archive import pack
 
     runner.invoke(_app(), ["keys", "generate", "--out", str(tmp_path / "k")])
     key = signing.load_private_key(tmp_path / "k" / "private.pem")
-    snap = build_snapshot(
-        catalog.path, "s1", tmp_path / "snap", key, embedder=CountingEmbedder(), progress=False
-    ).out_dir
+    snap = build_snapshot(BuildSpec(
+        catalog=catalog.path, store="s1", out_dir=tmp_path / "snap", private_key=key,
+        embedder=CountingEmbedder(), progress=False
+    )).out_dir
     pub = str(tmp_path / "k" / "public.pem")
     (snap / "thumbs" / "manifest.json").write_bytes(os.urandom(1 << 20))
     pack(snap, tmp_path / "snap.tar")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.build import build_snapshot
+from cloud.build import BuildSpec, build_snapshot
 from storelens import delta as d
 from storelens import vindex
 from storelens.snapshot import RejectReason, SnapshotRejected, manifest_sha256, verify_snapshot
@@ -35,7 +35,8 @@ def _build(cat: CatalogFiles, out: Path, key: Ed25519PrivateKey, **kw: object) -
     # Exact equality with a full rebuild needs the same vector space: no catalog-fitted adapter here
     # (a full build refits it; a delta keeps its base's, see test_delta_keeps_base_projection).
     kw.setdefault("adapter", "none")
-    res = build_snapshot(cat.path, "s1", out, key, embedder=CountingEmbedder(), progress=False, **kw)  # type: ignore[arg-type]
+    res = build_snapshot(BuildSpec(catalog=cat.path, store="s1", out_dir=out, private_key=key,  # type: ignore[arg-type]
+                                   embedder=CountingEmbedder(), progress=False, **kw))
     return res.out_dir
 
 
@@ -107,9 +108,10 @@ def test_big_change_falls_back_to_full(
     for r in catalog.rows[:6]:
         r["images"] = r["images"][:1]
     catalog.write()
-    res = build_snapshot(
-        catalog.path, "s1", tmp_path / "v2", signing_key, embedder=CountingEmbedder(), base=v1, progress=False
-    )
+    res = build_snapshot(BuildSpec(
+        catalog=catalog.path, store="s1", out_dir=tmp_path / "v2", private_key=signing_key,
+        embedder=CountingEmbedder(), base=v1, progress=False
+    ))
     assert res.manifest.kind == "full" and res.manifest.version == 2
     assert "changed" in res.report["delta_fallback"]
 

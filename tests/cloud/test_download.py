@@ -9,7 +9,7 @@ import cv2
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.build import build_snapshot
+from cloud.build import BuildSpec, build_snapshot
 from cloud.catalog import FetchError
 from cloud.feeds.download import Downloader
 from cloud.feeds.summary import summary_lines
@@ -84,8 +84,9 @@ def test_a_build_with_a_dead_link_fails_that_photo_only(
         rows[0]["images"].append(srv.url("/dead.jpg"))
         cat = tmp_path / "c.jsonl"
         cat.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        res = build_snapshot(cat, "s1", tmp_path / "snap", signing_key, embedder=CountingEmbedder(),
-                             cache_dir=tmp_path / "cache", progress=False)  # fmt: skip
+        res = build_snapshot(BuildSpec(catalog=cat, store="s1", out_dir=tmp_path / "snap",
+                                       private_key=signing_key, embedder=CountingEmbedder(),
+                                       cache_dir=tmp_path / "cache", progress=False))  # fmt: skip
     r = res.report
     assert r["items"] == 6 and r["vectors"] == 12 and r["images_downloaded"] == 12
     assert [e["source"] for e in r["bad_images"]] == [srv.url("/dead.jpg")]

@@ -10,7 +10,7 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from cloud.build import build_snapshot
+from cloud.build import BuildSpec, build_snapshot
 from cloud.catalog import load_catalog
 from cloud.check import check_catalog
 from cloud.cli import catalog_app
@@ -83,9 +83,10 @@ def _fields(p: Path) -> dict[str, object]:
 
 def _build_and_check(feed: Path, tmp_path: Path, key: Ed25519PrivateKey, **kw: str) -> dict[str, object]:
     """Build the feed (fake model) and run `catalog check` on it; both must succeed."""
-    res = build_snapshot(
-        feed, "s1", tmp_path / "snap", key, embedder=CountingEmbedder(), progress=False, **kw
-    )
+    res = build_snapshot(BuildSpec(
+        catalog=feed, store="s1", out_dir=tmp_path / "snap", private_key=key, embedder=CountingEmbedder(),
+        progress=False, **kw
+    ))
     args = ["check", "--catalog", str(feed)] + [
         a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", v)
     ]
@@ -317,7 +318,8 @@ def test_bad_feeds_get_one_clear_message_and_keep_the_last_snapshot(
     good = tmp_path / "good.csv"
     good.write_text("sku,title,images\nA,Apple," + ";".join(_photos(tmp_path, 1, 2)) + "\n")
     snap = tmp_path / "snap"
-    build_snapshot(good, "s1", snap, signing_key, embedder=CountingEmbedder(), progress=False)
+    build_snapshot(BuildSpec(catalog=good, store="s1", out_dir=snap, private_key=signing_key,
+                             embedder=CountingEmbedder(), progress=False))
     before = {p.name: p.read_bytes() for p in snap.iterdir() if p.is_file()}
     no_sku = tmp_path / "no_sku.csv"
     no_sku.write_text("product,colour,picture\nApple,red,a.jpg\n")
@@ -397,7 +399,7 @@ def test_grocery_one_row_per_image_builds_the_same_snapshot(
 ) -> None:
     """The grocery catalog written one row per image (title, price, aisle on the first row only) must build
     the snapshot of one row per item with ';'-joined images: same items, same vectors, same index."""
-    from cloud.grocery import write_grocery_catalog
+    from cloud.research.grocery import write_grocery_catalog
     from tests.conftest import shared_path
 
     root = shared_path("data", "grocery")
@@ -418,7 +420,8 @@ def test_grocery_one_row_per_image_builds_the_same_snapshot(
     snaps = []
     for feed in (joined, split):
         out = tmp_path / feed.stem
-        build_snapshot(feed, "s1", out, signing_key, embedder=CountingEmbedder(), progress=False)
+        build_snapshot(BuildSpec(catalog=feed, store="s1", out_dir=out, private_key=signing_key,
+                                 embedder=CountingEmbedder(), progress=False))
         files = [p for p in out.iterdir() if p.is_file() and not p.name.startswith("manifest")]
         snaps.append({p.name: p.read_bytes() for p in files})
     assert sum(len(r["images"]) for r in rows) == 60 and len(split.read_text().splitlines()) == 61

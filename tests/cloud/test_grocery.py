@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.build import build_snapshot
-from cloud.evaluate import evaluate
-from cloud.grocery import write_grocery_catalog, write_grocery_queries
+from cloud.build import BuildSpec, build_snapshot
 from cloud.publish import publish_snapshot
+from cloud.research.evaluate import evaluate
+from cloud.research.grocery import write_grocery_catalog, write_grocery_queries
 from storelens import protocol
 from storelens.snapshot import verify_snapshot
 from tests.conftest import shared_path
@@ -67,7 +67,8 @@ def test_grocery_build_verify_publish_eval(
     assert write_grocery_catalog(root, catalog) == 81 + 2640
     assert write_grocery_queries(root, queries) == 296
     key = Ed25519PrivateKey.generate()
-    res = build_snapshot(catalog, "store042", tmp_path / "snap", key, bundle=mnv2_bundle, progress=False)
+    res = build_snapshot(BuildSpec(catalog=catalog, store="store042", out_dir=tmp_path / "snap",
+                                   private_key=key, bundle=mnv2_bundle, progress=False))
     assert (
         res.report["bad_images"] == [] and res.manifest.vector_count == 2721 and res.manifest.item_count == 81
     )

@@ -13,7 +13,7 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from cloud.build import build_snapshot
+from cloud.build import BuildSpec, build_snapshot
 from cloud.cli import catalog_app
 from cloud.iot_data import IotDataError, IotPublisher
 from storelens import protocol
@@ -51,8 +51,10 @@ def _published() -> list[tuple[str, bytes]]:
 
 def _snapshot(tmp_path: Path) -> Path:
     cat = make_catalog(tmp_path / "cat", n_items=4, per_item=2)
-    return build_snapshot(cat.path, STORE, tmp_path / "snap", Ed25519PrivateKey.generate(),
-                          embedder=CountingEmbedder(), progress=False).out_dir  # fmt: skip
+    return build_snapshot(BuildSpec(
+        catalog=cat.path, store=STORE, out_dir=tmp_path / "snap", private_key=Ed25519PrivateKey.generate(),
+        embedder=CountingEmbedder(), progress=False,
+    )).out_dir
 
 
 def test_catalog_publish_to_s3_announces_through_iot_core(moto_aws: str, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.build import build_snapshot
+from cloud.build import BuildSpec, build_snapshot
 from cloud.publish import PublishError, publish_snapshot
 from storelens import protocol
 from storelens.fsutil import sha256_file
@@ -42,9 +42,10 @@ def read_retained(broker: Mosquitto, topic: str, timeout_s: float = 5.0) -> byte
 
 @pytest.fixture
 def snapshot(catalog: CatalogFiles, signing_key: Ed25519PrivateKey, tmp_path: Path) -> Path:
-    return build_snapshot(
-        catalog.path, "store7", tmp_path / "snap", signing_key, embedder=CountingEmbedder(), progress=False
-    ).out_dir
+    return build_snapshot(BuildSpec(
+        catalog=catalog.path, store="store7", out_dir=tmp_path / "snap", private_key=signing_key,
+        embedder=CountingEmbedder(), progress=False
+    )).out_dir
 
 
 def test_file_publish_announces_retained_and_is_idempotent(
@@ -78,29 +79,29 @@ def test_publishing_an_older_version_is_refused(
     """Versions per store only go up: v1 after v2, or another v2, is refused before any upload."""
     to = (tmp_path / "artifacts").as_uri()
     snaps = {
-        v: build_snapshot(
-            catalog.path,
-            "s",
-            tmp_path / f"v{v}",
-            signing_key,
+        v: build_snapshot(BuildSpec(
+            catalog=catalog.path,
+            store="s",
+            out_dir=tmp_path / f"v{v}",
+            private_key=signing_key,
             embedder=CountingEmbedder(),
             version=v,
             progress=False,
-        ).out_dir
+        )).out_dir
         for v in (1, 2)
     }
     publish_snapshot(snaps[2], to, None)
     with pytest.raises(PublishError, match="<= published v2"):
         publish_snapshot(snaps[1], to, None)
-    other2 = build_snapshot(
-        catalog.path,
-        "s",
-        tmp_path / "o2",
-        signing_key,
+    other2 = build_snapshot(BuildSpec(
+        catalog=catalog.path,
+        store="s",
+        out_dir=tmp_path / "o2",
+        private_key=signing_key,
         embedder=CountingEmbedder(),
         version=2,
         progress=False,
-    ).out_dir
+    )).out_dir
     with pytest.raises(PublishError):
         publish_snapshot(other2, to, None)
     assert not (tmp_path / "artifacts" / "s" / "v1").exists()
@@ -163,14 +164,16 @@ def test_delta_announcement_names_the_newest_full_snapshot(
     """A kiosk that missed a delta's base needs somewhere to go: a delta's announcement carries the newest
     full snapshot (its archive's sha256 and a URL that serves it); a full one carries no such pointer."""
     to = (tmp_path / "artifacts").as_uri()
-    v1 = build_snapshot(catalog.path, "store7", tmp_path / "v1", signing_key, embedder=CountingEmbedder(),
-                        progress=False).out_dir  # fmt: skip
+    v1 = build_snapshot(BuildSpec(catalog=catalog.path, store="store7", out_dir=tmp_path / "v1",
+                                  private_key=signing_key, embedder=CountingEmbedder(),
+                                  progress=False)).out_dir  # fmt: skip
     first = publish_snapshot(v1, to, broker.url)
     assert first.announcement.kind == "full" and first.announcement.full is None
     catalog.rows[0]["title"] = "renamed"
     catalog.write()
-    v2 = build_snapshot(catalog.path, "store7", tmp_path / "v2", signing_key, embedder=CountingEmbedder(),
-                        base=v1, progress=False).out_dir  # fmt: skip
+    v2 = build_snapshot(BuildSpec(catalog=catalog.path, store="store7", out_dir=tmp_path / "v2",
+                                  private_key=signing_key, embedder=CountingEmbedder(),
+                                  base=v1, progress=False)).out_dir  # fmt: skip
     second = publish_snapshot(v2, to, broker.url)
     ann = protocol.decode(
         read_retained(broker, protocol.snapshot_topic("store7")), protocol.SnapshotAnnouncement

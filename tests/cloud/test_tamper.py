@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.build import build_snapshot
+from cloud.build import BuildSpec, build_snapshot
+from storelens.archive import pack, unpack
 from storelens.snapshot import (
     RejectReason,
     SnapshotRejected,
     describe_files,
     manifest_sha256,
-    pack,
     read_manifest_unverified,
-    unpack,
     verify_snapshot,
     write_signed,
 )
@@ -34,15 +33,15 @@ def built(tmp_path_factory: pytest.TempPathFactory, signing_key: Ed25519PrivateK
     cat = make_catalog(root / "cat", n_items=6, per_item=2)
     out = {}
     for name, seed, version in (("a1", 0, 1), ("a2", 0, 2), ("b1", 5, 1)):
-        out[name] = build_snapshot(
-            cat.path,
-            "s1",
-            root / name,
-            signing_key,
+        out[name] = build_snapshot(BuildSpec(
+            catalog=cat.path,
+            store="s1",
+            out_dir=root / name,
+            private_key=signing_key,
             embedder=CountingEmbedder(seed=seed),
             version=version,
             progress=False,
-        ).out_dir
+        )).out_dir
     return out
 
 

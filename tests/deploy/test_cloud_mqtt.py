@@ -16,7 +16,7 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from cloud.build import build_snapshot
+from cloud.build import BuildSpec, build_snapshot
 from cloud.cli import catalog_app, fleet_app
 from cloud.mqtt import BrokerError, BrokerSettings, CloudClient, resolve
 from storelens import protocol
@@ -40,8 +40,10 @@ def _app() -> typer.Typer:
 @pytest.fixture
 def snapshot(tmp_path: Path) -> Path:
     cat = make_catalog(tmp_path / "cat", n_items=4, per_item=2)
-    return build_snapshot(cat.path, STORE, tmp_path / "snap", Ed25519PrivateKey.generate(),
-                          embedder=CountingEmbedder(), progress=False).out_dir  # fmt: skip
+    return build_snapshot(BuildSpec(
+        catalog=cat.path, store=STORE, out_dir=tmp_path / "snap", private_key=Ed25519PrivateKey.generate(),
+        embedder=CountingEmbedder(), progress=False,
+    )).out_dir
 
 
 def _publish(snapshot: Path, tmp: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:

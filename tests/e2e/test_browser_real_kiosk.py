@@ -87,7 +87,7 @@ def _variants(img: Image) -> list[Image]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     """Tiny model bundle, a catalog of rendered products, its signed snapshot, and two clips."""
-    from cloud.build import build_snapshot
+    from cloud.build import BuildSpec, build_snapshot
     from models.export import export_model
 
     root = tmp_path_factory.mktemp("browser-real-kiosk")
@@ -114,7 +114,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     pub = root / "catalog.pub"
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
-    snap = build_snapshot(catalog, STORE, root / "snapshot-v1", key, bundle=bundle, progress=False).out_dir
+    snap = build_snapshot(BuildSpec(catalog=catalog, store=STORE, out_dir=root / "snapshot-v1",
+                                    private_key=key, bundle=bundle, progress=False)).out_dir
 
     def clip(order: Sequence[int], name: str) -> Path:
         scene = make_scene(items, order=order, fps=FPS, lead_s=LEAD_S, hold_s=1.5, seed=SEED)

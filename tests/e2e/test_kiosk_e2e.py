@@ -200,14 +200,15 @@ def test_delta_published_mid_run_is_applied_onto_the_served_snapshot(
 ) -> None:
     """A delta (new titles and prices) published while items are being answered is applied onto the
     cloud-built v1 the kiosk serves and swapped in without dropping a frame; later answers carry it."""
-    from cloud.build import build_snapshot
+    from cloud.build import BuildSpec, build_snapshot
     from cloud.publish import publish_snapshot
     from storelens.snapshot import read_manifest_unverified
 
     def build(prefix: str, out: str, base: Path | None = None) -> Path:
         catalog = _write_catalog(world, tmp_path / "catalog", prefix)
-        return build_snapshot(catalog, "s1", tmp_path / out, world.key, bundle=world.bundle, base=base,
-                              adapter="none", progress=False).out_dir
+        return build_snapshot(BuildSpec(catalog=catalog, store="s1", out_dir=tmp_path / out,
+                                        private_key=world.key, bundle=world.bundle, base=base,
+                                        adapter="none", progress=False)).out_dir
 
     v1 = build("Item", "c1")
     v2 = build("New", "c2", base=v1)

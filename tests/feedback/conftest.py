@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from storelens.archive import pack
 from storelens.feedback import FeedbackEvent, make_feedback
-from storelens.snapshot import MANIFEST, SIGNATURE, pack
+from storelens.snapshot import MANIFEST, SIGNATURE
 from tests.deploy.mqtt_peer import Peer
 from tests.support.mosquitto import Mosquitto
 

@@ -28,9 +28,10 @@ from cloud.feedback.release import (
 )
 from cloud.feedback.store import FeedbackStore
 from models.bundle import read_manifest, verify_bundle
+from storelens.archive import unpack
 from storelens.feedback import make_feedback
 from storelens.release import verify_release
-from storelens.snapshot import SnapshotRejected, unpack, verify_snapshot
+from storelens.snapshot import SnapshotRejected, verify_snapshot
 from tests.fleet.helpers import export_tiny, item_image, make_catalog, make_release
 from tests.support.mosquitto import Mosquitto
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.build import BuildError, build_snapshot
+from cloud.build import BuildError, BuildSpec, build_snapshot
 from cloud.delta import VECTORS, read_rows
 from cloud.feedback.auto import WHO, ReviewSpace, auto_review, auto_review_all
 from cloud.feedback.relearn import farthest_points
@@ -57,7 +57,8 @@ def _store_rows(snap: Path) -> list[dict[str, object]]:
 
 
 def _build(cat: CatalogFiles, emb: CountingEmbedder, key: Ed25519PrivateKey, out: Path, **kw: object):  # type: ignore[no-untyped-def]
-    return build_snapshot(cat.path, "s", out, key, embedder=emb, progress=False, **kw)  # type: ignore[arg-type]
+    return build_snapshot(BuildSpec(catalog=cat.path, store="s", out_dir=out, private_key=key, embedder=emb,  # type: ignore[arg-type]
+                                    progress=False, **kw))
 
 
 def test_approved_store_photos_join_their_products_with_provenance(

@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 from cloud.fleet.cli import register
 from models.bundle import verify_bundle
+from storelens.archive import unpack
 from storelens.protocol import KioskState, Status, Topics, UpdateProgress
 from storelens.release import ReleaseRejected, verify_release
-from storelens.snapshot import unpack, verify_snapshot
+from storelens.snapshot import verify_snapshot
 from tests.fleet.conftest import STORES, Releases
 from tests.fleet.helpers import make_catalog
 from tests.support.mosquitto import Mosquitto

@@ -1,4 +1,4 @@
-"""storelens.snapshot.unpack refuses archives that are not whole, or that name a member twice."""
+"""storelens.archive.unpack refuses archives that are not whole, or that name a member twice."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from storelens.snapshot import RejectReason, SnapshotRejected, pack, unpack, verify_snapshot
+from storelens.archive import pack, unpack
+from storelens.snapshot import RejectReason, SnapshotRejected, verify_snapshot
 from tests.device.sync.snapbuild import build_snapshot
 
 

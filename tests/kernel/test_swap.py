@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from storelens.snapshot import manifest_sha256, pack, read_manifest_unverified, unpack
+from storelens.archive import pack, unpack
+from storelens.snapshot import manifest_sha256, read_manifest_unverified
 from storelens.swap import install_output, recover_for_reading, recover_output, staging_archive, staging_dir
 from tests.device.snapshots import make_snapshot
 

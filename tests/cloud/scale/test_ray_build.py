@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.build import build_snapshot
+from cloud.build import BuildSpec, build_snapshot
 from cloud.scale.engine import ScaleSummary, build_stores
 from tests.cloud.conftest import CatalogFiles, CountingEmbedder, item_image, make_catalog, write_jpeg
 from tests.cloud.scale.support import FakeEmbedders
@@ -59,8 +59,9 @@ def test_ray_builds_every_store_byte_for_byte_as_the_single_process_path(tmp_pat
     cat = _three_store_catalog(tmp_path / "cat")
     key = Ed25519PrivateKey.generate()
     for store in STORES:
-        build_snapshot(cat.path, store, tmp_path / "single" / store, key, embedder=CountingEmbedder(dim=DIM),
-                       created_at=WHEN, progress=False, archive=True)  # fmt: skip
+        build_snapshot(BuildSpec(catalog=cat.path, store=store, out_dir=tmp_path / "single" / store,
+                                 private_key=key, embedder=CountingEmbedder(dim=DIM),
+                                 created_at=WHEN, progress=False, archive=True))  # fmt: skip
     cache = tmp_path / "cache"
     summary = build_stores(cat.path, ["all"], tmp_path / "ray", key, FakeEmbedders(dim=DIM),
                            cache_uri=str(cache), created_at=WHEN, batch_size=4, progress=False,
@@ -102,8 +103,9 @@ def test_a_killed_worker_loses_no_finished_work(tmp_path: Path) -> None:
     and no finished batch is embedded again (each photo is in the cache exactly once)."""
     cat = make_catalog(tmp_path / "cat", n_items=10, per_item=3)
     key = Ed25519PrivateKey.generate()
-    build_snapshot(cat.path, "s1", tmp_path / "single", key, embedder=CountingEmbedder(), created_at=WHEN,
-                   progress=False, archive=True)  # fmt: skip
+    build_snapshot(BuildSpec(catalog=cat.path, store="s1", out_dir=tmp_path / "single", private_key=key,
+                             embedder=CountingEmbedder(), created_at=WHEN,
+                             progress=False, archive=True))  # fmt: skip
     fifo, marker = tmp_path / "pid.fifo", tmp_path / "killed"
     os.mkfifo(fifo)
     # The 6th photo an actor embeds is in its second batch of 4: its first batch is already in the cache.
@@ -169,8 +171,9 @@ def test_cli_ray_engine_with_a_real_model_matches_the_single_process_build(
     assert "photos 38: embedded 36, cache hits 0, failed 2 (corrupt 1, missing 1)" in ray.output
     assert "snapshots 3 of 3 stores" in ray.output and (tmp_path / "r.ray.json").is_file()
     # The default engine as `catalog build` runs it (2 streams), without its progress bar's thread.
-    build_snapshot(cat.path, "north", tmp_path / "s", signing.load_private_key(tmp_path / "k.pem"),
-                   bundle=tiny_bundle, progress=False)  # fmt: skip
+    build_snapshot(BuildSpec(catalog=cat.path, store="north", out_dir=tmp_path / "s",
+                             private_key=signing.load_private_key(tmp_path / "k.pem"),
+                             bundle=tiny_bundle, progress=False))  # fmt: skip
     a, b = read_manifest_unverified(tmp_path / "r" / "north"), read_manifest_unverified(tmp_path / "s")
     assert (a.model_id, a.vector_count, a.item_count) == (b.model_id, b.vector_count, b.item_count)
     for ca, cb in zip(a.canary, b.canary, strict=True):  # catalog vectors as the model computed them

@@ -15,10 +15,11 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.build import build_snapshot
+from cloud.build import BuildSpec, build_snapshot
+from storelens.archive import pack
 from storelens.delta import apply_delta
 from storelens.protocol import FullSnapshotRef, SnapshotAnnouncement
-from storelens.snapshot import manifest_sha256, pack, read_manifest_unverified
+from storelens.snapshot import manifest_sha256, read_manifest_unverified
 from tests.cloud.conftest import CatalogFiles, CountingEmbedder, item_image, make_catalog, write_jpeg
 
 STORE = "s1"
@@ -49,9 +50,10 @@ def build_chain(root: Path, key: Ed25519PrivateKey, *, adapter: Literal["lda", "
     emb = CountingEmbedder()
 
     def build(out: str, **kw: Any) -> Path:
-        res = build_snapshot(
-            cat.path, STORE, root / out, key, embedder=emb, progress=False, adapter=adapter, **kw
-        )
+        res = build_snapshot(BuildSpec(
+            catalog=cat.path, store=STORE, out_dir=root / out, private_key=key, embedder=emb, progress=False,
+            adapter=adapter, **kw
+        ))
         return res.out_dir
 
     v1 = build("v1")

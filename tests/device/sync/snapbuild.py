@@ -13,6 +13,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from storelens import vindex
+from storelens.archive import pack
 from storelens.snapshot import (
     Canary,
     HnswParams,
@@ -20,7 +21,6 @@ from storelens.snapshot import (
     SnapshotManifest,
     describe_files,
     manifest_sha256,
-    pack,
     write_signed,
 )
 

@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
 from device.sync.service import MAX_BYTES
+from storelens.archive import pack
 from storelens.protocol import SnapshotAnnouncement
-from storelens.snapshot import pack, read_manifest_unverified, write_signed
+from storelens.snapshot import read_manifest_unverified, write_signed
 from tests.device.sync.snapbuild import MODEL_DIM, MODEL_ID, Built, archive, build_snapshot
 
 

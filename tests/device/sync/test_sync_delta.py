@@ -367,19 +367,21 @@ def test_only_the_newest_link_of_a_chain_may_expire(
     while the delta the kiosk serves is still valid."""
     from datetime import UTC, datetime, timedelta
 
-    from cloud.build import build_snapshot
+    from cloud.build import BuildSpec, build_snapshot
     from storelens import snapshot as snapshot_mod
     from tests.cloud.conftest import CountingEmbedder, make_catalog
 
     key = Ed25519PrivateKey.generate()
     cat = make_catalog(tmp_path / "cat")
     emb = CountingEmbedder()
-    v1 = build_snapshot(cat.path, "s1", tmp_path / "v1", key, embedder=emb, progress=False).out_dir
+    v1 = build_snapshot(BuildSpec(catalog=cat.path, store="s1", out_dir=tmp_path / "v1", private_key=key,
+                                  embedder=emb, progress=False)).out_dir
     soon = (datetime.now(UTC) + timedelta(days=1)).isoformat(timespec="seconds")
     write_signed(v1, read_manifest_unverified(v1).model_copy(update={"expires_at": soon}), key)
     cat.rows[2]["price"] = "0.05"
     cat.write()
-    d2 = build_snapshot(cat.path, "s1", tmp_path / "d2", key, embedder=emb, base=v1, progress=False).out_dir
+    d2 = build_snapshot(BuildSpec(catalog=cat.path, store="s1", out_dir=tmp_path / "d2", private_key=key,
+                                  embedder=emb, base=v1, progress=False)).out_dir
     producer = _Producer(key, emb.model_id, emb.dim)
     k = Kiosk(tmp_path / "root", producer)
     k.sync.install(v1)
