@@ -9,6 +9,11 @@ where its image came from: ``source`` ``catalog`` or ``store`` (with the feedbac
 Deletion follows from building from the decisions as they stand: a photo rejected (or re-assigned) since
 the last build is not approved any more, so it is not in the next snapshot (a delta deletes its vector).
 Records of another store or of a product the store's catalog lacks are skipped and counted.
+
+Photos staff marked "not carried" (a customer's "Not here" for a product the store does not sell) are
+embedded with the catalog (under the pseudo-sku ``NOT_CARRIED_SKU``), split off again before the index
+(``split_not_carried``) and shipped beside it as the snapshot's rejection rows
+(``storelens.matching``: a query nearer one of them than to any product is answered "not found").
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy.typing as npt
 from cloud.catalog import Item
 from cloud.featurize import Features
 from cloud.feedback.store import FeedbackStore, FeedbackStoreError
+from storelens.matching import NOT_CARRIED_FILE, NOT_CARRIED_KEY
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -33,6 +39,13 @@ _LOGGER = logging.getLogger(__name__)
 DEFAULT_CAP = 20
 SOURCE_CATALOG = "catalog"
 SOURCE_STORE = "store"
+NOT_CARRIED_SKU = "storelens:not-carried"  # pseudo-item that carries the not-carried photos through featurize
+# Not-carried photos shipped at most (the most recent): each one is compared with every query on the kiosk
+# (brute force, 80 floats each); 2,000 cost ~0.1 ms a query.
+MAX_NOT_CARRIED = 2000
+# A query is "not found" when a not-carried photo is at least as near as its best product (+ this): 0 is
+# the nearest-neighbour decision, nothing fitted (a positive margin would favour answering).
+NOT_CARRIED_MARGIN = 0.0
 
 
 class FeedbackError(Exception):
@@ -56,10 +69,14 @@ class Selection:
     skipped_unknown_sku: int = 0
     skipped_missing_crop: int = 0
     unknown_skus: list[str] = field(default_factory=list)
+    not_carried: list[StorePhoto] = field(default_factory=list)  # staff: "the store does not sell this"
 
     def record_of(self) -> dict[str, str]:
         """Crop path (as the catalog image source) -> feedback record id."""
         return {str(p.path): p.record_id for ps in self.photos.values() for p in ps}
+
+    def not_carried_paths(self) -> set[str]:
+        return {str(p.path) for p in self.not_carried}
 
 
 def select_approved(feedback_dir: Path, store: str, items: list[Item]) -> Selection:
@@ -70,6 +87,7 @@ def select_approved(feedback_dir: Path, store: str, items: list[Item]) -> Select
     try:
         fb = FeedbackStore(root)
         every = fb.approved()
+        not_carried = [r for r in fb.records(store) if r.status == "not_carried"][-MAX_NOT_CARRIED:]
     except (FeedbackStoreError, OSError, ValueError, KeyError) as exc:
         raise FeedbackError(f"cannot read feedback in {root}: {exc}") from exc
     skus = {it.sku for it in items}
@@ -92,6 +110,10 @@ def select_approved(feedback_dir: Path, store: str, items: list[Item]) -> Select
             continue
         sel.photos.setdefault(sku, []).append(StorePhoto(rec.record_id, sku, path.resolve()))
     sel.unknown_skus = sorted(unknown)
+    for rec in not_carried:
+        path = fb.crop_path(rec.record_id)
+        if path.is_file():
+            sel.not_carried.append(StorePhoto(rec.record_id, NOT_CARRIED_SKU, path.resolve()))
     return sel
 
 
@@ -102,7 +124,21 @@ def with_store_photos(items: list[Item], sel: Selection) -> list[Item]:
     for it in items:
         extra = tuple(str(p.path) for p in sel.photos.get(it.sku, ()))
         out.append(dataclasses.replace(it, images=it.images + extra) if extra else it)
+    if sel.not_carried:
+        paths = tuple(dict.fromkeys(str(p.path) for p in sel.not_carried))
+        out.append(Item(NOT_CARRIED_SKU, "not carried", None, None, (), paths, 0))
     return out
+
+
+def split_not_carried(feats: Features) -> tuple[Features, npt.NDArray[np.float32]]:
+    """The catalog's features without the not-carried photos, and those photos' (model-space) vectors."""
+    mask = np.array([r.sku == NOT_CARRIED_SKU for r in feats.rows], dtype=bool)
+    if not mask.any():
+        return feats, np.zeros((0, feats.dim), np.float32)
+    thumbs = {k: v for k, v in feats.thumbs.items() if k != NOT_CARRIED_SKU}
+    rows = [r for r, m in zip(feats.rows, mask, strict=True) if not m]
+    kept = dataclasses.replace(feats, rows=rows, vectors=feats.vectors[~mask], thumbs=thumbs)
+    return kept, np.ascontiguousarray(feats.vectors[mask], dtype=np.float32)
 
 
 def farthest_points(
@@ -176,3 +212,28 @@ def vector_rows(feats: Features, sel: Selection | None) -> list[dict[str, Any]]:
             row.update(source=SOURCE_STORE, record=rid)
         rows.append(row)
     return rows
+
+
+def not_carried_reason(base_extra: dict[str, Any], not_carried: npt.NDArray[np.float32]) -> str | None:
+    """Why a build must be full rather than a delta: rejection rows ship only with full snapshots (a delta
+    would inherit neither its base's rows nor ship new ones). None when neither side has any."""
+    if len(not_carried) or NOT_CARRIED_KEY in base_extra:
+        return "not-carried photos (rejection rows) ship only in full snapshots"
+    return None
+
+
+def write_not_carried(
+    directory: Path, projection: Any, not_carried: npt.NDArray[np.float32]
+) -> dict[str, Any] | None:
+    """Write the rejection rows (index space, unit rows) into a snapshot being built; the manifest's
+    ``extra["not_carried"]`` entry, or None when there are none."""
+    from storelens.fsutil import atomic_write_bytes
+    from storelens.projection import normalize_rows
+
+    if not len(not_carried):
+        return None
+    x = normalize_rows(not_carried)
+    rows = projection.apply(x) if projection is not None else x
+    rows = np.ascontiguousarray(normalize_rows(rows), dtype="<f4")
+    atomic_write_bytes(Path(directory) / NOT_CARRIED_FILE, rows.tobytes())
+    return {"file": NOT_CARRIED_FILE, "count": len(rows), "margin": NOT_CARRIED_MARGIN}
