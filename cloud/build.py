@@ -281,7 +281,7 @@ def build_snapshot(
         common.update(base_version=base_m.version, base_manifest_sha256=d.snapshot_identity(base)[1])
     else:
         _write_full(tmp, item_rows, vec_rows, feats, index_vectors, M, ef_construction, ef)
-        if (rejects := relearn.write_not_carried(tmp, proj, not_carried)) is not None:
+        if (rejects := relearn.write_not_carried(tmp, proj, not_carried, feats, sel)) is not None:
             extra[NOT_CARRIED_KEY] = rejects
     report["kind"] = kind
     extra["build"] = {k: report[k] for k in ("images_embedded", "cache_hits", "vectors", "items")}

@@ -68,10 +68,13 @@ def relearn_bundle(
     base_dir: Path | None = None,
     exclude: frozenset[str] = frozenset(),
     seed: int = 0,
+    convs: int | None = None,
+    epochs: int | None = None,
 ) -> tuple[Any, Any]:
     """Tune ``base_bundle`` on ``items``' catalog images plus their approved store photos into ``out_dir``.
 
-    Returns (the tuned bundle's manifest, ``models.tune.TuneReport``). RelearnModelError when the
+    ``convs`` and ``epochs`` default to ``models.tune``'s. Returns (the tuned bundle's manifest,
+    ``models.tune.TuneReport``). RelearnModelError when the
     products have fewer than ``MIN_STORE_PHOTOS_PER_ITEM`` store photos on average, or the tune fails.
     """
     from cloud.catalog import FetchError, fetch_image_bytes
@@ -79,7 +82,7 @@ def relearn_bundle(
     from models.bundle import read_manifest
     from models.errors import BadImage, ModelError
     from models.images import decode_image
-    from models.tune import Loader, tune_bundle
+    from models.tune import EPOCHS, TUNE_CONVS, Loader, tune_bundle
 
     images = training_set(items, sel, exclude=exclude)
     n_store = sum(t.store_photo for t in images)
@@ -106,7 +109,8 @@ def relearn_bundle(
     try:
         return tune_bundle(
             base_bundle, [loader(t.source) for t in images], [label_of[t.sku] for t in images], out_dir,
-            augment=augmented_views, seed=seed, catalog_id=catalog_id,
+            augment=augmented_views, seed=seed, catalog_id=catalog_id, convs=convs or TUNE_CONVS,
+            epochs=epochs or EPOCHS,
         )  # fmt: skip
     except ModelError as exc:
         raise RelearnModelError(f"tuning {base_bundle} on store photos failed: {exc}") from exc
