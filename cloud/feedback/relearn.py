@@ -57,6 +57,12 @@ MISTAP_FOLDS = 5
 # iconic shot; the same share as the "no match" rule gives up (OPEN_SET_KNOWN_LOSS).
 NOT_CARRIED_MARGIN = 0.0
 NOT_CARRIED_KNOWN_LOSS = 0.01
+# With one store photo a product, a held-out photo leaves its product with the catalog shot only, unlike
+# any kiosk query: that calibration said margin 0 and the rows then cost 6.6-7.1 points of R@1 at k = 1
+# (`make eval`). So only products with two or more store photos calibrate, and without 20 right answers
+# among them no rows ship.
+NOT_CARRIED_MIN_PHOTOS = 2
+NOT_CARRIED_MIN_RIGHT = 20
 
 
 class FeedbackError(Exception):
@@ -272,18 +278,21 @@ def not_carried_reason(base_extra: dict[str, Any], not_carried: npt.NDArray[np.f
 def not_carried_margin(
     vectors: npt.NDArray[np.float32], skus: list[str], is_store: npt.NDArray[np.bool_],
     not_carried: npt.NDArray[np.float32], known_loss: float = NOT_CARRIED_KNOWN_LOSS,
-) -> float:  # fmt: skip
+) -> float | None:  # fmt: skip
     """The margin the rejection rows need to turn away at most ``known_loss`` of right answers, from the
     store photos themselves (model space in): cross-fitted like ``likely_mistaps`` (each fold's photos are
     queries of a space fitted without them), over those answered right, the ``1 - known_loss`` quantile of
-    (best not-carried similarity - best product similarity), at least ``NOT_CARRIED_MARGIN``. Fewer than
-    20 right answers: ``NOT_CARRIED_MARGIN``."""
+    (best not-carried similarity - best product similarity), at least ``NOT_CARRIED_MARGIN``. Only store
+    photos of products with ``NOT_CARRIED_MIN_PHOTOS`` or more are queries, so that, like a kiosk's query,
+    each still has store photos of its product in the index. None (ship no rows) with fewer than
+    ``NOT_CARRIED_MIN_RIGHT`` right answers: rows nobody calibrated cost measured R@1 (see the constants)."""
     from cloud.retrieval import fit_lda_adapter, item_scores
 
-    queries = np.flatnonzero(is_store)
     names, ids = np.unique(np.asarray(skus), return_inverse=True)
-    if len(queries) < 20 or not len(not_carried) or len(names) < 3:
-        return NOT_CARRIED_MARGIN
+    counts = np.bincount(ids[is_store], minlength=len(names))
+    queries = np.flatnonzero(is_store & (counts[ids] >= NOT_CARRIED_MIN_PHOTOS))
+    if len(queries) < NOT_CARRIED_MIN_RIGHT or not len(not_carried) or len(names) < 3:
+        return None
     fold = np.random.default_rng(0).permutation(len(queries)) % MISTAP_FOLDS
     gaps: list[npt.NDArray[np.float32]] = []
     for f in range(MISTAP_FOLDS):
@@ -296,8 +305,8 @@ def not_carried_margin(
         gap = (q @ adapter.apply(not_carried).T).max(axis=1) - scores.max(axis=1)
         gaps.append(gap[right].astype(np.float32))
     ok = np.concatenate(gaps)
-    if len(ok) < 20:
-        return NOT_CARRIED_MARGIN
+    if len(ok) < NOT_CARRIED_MIN_RIGHT:
+        return None
     return max(NOT_CARRIED_MARGIN, float(np.quantile(ok, 1.0 - known_loss)))
 
 
@@ -316,8 +325,11 @@ def write_not_carried(
     x = normalize_rows(not_carried)
     rows = projection.apply(x) if projection is not None else x
     rows = np.ascontiguousarray(normalize_rows(rows), dtype="<f4")
-    atomic_write_bytes(Path(directory) / NOT_CARRIED_FILE, rows.tobytes())
     record_of = sel.record_of()
     is_store = np.array([r.source in record_of for r in feats.rows], dtype=bool)
     margin = not_carried_margin(normalize_rows(feats.vectors), [r.sku for r in feats.rows], is_store, x)
+    if margin is None:
+        _LOGGER.warning("%d not-carried photos not shipped: too few store photos to calibrate them", len(x))
+        return None
+    atomic_write_bytes(Path(directory) / NOT_CARRIED_FILE, rows.tobytes())
     return {"file": NOT_CARRIED_FILE, "count": len(rows), "margin": round(margin, 6)}

@@ -226,7 +226,8 @@ def test_not_carried_photos_ship_as_rejection_rows_the_kiosk_applies(
 ) -> None:
     """A product staff marked "not carried" must be answered "no match" when held up again (its photos
     ship signed beside the index, never as a product), while carried products still match; a delta
-    cannot carry the rows, so the next build on that base is full."""
+    cannot carry the rows, so the next build on that base is full; rows the store photos cannot calibrate
+    (none approved yet) are not shipped."""
     from device.sync.active import ActiveSnapshot
     from storelens.matching import NOT_CARRIED_KEY
 
@@ -235,6 +236,11 @@ def test_not_carried_photos_ship_as_rejection_rows_the_kiosk_applies(
     for v in (1, 2):
         fb.decide(_put(fb, embedder, 20, v, answer="not_here"), "not_carried", who="staff")
     _put(fb, embedder, 21, 1, answer="not_here")  # not decided by staff: not used
+    early = _build(cat, embedder, signing_key, tmp_path / "v0", feedback=tmp_path / "fb")
+    assert NOT_CARRIED_KEY not in early.manifest.extra and not (early.out_dir / "not_carried.f32").exists()
+    for i in range(12):
+        for v in (3, 4):
+            fb.decide(_put(fb, embedder, i, v), "approved", who="staff")
     res = _build(cat, embedder, signing_key, tmp_path / "v1", feedback=tmp_path / "fb")
     verify_snapshot(res.out_dir, [signing_key.public_key()], model_id=embedder.model_id, store="s")
     assert res.manifest.extra[NOT_CARRIED_KEY]["count"] == 2 and res.report["feedback"]["not_carried"] == 2
