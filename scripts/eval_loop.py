@@ -14,7 +14,12 @@ Queries are the val photos (nothing is fitted on them). Loops:
 
 Open set: the same loop builds a catalog without a fixed, seeded 20% of the products (their feedback is
 skipped by the build as "not in the catalog"); their val queries should be answered "not found" by the
-rule the build calibrated. Writes build/eval/loop.json and build/eval/loop.png.
+rule the build calibrated. In that world, customers holding half of those products (seeded) answered
+"Not here" with their TRAIN photos and staff marked them "not carried": the snapshot ships them as rejection
+rows; ``open_asked_rejected`` / ``open_never_asked_rejected`` split the figure. ``relearned`` rows: the
+bundle tuned by the product's ``relearn_bundle`` on the loop's approved store photos (mis-taps included)
+and the catalog, never on val; the open-set one tuned without the unknown products.
+Writes build/eval/loop.json and build/eval/loop.png.
 """
 
 from __future__ import annotations
