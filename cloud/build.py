@@ -33,6 +33,7 @@ from models.bundle import BundleManifest
 from storelens import vindex
 from storelens.archive import pack
 from storelens.fsutil import atomic_write_bytes, atomic_write_json
+from storelens.matching import NOT_CARRIED_KEY
 from storelens.snapshot import (
     Canary,
     HnswParams,
@@ -159,9 +160,11 @@ def build_snapshot(spec: BuildSpec) -> BuildResult:
             getattr(embedder, "close", lambda: None)()
     if not feats.rows:
         raise BuildError("no catalog image could be embedded")
-    fb_report = None
+    fb_report, not_carried = None, np.zeros((0, feats.dim), np.float32)
     if sel is not None:
+        feats, not_carried = relearn.split_not_carried(feats)  # rejection rows, beside the index
         feats, fb_report = relearn.cap_store_photos(feats, sel, spec.feedback_cap)
+        fb_report["not_carried"] = len(not_carried)
     item_rows = _item_rows(catalog, store, feats)
     skus = [r.sku for r in feats.rows]
     base_m = read_manifest_unverified(base) if base is not None else None
@@ -190,6 +193,7 @@ def build_snapshot(spec: BuildSpec) -> BuildResult:
     if base is not None and base_m is not None:
         reason = _delta_blocker(base, base_m, model_id, feats.dim)
         reason = reason or open_set.recalibrate_reason(base_m, skus)
+        reason = reason or relearn.not_carried_reason(base_m.extra, not_carried)
         if reason is None:
             plan = d.plan_delta(
                 d.read_rows(base / d.ITEMS), d.read_rows(base / d.VECTORS), item_rows, vec_rows
@@ -250,6 +254,8 @@ def build_snapshot(spec: BuildSpec) -> BuildResult:
         common.update(base_version=base_m.version, base_manifest_sha256=d.snapshot_identity(base)[1])
     else:
         _write_full(tmp, item_rows, vec_rows, feats, index_vectors, spec.M, spec.ef_construction, spec.ef)
+        if (rejects := relearn.write_not_carried(tmp, proj, not_carried, feats, sel)) is not None:
+            extra[NOT_CARRIED_KEY] = rejects
     report["kind"] = kind
     extra["build"] = {k: report[k] for k in ("images_embedded", "cache_hits", "vectors", "items")}
     bundle_m = getattr(embedder, "manifest", None)

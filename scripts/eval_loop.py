@@ -14,11 +14,19 @@ Queries are the val photos (nothing is fitted on them). Loops:
 
 Open set: the same loop builds a catalog without a fixed, seeded 20% of the products (their feedback is
 skipped by the build as "not in the catalog"); their val queries should be answered "not found" by the
-rule the build calibrated. Writes build/eval/loop.json and build/eval/loop.png.
+rule the build calibrated. In that world, customers holding half of those products (seeded) answered
+"Not here" with their TRAIN photos and staff marked them "not carried": the snapshot ships them as rejection
+rows; ``open_asked_rejected`` / ``open_never_asked_rejected`` split the figure. ``relearned`` rows: the
+bundle tuned by the product's ``relearn_bundle`` on the loop's approved store photos (mis-taps included)
+and the catalog, never on val; the open-set one tuned without the unknown products.
+Writes build/eval/loop.json and build/eval/loop.png.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -80,6 +88,14 @@ def _unseen_items() -> np.ndarray:
     return np.sort(rng.choice(N_ITEMS, size=round(OPEN_SET_SHARE * N_ITEMS), replace=False))
 
 
+def _asked_items() -> np.ndarray:
+    """Half of the unseen products (seeded): customers asked about them at the kiosk before ("Not here",
+    staff: "not carried"), so the snapshot carries photos of them as rejection rows; the other half never."""
+    unseen = _unseen_items()
+    rng = np.random.default_rng(OPEN_SET_SEED + 1)
+    return np.sort(rng.choice(unseen, size=len(unseen) // 2, replace=False))
+
+
 def sku(label: int) -> str:
     return f"P{int(label):02d}"
 
@@ -119,53 +135,127 @@ def _write_catalog(path: Path, iconic: list[Path], items: np.ndarray) -> Path:
     return path
 
 
+def _queries(bundle: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The val queries as ``bundle`` embeds them: single photos and the multi-frame proxy (cached)."""
+    from models.embedder import Embedder
+
+    val = read_split("val")
+    embedder = Embedder(bundle, mode="latency")
+    try:
+        emb = Embeddings(embedder, OUT / "cache")
+        qv = {tag: emb.get(val.paths, lambda im, sha, t=tag: [VIEWS[t](im)], tag, 1) for tag in VIEWS}
+    finally:
+        getattr(embedder, "close", lambda: None)()
+    frames = np.stack([aggregate_frames(np.stack([qv[t][i] for t in VIEWS])) for i in range(len(val.paths))])
+    return qv["orig"], frames
+
+
+def _relearned(base: Path, catalog: Path, fb_root: Path, tag: str) -> Path:
+    """The product's relearn step (``relearn_bundle``) on this loop's approved store photos; cached by the
+    photos' contents and labels (a tune takes minutes on a CPU)."""
+    from cloud.catalog import load_catalog
+    from cloud.feedback.relearn import select_approved
+    from cloud.feedback.relearn_model import relearn_bundle, training_set
+    from models import tune
+    from models.bundle import read_manifest, verify_bundle
+    from models.errors import ModelError
+    from scripts.eval_data import file_sha256
+
+    cat = load_catalog(catalog)
+    sel = select_approved(fb_root, STORE, cat.items)
+    imgs = training_set(cat.items, sel)
+    key = hashlib.sha256(json.dumps({
+        "base": read_manifest(base).model_id, "epochs": tune.EPOCHS, "convs": tune.TUNE_CONVS,
+        "views": tune.VIEWS_PER_IMAGE, "lr": tune.LEARNING_RATE,
+        "images": [[file_sha256(Path(t.source) if t.store_photo else cat.base_dir / t.source), t.sku]
+                   for t in imgs],
+    }).encode()).hexdigest()[:12]  # fmt: skip
+    out = OUT / "loop-tuned" / f"{tag}-{key}"
+    try:
+        verify_bundle(out)
+        return out
+    except ModelError:
+        pass
+    t0 = time.perf_counter()
+    _, report = relearn_bundle(base, cat.items, sel, out, base_dir=cat.base_dir)
+    print(f"  relearned {out.name} on {report.images} images in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
 def _evaluate(snap: Path, d: Data, known: np.ndarray | None) -> dict[str, float]:
-    """R@1/R@5 (single photo and multi-frame proxy); with ``known``, the open-set figures of its rule."""
+    """R@1/R@5 (single photo and multi-frame proxy); with ``known``, the open-set figures of its rules:
+    the calibrated "no match" rule plus the snapshot's not-carried rows, unseen products split into those
+    customers asked about before (``asked``: not-carried photos in the snapshot) and the others."""
+    from storelens.matching import NotCarried
+    from storelens.snapshot import read_manifest_unverified
+
     space = ReviewSpace.load(snap)
+    m = read_manifest_unverified(snap)
+    rule = MatchRule.from_manifest(m.threshold, m.extra)
+    nc = NotCarried.from_manifest(snap, m.extra, m.dim, list(m.files))
     names = sorted(set(space.skus))
     col = np.searchsorted(names, space.skus)
     label_of = np.array([int(n[1:]) for n in names])
+    asked = np.isin(d.q_labels, _asked_items())
     out: dict[str, float] = {}
     for tag, q in (("", d.q_single), ("frames_", d.q_frames)):
-        s = item_scores(space.project(q) @ space.vectors.T, col, len(names))
+        pq = space.project(q)
+        s = item_scores(pq @ space.vectors.T, col, len(names))
         top = label_of[np.argsort(-s, axis=1)[:, :5]]
         if known is None:
             out[f"{tag}r1"] = round(float(np.mean(top[:, 0] == d.q_labels)), 4)
             out[f"{tag}r5"] = round(float(np.mean((top == d.q_labels[:, None]).any(1))), 4)
             continue
-        from storelens.snapshot import read_manifest_unverified
-
-        m = read_manifest_unverified(snap)
-        rule = MatchRule.from_manifest(m.threshold, m.extra)
         accept = open_set_score(s, rule.margin_weight) >= rule.threshold
+        if nc is not None:
+            accept &= nc.best(pq) < s.max(axis=1) + nc.margin
         is_known = np.isin(d.q_labels, known)
         right = top[:, 0] == d.q_labels
         out[f"{tag}open_known_r1_free"] = round(float(np.mean(right[is_known])), 4)
         out[f"{tag}open_known_r1_rule"] = round(float(np.mean((right & accept)[is_known])), 4)
         out[f"{tag}open_unseen_rejected"] = round(float(np.mean(~accept[~is_known])), 4)
+        out[f"{tag}open_asked_rejected"] = round(float(np.mean(~accept[~is_known & asked])), 4)
+        out[f"{tag}open_never_asked_rejected"] = round(float(np.mean(~accept[~is_known & ~asked])), 4)
         out[f"{tag}open_r1_cost_pts"] = round(
             100 * (out[f"{tag}open_known_r1_free"] - out[f"{tag}open_known_r1_rule"]), 1)
+    if known is not None:
+        out["not_carried_rows"] = 0 if nc is None else len(nc.vectors)
     return out
 
 
-def _loop(name: str, d: Data, bundle: Path, key: Any, mistaps: bool, policy: str) -> dict[str, Any]:
+def _loop(name: str, d: Data, bundle: Path, key: Any, mistaps: bool, policy: str, ks: tuple[int, ...] = KS,
+          relearn_ks: tuple[int, ...] = (), relearn_open_ks: tuple[int, ...] = (),
+          ) -> dict[str, Any]:  # fmt: skip
     """One loop: k = 0 (protocol A), then each k of ``KS``; returns its rows and the auto rule's tally."""
     root = LOOP / name
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     everything = np.arange(N_ITEMS)
     known = np.setdiff1d(everything, _unseen_items())
+    asked = set(_asked_items().tolist())
     cat_all = _write_catalog(root / "catalog.jsonl", d.iconic_paths, everything)
     cat_known = _write_catalog(root / "catalog-known.jsonl", d.iconic_paths, known)
     fb = FeedbackStore(root / "feedback")
     cache = LOOP / "build-cache"  # shared: a crop is embedded once across loops
 
-    def build(tag: str, catalog: Path, with_feedback: bool) -> Path:
+    fb_open = root / "feedback-open"  # the open-set world: the same confirmations + "not carried" photos
+    not_here: list[bytes] = []
+
+    def build(tag: str, catalog: Path, with_feedback: bool, model: Path = bundle) -> Path:
         out = root / tag
-        build_snapshot(BuildSpec(catalog=catalog, store=STORE, out_dir=out, private_key=key, bundle=bundle,
-                                 cache_dir=cache, progress=False,
-                                 feedback=fb.root if with_feedback else None))  # fmt: skip
+        feedback = (fb_open if catalog == cat_known else fb.root) if with_feedback else None
+        build_snapshot(BuildSpec(catalog=catalog, store=STORE, out_dir=out, private_key=key, bundle=model,
+                                 cache_dir=cache, progress=False, feedback=feedback))  # fmt: skip
         return out
+
+    def open_world() -> None:
+        """fb_open = fb + every "Not here" so far, each marked "not carried" by staff."""
+        shutil.rmtree(fb_open, ignore_errors=True)
+        shutil.copytree(fb.root, fb_open)
+        store = FeedbackStore(fb_open)
+        for raw in not_here:
+            rid, _ = store.put(parse_feedback(feedback_topic(STORE, KIOSK), raw))
+            store.decide(rid, "not_carried", who="sim:staff")
 
     rng = np.random.default_rng(SEED)  # the same draws in every loop: only the labels differ
     order = {int(p): rng.permutation(np.flatnonzero(d.train_labels == p)) for p in everything}
@@ -174,7 +264,7 @@ def _loop(name: str, d: Data, bundle: Path, key: Any, mistaps: bool, policy: str
     rows = [{"k": 0, **_evaluate(snap, d, None), **_evaluate(build("k0-open", cat_known, False), d, known)}]
     tally = {"confirmations": 0, "mistaps": 0, "auto_ok_right": 0, "auto_ok_mistap": 0}
     prev, n = 0, 0
-    for k in KS:
+    for k in ks:
         space = ReviewSpace.load(snap)
         for p in everything:
             for idx in order[int(p)][prev:k]:
@@ -183,17 +273,25 @@ def _loop(name: str, d: Data, bundle: Path, key: Any, mistaps: bool, policy: str
                 proj = space.project(vec)[0]
                 sims = space.vectors @ proj
                 shown = list(dict.fromkeys(space.skus[i] for i in np.argsort(-sims)))[:5]
+                from models.images import load_image
+
+                crop = _crop_jpeg(load_image(d.train_paths[idx]))
+                if p in asked:  # in the open-set world the store does not sell it: "Not here"
+                    msg = make_feedback(
+                        store=STORE, kiosk=KIOSK, match_id=f"n{n}", answer="not_here", chosen_sku=None,
+                        shown=shown, model=space.model_id, snapshot=k, vector=vec, crop_jpeg=crop,
+                        id=f"{name}-nh-{n}",
+                    )  # fmt: skip
+                    not_here.append(msg.to_bytes())
                 wrong = mistaps and mis_rng.random() < MISTAP_RATE
                 chosen = sku(int(p))
                 if wrong:
                     others = [s for s in shown if s != chosen] or [sku(int(q)) for q in everything if q != p]
                     chosen = others[int(mis_rng.integers(len(others)))]
-                from models.images import load_image
-
                 msg = make_feedback(
                     store=STORE, kiosk=KIOSK, match_id=f"m{n}", answer="confirmed", chosen_sku=chosen,
-                    shown=shown, model=space.model_id, snapshot=k, vector=vec,
-                    crop_jpeg=_crop_jpeg(load_image(d.train_paths[idx])), id=f"{name}-{n}",
+                    shown=shown, model=space.model_id, snapshot=k, vector=vec, crop_jpeg=crop,
+                    id=f"{name}-{n}",
                 )  # fmt: skip
                 msg = parse_feedback(feedback_topic(STORE, KIOSK), msg.to_bytes())
                 rid, _ = fb.put(msg)
@@ -204,19 +302,35 @@ def _loop(name: str, d: Data, bundle: Path, key: Any, mistaps: bool, policy: str
                 if auto is None and policy == "all":
                     fb.decide(rid, "approved", who="sim:no-review", sku=chosen)
         prev = k
+        open_world()
         t0 = time.perf_counter()
         snap = build(f"k{k}", cat_all, True)
         row = {"k": k, **_evaluate(snap, d, None)}
         row.update(_evaluate(build(f"k{k}-open", cat_known, True), d, known))
         row["build_s"] = round(time.perf_counter() - t0, 1)
         row["store_photos"] = sum(1 for r in fb.approved(STORE))
+        if k in relearn_ks:  # the model step: a bundle relearned on the store photos, and its snapshots
+            t0 = time.perf_counter()
+            tuned = _relearned(bundle, cat_all, fb.root, f"{name}-k{k}")
+            q1, qf = _queries(tuned)
+            dt = dataclasses.replace(d, q_single=q1, q_frames=qf)
+            row["relearned"] = _evaluate(build(f"k{k}-tuned", cat_all, True, tuned), dt, None)
+            if k in relearn_open_ks:  # the open-set world tunes without the products it does not carry
+                tuned_known = _relearned(bundle, cat_known, fb.root, f"{name}-k{k}-known")
+                q1, qf = _queries(tuned_known)
+                dk = dataclasses.replace(d, q_single=q1, q_frames=qf)
+                row["relearned"].update(_evaluate(build(f"k{k}-tuned-open", cat_known, True, tuned_known), dk,
+                                                  known))  # fmt: skip
+            row["relearned"]["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(f"  {name} k={k}: {row}", flush=True)
     assert all(r.decided_by in (WHO, "sim:no-review") for r in fb.approved(STORE))
     return {"rows": rows, "auto": tally}
 
 
-def run(bundle: Path) -> dict[str, Any]:
+def run(bundle: Path, loops: tuple[str, ...] = ("clean", "mistap", "mistap_auto"), ks: tuple[int, ...] = KS,
+        relearn_ks: tuple[int, ...] = KS, relearn_open_ks: tuple[int, ...] = KS, out_name: str = "loop",
+        relearn_loops: tuple[str, ...] = ("clean", "mistap")) -> dict[str, Any]:  # fmt: skip
     from storelens import signing
 
     LOOP.mkdir(parents=True, exist_ok=True)
@@ -226,16 +340,19 @@ def run(bundle: Path) -> dict[str, Any]:
     d, embedder = _data(bundle)
     getattr(embedder, "close", lambda: None)()
     t0 = time.perf_counter()
-    res = {
-        "clean": _loop("clean", d, bundle, key, mistaps=False, policy="all"),
-        "mistap": _loop("mistap", d, bundle, key, mistaps=True, policy="all"),
-        "mistap_auto": _loop("mistap_auto", d, bundle, key, mistaps=True, policy="auto"),
+    setups = {"clean": (False, "all"), "mistap": (True, "all"), "mistap_auto": (True, "auto")}
+    res: dict[str, Any] = {
+        name: _loop(name, d, bundle, key, mistaps=setups[name][0], policy=setups[name][1], ks=ks,
+                    relearn_ks=relearn_ks if name in relearn_loops else (), relearn_open_ks=relearn_open_ks)
+        for name in loops
+    }  # fmt: skip
+    res.update({
         "seconds": round(time.perf_counter() - t0, 1),
         "mistap_rate": MISTAP_RATE,
         "queries": len(d.q_labels),
-    }
-    (OUT / "loop.json").write_text(json.dumps(res, indent=1))
-    _plot(res, OUT / "loop.png")
+    })
+    (OUT / f"{out_name}.json").write_text(json.dumps(res, indent=1))
+    _plot(res, OUT / f"{out_name}.png")
     return res
 
 
@@ -247,13 +364,19 @@ def _plot(res: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, style in (("clean", "-o"), ("mistap", "--s"), ("mistap_auto", ":^")):
+        if name not in res:
+            continue
         rows = res[name]["rows"]
         ks = [r["k"] for r in rows]
         ax.plot(ks, [r["r1"] for r in rows], style, label=f"R@1 {name}")
         ax.plot(ks, [r["frames_r1"] for r in rows], style, alpha=0.45, label=f"R@1 {name}, multi-frame")
-    mis = res["mistap"]["rows"]
-    ax.plot([r["k"] for r in mis], [r["open_unseen_rejected"] for r in mis], "-x", color="grey",
-            label="unseen rejected (mistap)")  # fmt: skip
+        tuned = [(r["k"], r["relearned"]["r1"]) for r in rows if "relearned" in r]
+        if tuned:
+            ax.plot(*zip(*tuned, strict=True), style, lw=2.5, label=f"R@1 {name}, relearned bundle")
+    if "mistap" in res:
+        mis = res["mistap"]["rows"]
+        ax.plot([r["k"] for r in mis], [r["open_unseen_rejected"] for r in mis], "-x", color="grey",
+                label="unseen rejected (mistap)")  # fmt: skip
     ax.set_xlabel("confirmed store photos per product (k)")
     ax.set_ylabel("share of val queries")
     ax.set_ylim(0, 1)
@@ -269,8 +392,21 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from scripts.eval_grocery import _bundle
 
-    res = run(_bundle())
-    print(json.dumps({k: v for k, v in res.items() if k not in ("clean", "mistap", "mistap_auto")}))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--loops", default="clean,mistap,mistap_auto", help="which loops to run")
+    ap.add_argument("--ks", default=",".join(map(str, KS)), help="store photos per product to measure at")
+    # Defaults: what `make eval` reports (each tune is minutes on a CPU; 2 cached tunes + 1 open-set one).
+    ap.add_argument("--relearn-ks", default="1,5",
+                    help="ks at which to relearn the bundle too (minutes each, cached); empty: none")
+    ap.add_argument("--relearn-open-ks", default="1",
+                    help="ks at which the open-set world relearns too (a second tune each)")
+    ap.add_argument("--relearn-loops", default="mistap", help="loops that relearn the bundle")
+    ap.add_argument("--out", default="loop", help="name of the JSON and PNG under build/eval/")
+    a = ap.parse_args()
+    ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
+    res = run(_bundle(), tuple(a.loops.split(",")), ints(a.ks), ints(a.relearn_ks), ints(a.relearn_open_ks),
+              a.out, tuple(a.relearn_loops.split(",")))  # fmt: skip
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}))
     return 0
 
 

@@ -340,6 +340,7 @@ class SearchStage:
         last = st.last
         p = last.pending
         matched = bool(hits) and snap.rule.is_match([h.score for h in hits])
+        matched = matched and not snap.not_carried(st.vectors, hits[0].score)
         latency = {
             "capture": round(p.capture_ms, 3),
             "detect": round(p.detect_ms, 3),

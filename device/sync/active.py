@@ -23,7 +23,7 @@ from storelens import vindex
 from storelens.delta import INDEX, ITEMS, VECTORS, is_applied, read_rows
 from storelens.errors import ReasonError
 from storelens.fsutil import read_capped
-from storelens.matching import MatchRule
+from storelens.matching import MatchRule, NotCarried
 from storelens.projection import Adapter
 from storelens.snapshot import SnapshotManifest
 
@@ -65,6 +65,7 @@ class ActiveSnapshot:
         skus: tuple[str, ...],
         items: Mapping[str, Item],
         projection: Adapter | None,
+        not_carried: NotCarried | None = None,
     ) -> None:
         self.directory = directory
         self.manifest = manifest
@@ -76,6 +77,7 @@ class ActiveSnapshot:
         self._skus = skus
         self._items = items
         self._projection = projection
+        self._not_carried = not_carried  # rejection rows: photos of products the store does not sell
 
     @classmethod
     def load(cls, directory: Path, manifest: SnapshotManifest) -> ActiveSnapshot:
@@ -108,6 +110,12 @@ class ActiveSnapshot:
                 raise SnapshotLoadError("bad_items", f"vector label {lbl} names unknown sku {sku!r}")
             label_sku[lbl] = pos[sku]
         projection = _projection(directory, manifest)
+        try:
+            not_carried = NotCarried.from_manifest(
+                directory, manifest.extra, manifest.dim, list(manifest.files)
+            )
+        except (OSError, ValueError) as exc:
+            raise SnapshotLoadError("bad_items", str(exc)) from exc
         # An applied delta's index still holds its deleted vectors (marked, never returned by a search).
         applied = is_applied(manifest)
         try:
@@ -123,7 +131,9 @@ class ActiveSnapshot:
             raise SnapshotLoadError(
                 "bad_index", f"{index.count} vectors in the index, manifest says {manifest.vector_count}"
             )
-        return cls(directory, manifest, index, label_sku, skus, MappingProxyType(items), projection)
+        return cls(
+            directory, manifest, index, label_sku, skus, MappingProxyType(items), projection, not_carried
+        )
 
     def project(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Model-space unit vectors -> index space (projection then renormalise), as float32 rows."""
@@ -171,6 +181,21 @@ class ActiveSnapshot:
                     break
             out.append(hits)
         return out
+
+    def not_carried(self, vectors: list[npt.NDArray[np.float32]], top1: float) -> bool:
+        """True when the held item's frames are nearer a not-carried photo than ``top1`` (its best
+        product's score); scored like ``aggregate``: the mean vector's and the frames' average similarity."""
+        if self._not_carried is None or not vectors:
+            return False
+        v = np.stack([np.asarray(x, dtype=np.float32) for x in vectors])
+        best = self._not_carried.best(self.project(v))
+        score = float(best[0])
+        if len(v) > 1:
+            mean = v.mean(axis=0)
+            norm = float(np.linalg.norm(mean))
+            mean = mean / norm if norm > 0 else v[0]
+            score = 0.5 * (float(self._not_carried.best(self.project(mean[None, :]))[0]) + float(best.mean()))
+        return self._not_carried.rejects(top1, score)
 
     def items(self) -> Mapping[str, Item]:
         """sku -> Item (title, price, location, absolute thumbnail path) for the screen."""

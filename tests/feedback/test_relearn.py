@@ -220,3 +220,41 @@ def test_the_cli_reviews_and_refuses_bad_paths_in_one_line(
                             "--store", "s", "--out", str(tmp_path / "v9"), "--key", str(tmp_path / "k.pem"),
                             "--feedback", str(tmp_path / "nope")])  # fmt: skip
     assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
+
+
+def test_not_carried_photos_ship_as_rejection_rows_the_kiosk_applies(
+    embedder: CountingEmbedder, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """A product staff marked "not carried" must be answered "no match" when held up again (its photos
+    ship signed beside the index, never as a product), while carried products still match; a delta
+    cannot carry the rows, so the next build on that base is full; rows the store photos cannot calibrate
+    (none approved yet) are not shipped."""
+    from device.sync.active import ActiveSnapshot
+    from storelens.matching import NOT_CARRIED_KEY
+
+    cat = make_catalog(tmp_path / "cat", n_items=12, per_item=3)
+    fb = FeedbackStore(tmp_path / "fb")
+    for v in (1, 2):
+        fb.decide(_put(fb, embedder, 20, v, answer="not_here"), "not_carried", who="staff")
+    _put(fb, embedder, 21, 1, answer="not_here")  # not decided by staff: not used
+    early = _build(cat, embedder, signing_key, tmp_path / "v0", feedback=tmp_path / "fb")
+    assert NOT_CARRIED_KEY not in early.manifest.extra and not (early.out_dir / "not_carried.f32").exists()
+    for i in range(12):
+        for v in (3, 4):
+            fb.decide(_put(fb, embedder, i, v), "approved", who="staff")
+    res = _build(cat, embedder, signing_key, tmp_path / "v1", feedback=tmp_path / "fb")
+    verify_snapshot(res.out_dir, [signing_key.public_key()], model_id=embedder.model_id, store="s")
+    assert res.manifest.extra[NOT_CARRIED_KEY]["count"] == 2 and res.report["feedback"]["not_carried"] == 2
+    assert {r["sku"] for r in read_rows(res.out_dir / VECTORS)} == {f"SKU-{i:03d}" for i in range(12)}
+    snap = ActiveSnapshot.load(res.out_dir, res.manifest)
+
+    def refused(item: int) -> bool:
+        frames = [embedder.embed([item_image(item, v)])[0] for v in (7, 8)]
+        one = snap.not_carried(frames[:1], snap.search(frames[0][None, :], 5)[0][0].score)
+        assert one == snap.not_carried(frames, snap.search(frames[0][None, :], 5)[0][0].score)
+        return one
+
+    assert refused(20)
+    assert not any(refused(i) for i in range(12))
+    v2 = _build(cat, embedder, signing_key, tmp_path / "v2", feedback=tmp_path / "fb", base=res.out_dir)
+    assert v2.manifest.kind == "full" and "not-carried" in v2.report["delta_fallback"]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
-from storelens.matching import OPEN_SET_KIND, MatchRule
+import numpy as np
+import pytest
+
+from storelens.matching import NOT_CARRIED_FILE, NOT_CARRIED_KEY, OPEN_SET_KIND, MatchRule, NotCarried
 
 
 def test_plain_threshold_without_open_set_rule() -> None:
@@ -27,3 +31,39 @@ def test_unknown_or_hostile_rule_falls_back_to_top1() -> None:
         {"open_set": "x"},
     ):
         assert MatchRule.from_manifest(0.5, extra).margin_weight == 0.0
+
+
+def _rows_file(tmp_path: Path, rows: np.ndarray) -> Path:
+    (tmp_path / NOT_CARRIED_FILE).write_bytes(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+    return tmp_path
+
+
+def test_not_carried_rows_reject_a_query_nearer_them_than_any_product(tmp_path: Path) -> None:
+    """Guards the kiosk answering with a product for an item the store said it does not sell."""
+    rows = np.eye(4, dtype=np.float32)[:2]
+    extra = {NOT_CARRIED_KEY: {"file": NOT_CARRIED_FILE, "count": 2, "margin": 0.0}}
+    nc = NotCarried.from_manifest(_rows_file(tmp_path, rows), extra, 4, [NOT_CARRIED_FILE])
+    assert nc is not None
+    best = nc.best(np.array([[0.8, 0.6, 0, 0], [0, 0, 1, 0]], np.float32))
+    assert best.tolist() == pytest.approx([0.8, 0.0])
+    assert nc.rejects(top1=0.7, not_carried_best=0.8) and not nc.rejects(top1=0.9, not_carried_best=0.8)
+    assert NotCarried.from_manifest(tmp_path, {}, 4, []) is None  # an older snapshot: none
+
+
+@pytest.mark.parametrize(
+    ("spec", "files", "dim"),
+    [
+        ({"file": "../x.f32", "count": 2}, ["../x.f32"], 4),  # another name than the contract's
+        ({"file": NOT_CARRIED_FILE, "count": 2}, [], 4),  # not a signed file of the snapshot
+        ({"file": NOT_CARRIED_FILE, "count": 3}, [NOT_CARRIED_FILE], 4),  # size disagrees
+        ({"file": NOT_CARRIED_FILE, "count": 2}, [NOT_CARRIED_FILE], 5),  # dim disagrees
+        ({"file": NOT_CARRIED_FILE, "count": 2, "margin": float("nan")}, [NOT_CARRIED_FILE], 4),
+    ],
+)
+def test_malformed_not_carried_rows_are_refused(
+    tmp_path: Path, spec: dict[str, object], files: list[str], dim: int
+) -> None:
+    """A manifest entry that disagrees with its file must not load (the kiosk refuses the snapshot)."""
+    _rows_file(tmp_path, np.eye(4, dtype=np.float32)[:2])
+    with pytest.raises(ValueError):
+        NotCarried.from_manifest(tmp_path, {NOT_CARRIED_KEY: spec}, dim, files)
