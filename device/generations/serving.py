@@ -4,7 +4,8 @@ Two kinds of switch replace it, both the switcher's: model and index together (a
 rollback), and a snapshot-only candidate from the sync of the serving model (``switch_snapshot``; pairing
 rule: a snapshot serves only the model that built it, and never an older one than serves now).
 Generation 0 is the configured bundle with the snapshot its sync keeps in ``[snapshots] state_dir``; each
-released model's sync keeps its own folder there, as a snapshot is valid for one model only.
+released model's sync keeps its own folder there, as a snapshot is valid for one model only. With the
+generation store ([update]), each sync's pointer is its entry in the one generation pointer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from device.config import SnapshotConfig
 from device.generations.loaded import LoadedGeneration, RetiredModels, close_embedder
 from device.generations.probe import SwitchProbe
-from device.generations.store import Generation, generation_zero
+from device.generations.store import Generation, SyncSlot, generation_zero
 from device.generations.switcher import Switcher, switch_snapshot
 from device.pipeline import ModelPair
 from device.sync import (
@@ -199,8 +200,12 @@ class Serving:
     # -- helpers --
     def _new_sync(self, model_id: str, dim: int, *, configured: bool) -> SnapshotSync:
         state = sync_dir(self._cfg.state_dir, model_id, configured=configured)
+        # With the generation store, this sync's pointer is its entry in the one generation pointer.
+        slot = None if self.switcher is None else SyncSlot(
+            self.switcher.store, state.relative_to(self._cfg.state_dir).as_posix()
+        )
         return SnapshotSync(
-            SnapshotStore(state), self._keys, store_id=self._store_id, model_id=model_id, model_dim=dim,
+            SnapshotStore(state, slot), self._keys, store_id=self._store_id, model_id=model_id, model_dim=dim,
             switch=self._switch_snapshot, on_refused=self._on_refused, sources=self._sources,
         )
 

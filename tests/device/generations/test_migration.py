@@ -14,6 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from device.app import KioskApp
 from device.comms import InMemoryTransport
 from device.config import parse_config
+from device.generations import GenerationStore
+from device.generations.store import SyncSlot
+from device.sync import SnapshotStore
 from device.sync.active import ActiveSnapshot
 from storelens.delta import apply_delta
 from storelens.protocol import Alert, Topics, decode
@@ -82,6 +85,10 @@ def test_a_kiosk_upgraded_in_the_field_keeps_serving_what_it_served(
         finally:
             app.stop()
         assert any(a.kind == "snapshot_refused" and "version_replay" in a.detail for a in _alerts(transport))
+        if update:  # one pointer: the sync's own file migrated into the generation pointer
+            assert not (tmp_path / "state" / "active.json").exists()
+            entry = GenerationStore(tmp_path / "update").pointer.sync["."]
+            assert entry["active"].startswith("v2-") and entry["highest_seen"][0] == 2
 
 
 def test_a_tampered_applied_generation_in_the_old_layout_falls_back_to_its_base(
@@ -113,3 +120,22 @@ def _items(expected: Path, served: Path) -> dict[str, Any]:
 def _rebase(item: Any, old: Path, new: Path) -> Any:
     thumb = item.thumbnail
     return replace(item, thumbnail=None if thumb is None else new / thumb.relative_to(old))
+
+
+def test_a_migration_cut_before_the_old_pointer_was_removed_keeps_the_migrated_one(
+    tmp_path: Path, chain: Chain
+) -> None:
+    """Guards: a power cut between writing the generation pointer's sync entry and removing the old
+    ``active.json``: the next boot must take the migrated entry (it may be newer) and drop the old file."""
+    state = tmp_path / "state"
+    active, previous = write_sync_state(state, chain.v1, chain.d2)
+    gens = GenerationStore(tmp_path / "update")
+    old = (state / "active.json").read_text()
+    first = SnapshotStore(state, SyncSlot(gens, "."))
+    assert first.pointer.active == active and first.pointer.previous == previous
+    assert not (state / "active.json").exists()
+    (state / "active.json").write_text(old.replace(active, "v9-000000000000"))  # the cut: file still there
+    again = SnapshotStore(state, SyncSlot(GenerationStore(tmp_path / "update"), "."))
+    assert again.pointer.active == active and again.highest_seen == first.highest_seen
+    assert not (state / "active.json").exists()
+    assert sorted(p.name for p in (state / "snapshots").iterdir()) == sorted([active, previous or ""])
