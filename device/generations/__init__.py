@@ -12,7 +12,7 @@ from device.generations.store import (
     PointerError,
     generation_zero,
 )
-from device.generations.switcher import Candidate, Switcher
+from device.generations.switcher import Candidate, Switcher, switch_snapshot
 
 __all__ = [
     "CONFIGURED",
@@ -28,4 +28,5 @@ __all__ = [
     "UpdateFailed",
     "close_embedder",
     "generation_zero",
+    "switch_snapshot",
 ]

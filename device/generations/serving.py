@@ -1,10 +1,11 @@
 """The serving reference: the (model, snapshot) pair the pipeline reads once per held item, replaced whole.
 
-Two things replace it, each with its rule: the switcher swaps model and index together (a new generation
-or a rollback), and the snapshot sync of the serving model swaps the index alone (pairing rule: a snapshot
-serves only the model that built it, and never an older one than serves now). Generation 0 is the
-configured bundle with the snapshot its sync keeps in ``[snapshots] state_dir``; each released model's sync
-keeps its own folder there, as a snapshot is valid for one model only.
+Two kinds of switch replace it, both the switcher's: model and index together (a new generation or a
+rollback), and a snapshot-only candidate from the sync of the serving model (``switch_snapshot``; pairing
+rule: a snapshot serves only the model that built it, and never an older one than serves now).
+Generation 0 is the configured bundle with the snapshot its sync keeps in ``[snapshots] state_dir``; each
+released model's sync keeps its own folder there, as a snapshot is valid for one model only. With the
+generation store ([update]), each sync's pointer is its entry in the one generation pointer.
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from device.config import SnapshotConfig
 from device.generations.loaded import LoadedGeneration, RetiredModels, close_embedder
 from device.generations.probe import SwitchProbe
-from device.generations.store import Generation, generation_zero
-from device.generations.switcher import Switcher
+from device.generations.store import Generation, SyncSlot, generation_zero
+from device.generations.switcher import Switcher, switch_snapshot
 from device.pipeline import ModelPair
-from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
+from device.sync import (
+    ActiveSnapshot,
+    SnapshotCandidate,
+    SnapshotRefused,
+    SnapshotStore,
+    SnapshotSync,
+    Sources,
+)
 from models.port import EmbedderPort
 
 _LOGGER = logging.getLogger(__name__)
@@ -130,7 +138,7 @@ class Serving:
 
     # -- the two ways the reference is replaced --
     def on_snapshot(self, snap: ActiveSnapshot) -> None:
-        """The sync installed ``snap``: same model, new index (pairing rule), one reference replaced."""
+        """The switcher committed ``snap``: same model, new index (pairing rule), one reference replaced."""
         with self._lock:
             pair = self._pair
             if pair is None or snap.manifest.model_id != pair.model_id:
@@ -192,10 +200,18 @@ class Serving:
     # -- helpers --
     def _new_sync(self, model_id: str, dim: int, *, configured: bool) -> SnapshotSync:
         state = sync_dir(self._cfg.state_dir, model_id, configured=configured)
-        return SnapshotSync(
-            SnapshotStore(state), self._keys, store_id=self._store_id, model_id=model_id, model_dim=dim,
-            on_swap=self.on_snapshot, on_refused=self._on_refused, sources=self._sources,
+        # With the generation store, this sync's pointer is its entry in the one generation pointer.
+        slot = None if self.switcher is None else SyncSlot(
+            self.switcher.store, state.relative_to(self._cfg.state_dir).as_posix()
         )
+        return SnapshotSync(
+            SnapshotStore(state, slot), self._keys, store_id=self._store_id, model_id=model_id, model_dim=dim,
+            switch=self._switch_snapshot, on_refused=self._on_refused, sources=self._sources,
+        )
+
+    def _switch_snapshot(self, candidate: SnapshotCandidate) -> ActiveSnapshot:
+        """The sync's candidate, switched by the switcher's snapshot-only switch into this reference."""
+        return switch_snapshot(candidate, lambda snap: self.on_snapshot(snap))
 
     def _replace_sync(self, model_id: str, dim: int, *, configured: bool = False) -> None:
         """A snapshot is valid for one model: a new sync (its own state) follows the new model."""

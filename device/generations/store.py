@@ -7,12 +7,15 @@ rename, fsync dir), so a restart at any instant finds the old generation or the 
 
 root/current.json     {"current": Generation, "previous": Generation|null (the last good one),
                        "state": "stable"|"probation", "probation_boots": n, "highest_sequence": n,
-                       "failed": [release ids]}
+                       "failed": [release ids], "sync": {sync folder: {"active", "previous",
+                       "highest_seen"}} (each model's snapshot sync: its snapshots, replay protection)}
 root/bundles/<id16>/  verified bundles (never modified once placed)
 root/snapshots/<v>-<sha12>/  verified snapshot directories
 root/staging/         downloads and unpacking; junk after a crash, removed at start
 
-Generations named by neither current nor previous are removed at start and after each switch.
+Generations named by neither current nor previous are removed at start and after each switch. A
+snapshot-only switch commits by rewriting its sync's entry in this same file (``write_sync``); a sync folder
+still holding the old layout's own ``active.json`` is migrated into it at boot (``device/sync/store.py``).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Pointer:
     probation_boots: int = 0
     highest_sequence: int = 0
     failed: tuple[str, ...] = field(default_factory=tuple)
+    sync: dict[str, dict[str, Any]] = field(default_factory=dict)  # snapshot pointers, by sync folder
 
 
 class GenerationStore:
@@ -96,11 +100,20 @@ class GenerationStore:
         return self.root / rel
 
     def write(self, new: Pointer) -> Pointer:
-        """Replace the pointer atomically (the commit point of every switch and rollback)."""
+        """Replace the pointer atomically (the commit point of every switch and rollback); the syncs'
+        entries are kept as they are now (only ``write_sync`` changes them)."""
         with self._lock:
+            new = replace(new, sync=self._pointer.sync)
             atomic_write_json(self.root / POINTER, _to_json(new))
             self._pointer = new
         return new
+
+    def write_sync(self, key: str, entry: dict[str, Any]) -> None:
+        """Replace one sync's snapshot pointer in the one pointer file (a snapshot-only switch's commit)."""
+        with self._lock:
+            new = replace(self._pointer, sync={**self._pointer.sync, key: dict(entry)})
+            atomic_write_json(self.root / POINTER, _to_json(new))
+            self._pointer = new
 
     def boot(self, max_probation_boots: int) -> tuple[Pointer, bool]:
         """At start: count a boot in probation; past ``max_probation_boots`` roll back. (pointer, rolled)."""
@@ -155,6 +168,20 @@ class GenerationStore:
             raise PointerError(f"{path} is unreadable: {exc}") from exc
 
 
+class SyncSlot:
+    """One snapshot sync's pointer kept as its entry in the generation pointer (a ``PointerSlot``)."""
+
+    def __init__(self, store: GenerationStore, key: str) -> None:
+        self._store = store
+        self._key = key
+
+    def read(self) -> dict[str, Any] | None:
+        return self._store.pointer.sync.get(self._key)
+
+    def write(self, entry: dict[str, Any]) -> None:
+        self._store.write_sync(self._key, entry)
+
+
 def rollback(p: Pointer) -> Pointer:
     """The pointer after abandoning ``current`` for ``previous`` (current's release marked failed)."""
     assert p.current is not None and p.previous is not None
@@ -206,4 +233,11 @@ def _from_json(raw: Any) -> Pointer:
         probation_boots=int(raw.get("probation_boots", 0)),
         highest_sequence=int(raw.get("highest_sequence", 0)),
         failed=tuple(str(r) for r in raw.get("failed", [])),
+        sync=_sync_entries(raw.get("sync", {})),
     )
+
+
+def _sync_entries(raw: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise TypeError("sync is not an object of objects")
+    return {str(k): dict(v) for k, v in raw.items()}

@@ -6,7 +6,8 @@ against the model serving now) -> switch (pointer written in probation, then mod
 reference between frames) -> probation (the probe watches the live pipeline) -> done (pointer stable, the
 last good model retired) or rollback (the last good generation serves again, the candidate is retired).
 Every step that changes what serves writes the pointer first, so a kiosk killed at any instant restarts on
-the old generation or the new one. Snapshot-only swaps of the serving model are the ``Serving``'s.
+the old generation or the new one. A snapshot-only candidate (the serving model's snapshot sync: same
+model, new snapshot) goes through :func:`switch_snapshot`: load the new index, its canaries, pointer, swap.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from device.generations.loaded import (
 )
 from device.generations.store import Generation, GenerationStore, Pointer, mark_failed, rollback
 from device.sync.active import ActiveSnapshot
+from device.sync.candidate import SnapshotCandidate
+from device.sync.errors import SnapshotRefused
 from models.port import EmbedderPort
 from storelens.protocol import UpdateStep
 from storelens.snapshot import SnapshotManifest
@@ -52,6 +55,19 @@ class Candidate:
 
     generation: Generation
     manifest: SnapshotManifest  # its snapshot's verified manifest (canaries)
+
+
+def switch_snapshot(candidate: SnapshotCandidate, swap: Callable[[ActiveSnapshot], None]) -> ActiveSnapshot:
+    """A snapshot-only switch: load the new index off the hot path and check its canaries (the release
+    gate's own step), commit the pointer, then ``swap`` it in between frames. SnapshotRefused, nothing
+    committed, when it cannot serve."""
+    try:
+        snap = canary.load_snapshot(candidate.directory, candidate.manifest)
+    except UpdateFailed as exc:
+        raise SnapshotRefused(exc.reason, exc.detail) from exc
+    candidate.commit()
+    swap(snap)
+    return snap
 
 
 class Switcher:

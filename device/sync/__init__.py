@@ -1,6 +1,7 @@
 """Snapshot sync: signed index snapshots from the store's announcement topic to a swapped-in index."""
 
 from device.sync.active import ActiveSnapshot, Hit, Item, SnapshotLoadError
+from device.sync.candidate import SnapshotCandidate, SnapshotSwitch
 from device.sync.download import DownloadError, fetch, redact_url
 from device.sync.errors import SnapshotRefused
 from device.sync.service import SnapshotSync
@@ -13,9 +14,11 @@ __all__ = [
     "Hit",
     "Item",
     "Pointer",
+    "SnapshotCandidate",
     "SnapshotLoadError",
     "SnapshotRefused",
     "SnapshotStore",
+    "SnapshotSwitch",
     "SnapshotSync",
     "SourceError",
     "Sources",

@@ -1,11 +1,13 @@
-"""SnapshotSync: announcement -> download -> verify -> load a new index -> canary -> swap -> persist.
+"""SnapshotSync: announcement -> download -> verify -> candidate, handed to the switch it is given.
 
-Runs on its own worker thread; the MQTT callback only hands the payload over (latest wins). Every
-failure is reported through ``on_refused(reason, detail)``; the active snapshot keeps serving.
+Sync only produces candidates (``device/sync/candidate.py``); the switch (the switcher's snapshot-only
+switch) loads the new index, runs its canaries, commits the pointer and swaps it in. Runs on its own worker
+thread; the MQTT callback only hands the payload over (latest wins). Every failure is reported through
+``on_refused(reason, detail)``; the active snapshot keeps serving.
 
 A delta is installed only onto the active snapshot it chains to (base version and manifest sha256, as its
 signed manifest names them): it is applied to a private, re-verified copy of the active generation
-(``device/sync/chain.py``), then loaded, canary-checked and swapped in like a full snapshot. A kiosk that
+(``device/sync/chain.py``), then handed to the switch like a full snapshot. A kiosk that
 lacks the base reports ``delta_base_mismatch`` and installs the announcement's ``full`` snapshot, if any.
 
 An announcement is only a pointer: its URLs must lie under the kiosk's sources (``source_not_allowed``,
@@ -24,6 +26,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device.sync.active import ActiveSnapshot, SnapshotLoadError
+from device.sync.candidate import SnapshotCandidate, SnapshotSwitch
 from device.sync.chain import BASE_MISMATCH, CHAIN_TOO_LONG, Verified, Verifier
 from device.sync.download import DownloadError, check_source, fetch, redact_url
 from device.sync.errors import SnapshotRefused
@@ -54,7 +57,7 @@ class SnapshotSync:
         store_id: str,
         model_id: str,
         model_dim: int,
-        on_swap: Callable[[ActiveSnapshot], None],
+        switch: SnapshotSwitch,
         on_refused: Callable[[str, str], None],
         sources: Sources,
         download_timeout_s: float = DOWNLOAD_TIMEOUT_S,
@@ -67,7 +70,7 @@ class SnapshotSync:
         self._store_id = store_id
         self._model_id = model_id
         self._model_dim = model_dim
-        self._on_swap = on_swap
+        self._switch = switch  # the snapshot-only switch: load, canaries, pointer, swap
         self._on_refused = on_refused
         self._sources = sources  # where announced archives may be fetched from
         self._download_timeout_s = download_timeout_s
@@ -134,17 +137,22 @@ class SnapshotSync:
         return None
 
     def rollback(self) -> ActiveSnapshot:
-        """Serve the previous generation again (after a failed probation); calls on_swap."""
+        """Serve the previous generation again (after a failed probation), through the switch."""
         with self._install_lock:
             pointer = self._store.pointer
             if pointer.previous is None:
                 raise SnapshotRefused("no_previous", "no previous snapshot kept")
-            snap, identity = self._open(self._store.path(pointer.previous))
-            if pointer.active is not None and self._active_id is not None:
-                self._rolled_back.add(self._active_id)
-            self._store.rollback()
-            self._active, self._active_id = snap, identity
-        self._on_swap(snap)
+            directory = self._store.path(pointer.previous)
+            verified = self._verified(directory)
+            failed = self._active_id if pointer.active is not None else None
+
+            def commit() -> None:
+                self._store.rollback()
+
+            snap = self._switch(SnapshotCandidate(directory, verified.manifest, verified.identity, commit))
+            if failed is not None:
+                self._rolled_back.add(failed)
+            self._active, self._active_id = snap, verified.identity
         return snap
 
     # -- announcements --
@@ -269,9 +277,9 @@ class SnapshotSync:
         expect_manifest_sha256: str | None = None,
         announced: SnapshotAnnouncement | None = None,
     ) -> ActiveSnapshot:
-        """Unpack/copy, verify (a delta: apply it onto the active snapshot), load, check canaries, persist
-        the pointer, call on_swap; SnapshotRefused (``announcement_mismatch``: the signed manifest is not
-        what ``announced`` said)."""
+        """Unpack/copy, verify (a delta: apply it onto the active snapshot), place, hand the candidate to
+        the switch; SnapshotRefused (``announcement_mismatch``: the signed manifest is not what
+        ``announced`` said)."""
         source = Path(archive_or_dir)
         with self._install_lock:
             staged = self._store.new_staging_dir("install")
@@ -301,17 +309,20 @@ class SnapshotSync:
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
                 shutil.rmtree(work, ignore_errors=True)
+            version = manifest.version
+
+            def commit() -> None:
+                self._store.activate(name, version, digest)
+
             try:
-                snap = self._load(final, manifest)
+                snap = self._switch(SnapshotCandidate(final, manifest, (version, digest), commit))
             except SnapshotRefused:
                 self._store.discard(name)
                 raise
-            self._store.activate(name, manifest.version, digest)
-            self._active, self._active_id = snap, (manifest.version, digest)
+            self._active, self._active_id = snap, (version, digest)
             for old in self._store.snapshots.iterdir():  # keep active + previous only
                 self._store.discard(old.name)
         _LOGGER.info("snapshot v%d installed (%r)", snap.version, snap)
-        self._on_swap(snap)
         return snap
 
     def _apply(self, delta: Path, manifest: SnapshotManifest, work: Path) -> tuple[Path, SnapshotManifest]:
@@ -331,15 +342,19 @@ class SnapshotSync:
         return snap
 
     def _open(self, directory: Path) -> tuple[ActiveSnapshot, tuple[int, str]]:
-        """Re-verify a stored generation (an applied delta: re-derive its chain) and load it."""
+        """At boot: re-verify a stored generation (an applied delta: re-derive its chain) and load it."""
+        verified = self._verified(directory)
+        return self._load(directory, verified.manifest), verified.identity
+
+    def _verified(self, directory: Path) -> Verified:
+        """Re-verify a stored generation (an applied delta: re-derive its chain)."""
         work = self._store.new_staging_dir("check")
         try:
-            verified: Verified = self._verifier.stored(directory, work)
+            return self._verifier.stored(directory, work)
         except OSError as exc:
             raise SnapshotRefused("io_error", str(exc)) from exc
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return self._load(directory, verified.manifest), verified.identity
 
     def _report(self, reason: str, detail: str) -> None:
         _LOGGER.warning("snapshot refused: %s: %s", reason, detail)

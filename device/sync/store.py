@@ -4,6 +4,11 @@ root/snapshots/v<version>-<sha12>/   verified snapshot directories (never modifi
 root/active.json                     {"active": name, "previous": name|null, "highest_seen": [v, sha]}
 root/staging/                        unpack/verify area; anything left here after a crash is junk
 root/downloads/                      partial downloads; likewise junk after a crash
+
+On a kiosk with the generation store, the pointer is not ``active.json`` but this sync's entry in the one
+generation pointer (a ``PointerSlot``); a folder still holding ``active.json`` (the layout before) is
+migrated into the slot at start: slot written first, then the file removed, so a power cut in between
+finds the slot (the file is then removed again).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from storelens.fsutil import atomic_write_json, clean_stale_temps, fsync_dir, read_capped
 
@@ -29,11 +35,20 @@ class Pointer:
     highest_seen: tuple[int, str] | None = None  # (version, manifest sha256): replay protection
 
 
+class PointerSlot(Protocol):
+    """Where the pointer is kept when not in ``active.json``: one entry of a larger atomic pointer."""
+
+    def read(self) -> dict[str, Any] | None: ...
+
+    def write(self, entry: dict[str, Any]) -> None: ...
+
+
 class SnapshotStore:
     """Owns ``root``: where generations live, which one is active, and the highest version ever accepted."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, slot: PointerSlot | None = None) -> None:
         self.root = Path(root)
+        self._slot = slot
         self.snapshots = self.root / "snapshots"
         self.staging = self.root / "staging"
         self.downloads = self.root / "downloads"
@@ -126,30 +141,45 @@ class SnapshotStore:
 
     def _read_pointer(self) -> Pointer:
         path = self.root / POINTER
-        if not path.exists():
-            return Pointer()
         try:
-            raw = json.loads(read_capped(path, 64 * 1024))
+            raw = self._slot.read() if self._slot is not None else None
+            if raw is None:
+                if not path.exists():
+                    return Pointer()
+                raw = json.loads(read_capped(path, 64 * 1024))
             seen = raw.get("highest_seen")
-            return Pointer(
+            pointer = Pointer(
                 active=_name(raw.get("active")),
                 previous=_name(raw.get("previous")),
                 highest_seen=(int(seen[0]), str(seen[1])) if seen else None,
             )
+            if self._slot is not None and path.exists():
+                self._migrate(raw, path)
+            return pointer
         except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
             _LOGGER.exception("snapshot pointer %s unreadable; starting without an active snapshot", path)
             self._pointer_ok = False
             return Pointer()
 
+    def _migrate(self, raw: dict[str, Any], path: Path) -> None:
+        """The old layout's own pointer file into the slot (slot first, then the file removed)."""
+        assert self._slot is not None
+        if self._slot.read() is None:
+            self._slot.write(raw)
+            _LOGGER.info("snapshot pointer %s migrated into the generation pointer", path)
+        path.unlink()
+        fsync_dir(self.root)
+
     def _write_locked(self, new: Pointer) -> None:
-        atomic_write_json(
-            self.root / POINTER,
-            {
-                "active": new.active,
-                "previous": new.previous,
-                "highest_seen": list(new.highest_seen) if new.highest_seen else None,
-            },
-        )
+        raw = {
+            "active": new.active,
+            "previous": new.previous,
+            "highest_seen": list(new.highest_seen) if new.highest_seen else None,
+        }
+        if self._slot is not None:
+            self._slot.write(raw)
+        else:
+            atomic_write_json(self.root / POINTER, raw)
         self._pointer = new
 
 

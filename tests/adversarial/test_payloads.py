@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from device.app_connect import ConnectTasks
 from device.comms import InMemoryTransport
 from device.config import UpdateConfig
+from device.generations.switcher import switch_snapshot
 from device.sync import SnapshotStore, SnapshotSync, Sources
 from device.update import Updater
 from storelens.protocol import HA_STATUS_TOPIC, DesiredRelease, SnapshotAnnouncement, Topics, decode
@@ -73,7 +74,7 @@ class _World:
     def _sync(self, state: Path, refused: list[str] | None = None) -> SnapshotSync:
         return SnapshotSync(
             SnapshotStore(state), [self.key.public_key()], store_id="store1", model_id=MODEL_ID,
-            model_dim=MODEL_DIM, on_swap=lambda s: None,
+            model_dim=MODEL_DIM, switch=lambda c: switch_snapshot(c, lambda s: None),
             on_refused=lambda r, d: refused.append(r) if refused is not None else None,
             sources=self.sources, download_timeout_s=10,
         )

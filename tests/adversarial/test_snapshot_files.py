@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from device.generations.switcher import switch_snapshot
 from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
 from storelens.archive import pack
 from storelens.snapshot import MANIFEST, SIGNATURE, SnapshotRejected, scan_files, verify_snapshot
@@ -126,7 +127,7 @@ class Kiosk:
             store_id=STORE,
             model_id=MODEL_ID,
             model_dim=MODEL_DIM,
-            on_swap=self.swaps.append,
+            switch=lambda c: switch_snapshot(c, self.swaps.append),
             on_refused=lambda r, d: self.refused.append((r, d)),
             sources=Sources([]),  # installs here are direct: no announced URL is ever fetched
         )

@@ -1,10 +1,14 @@
 """A whole kiosk (KioskApp) switching to a release, killed on purpose at one step of the switch.
 
     python -m tests.device.generations.kiosk_child CONFIG_JSON DESIRED_JSON CRASH_AT
+    python -m tests.device.generations.kiosk_child CONFIG_JSON snapshot:DIR CRASH_AT
 
 CRASH_AT: ``compile`` (the compile child has run, its result not yet used), ``canary`` (the canary gate
 starts), ``pointer`` (a pointer temp file half written, never renamed), ``swap`` (pointer committed, the
 reference not yet swapped), ``probation`` / ``done`` (reported), or ``none``. Exit code 9: crashed there.
+``snapshot:DIR``: a snapshot-only switch instead (a new snapshot of the serving model, synced), armed once
+the kiosk serves; CRASH_AT ``load`` (the new index loading), ``canary``, ``pointer`` (the first pointer
+write after arming, torn), ``swap``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from device.app import KioskApp
 from device.config import parse_config
 from device.generations import canary, serving, switcher
 from device.generations import store as store_mod
+from device.sync import store as sync_store_mod
+from device.sync.active import ActiveSnapshot
 from storelens.protocol import DesiredRelease, UpdateProgress
 
 CRASHED = 9
@@ -56,8 +62,55 @@ def arm(crash_at: str) -> None:
         store_mod.atomic_write_json = torn  # type: ignore[assignment]
 
 
+def arm_snapshot(crash_at: str) -> None:
+    """Make this process die at ``crash_at`` of a snapshot-only switch (armed after boot)."""
+    if crash_at == "load":
+        ActiveSnapshot.load = _die  # type: ignore[method-assign,assignment]
+    elif crash_at == "canary":
+        ActiveSnapshot.check_canaries = _die  # type: ignore[method-assign]
+    elif crash_at == "swap":
+        serving.Serving.switch = _die  # type: ignore[method-assign]
+        if hasattr(serving.Serving, "on_snapshot"):
+            serving.Serving.on_snapshot = _die  # type: ignore[attr-defined,unused-ignore]
+    elif crash_at == "pointer":
+        for mod in (store_mod, sync_store_mod):
+            real_write = mod.atomic_write_json
+
+            def torn(path: Path, obj: Any) -> None:
+                tmp = Path(path).with_name(f".{Path(path).name}.crash.tmp")
+                tmp.write_text(str(obj)[: len(str(obj)) // 2])
+                os._exit(CRASHED)
+
+            mod.atomic_write_json = torn  # type: ignore[assignment]
+        del real_write
+
+
+def snapshot_switch(cfg_json: str, snapshot: Path, crash_at: str) -> int:
+    """Boot (installing the initial snapshot), boot again on it, then sync ``snapshot`` (a new snapshot of
+    the serving model) with ``crash_at`` armed: ``swap`` before that boot (the sync binds its swap
+    callback when it is made), the others once it serves (they would die at boot)."""
+    cfg = parse_config(json.loads(cfg_json), base_dir=Path.cwd())
+    first = KioskApp(cfg)
+    first.start()
+    first.stop()
+    if crash_at == "swap":
+        arm_snapshot(crash_at)
+    app = KioskApp(cfg)
+    app.start()
+    try:
+        if crash_at != "swap":
+            arm_snapshot(crash_at)
+        assert app.serving.sync is not None
+        app.serving.sync.install(snapshot)
+        return 0
+    finally:
+        app.stop()
+
+
 def main() -> int:
     raw, desired_json, crash_at = sys.argv[1:4]
+    if desired_json.startswith("snapshot:"):
+        return snapshot_switch(raw, Path(desired_json.removeprefix("snapshot:")), crash_at)
     cfg = parse_config(json.loads(raw), base_dir=Path.cwd())
     desired = DesiredRelease.model_validate_json(desired_json)
     arm(crash_at)

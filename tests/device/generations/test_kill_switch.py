@@ -85,3 +85,43 @@ def test_a_kiosk_killed_at_any_step_of_a_switch_serves_one_whole_generation(
         assert app.updater is not None and not list(app.updater.store.staging.iterdir())
     finally:
         app.stop()
+
+
+# (where the kiosk dies during a snapshot-only switch, which snapshot it must serve after the restart)
+SNAPSHOT_STEPS = [
+    ("load", "old"),  # the new index loading off the hot path
+    ("canary", "old"),  # its canaries
+    ("pointer", "old"),  # the pointer write torn before its rename
+    ("swap", "new"),  # pointer committed, the reference not yet swapped
+]
+
+
+@pytest.mark.parametrize(("crash_at", "serves"), SNAPSHOT_STEPS)
+def test_a_kiosk_killed_at_any_step_of_a_snapshot_switch_serves_one_whole_snapshot(
+    crash_at: str, serves: str, releases: Releases, tmp_path: Path
+) -> None:
+    """Killed mid snapshot-only switch (same model, new snapshot: index load, canary, pointer write, swap),
+    the restarted kiosk must serve the old snapshot or the new one of its model: never none, never a mix."""
+    raw = _config(tmp_path, releases)
+    emb = FakeEmbedder(64)
+    vectors = emb.embed([np.full((32, 32, 3), i * 60, np.uint8) for i in range(4)])
+    new = make_snapshot(tmp_path / "v2", vectors, ["a", "b", "c", "d"], releases.key, model_id=emb.model_id,
+                        version=2)
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.device.generations.kiosk_child", json.dumps(raw), f"snapshot:{new}",
+         crash_at],
+        cwd=REPO, timeout=180,
+    )
+    assert r.returncode == CRASHED, f"did not reach {crash_at}"
+    app = KioskApp(parse_config(raw, base_dir=tmp_path))
+    app.start()
+    try:
+        pair = app.serving.current()
+        assert pair.snapshot is not None, "restarted with no index"
+        assert pair.model_id == emb.model_id and pair.snapshot.manifest.model_id == pair.model_id
+        assert pair.snapshot.version == (1 if serves == "old" else 2)
+        assert len(pair.snapshot.items()) == (3 if serves == "old" else 4), "a mix of two snapshots"
+        pair.snapshot.check_canaries()
+        assert app.updater is not None and not list(app.updater.store.staging.iterdir())
+    finally:
+        app.stop()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from device.generations.switcher import switch_snapshot
 from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
 from device.sync.service import MAX_BYTES
 from storelens.archive import pack
@@ -40,7 +41,7 @@ class Harness:
             store_id="store1",
             model_id=MODEL_ID,
             model_dim=MODEL_DIM,
-            on_swap=self.swaps.append,
+            switch=lambda c: switch_snapshot(c, self.swaps.append),
             on_refused=lambda r, d: self.refused.append((r, d)),
             sources=Sources(sources if sources is not None else [root.parent.as_uri() + "/"]),
             download_timeout_s=10,

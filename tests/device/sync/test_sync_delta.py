@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from device.generations.switcher import switch_snapshot
 from device.sync import ActiveSnapshot, SnapshotRefused, SnapshotStore, SnapshotSync, Sources
 from device.sync import chain as chain_mod
 from storelens.fsutil import sha256_file
@@ -50,7 +51,7 @@ class Kiosk:
             store_id="s1",
             model_id=chain.model_id,
             model_dim=chain.model_dim,
-            on_swap=self.swaps.append,
+            switch=lambda c: switch_snapshot(c, self.swaps.append),
             on_refused=lambda r, d: self.refused.append((r, d)),
             sources=Sources([root.parent.as_uri() + "/"]),
         )

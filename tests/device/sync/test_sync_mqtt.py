@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device.comms import Comms, Outbox
 from device.comms.paho_transport import PahoTransport
+from device.generations.switcher import switch_snapshot
 from device.sync import ActiveSnapshot, SnapshotStore, SnapshotSync, Sources
 from storelens.protocol import KioskState, SnapshotAnnouncement, Status, Topics
 from tests.device.sync.snapbuild import MODEL_DIM, MODEL_ID, archive, build_snapshot
@@ -56,7 +57,7 @@ def test_retained_announcement_installs_and_search_keeps_answering(broker: Mosqu
         store_id="store9",
         model_id=MODEL_ID,
         model_dim=MODEL_DIM,
-        on_swap=on_swap,
+        switch=lambda c: switch_snapshot(c, on_swap),
         on_refused=on_refused,
         sources=Sources([tmp_path.as_uri() + "/"]),
     )
