@@ -29,6 +29,7 @@ def run(
 ) -> None:
     """Run the kiosk: camera, held-item detection, search, MQTT, local screen. SIGTERM/SIGINT stop it."""
     from device.app import KioskApp
+    from device.comms.port import TransportError
     from device.config import ConfigError, load_config
     from models.errors import ModelError
     from storelens.signing import SigningKeyError
@@ -37,7 +38,7 @@ def run(
     # building the kiosk or while its start loads the model: one line, exit 2 (the kiosk has stopped
     # whatever had started).
     try:
-        app = KioskApp(load_config(config))
+        app = KioskApp(load_config(config, check_files=True))
         if threading.current_thread() is threading.main_thread():
 
             def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -47,6 +48,6 @@ def run(
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
         app.run(max_seconds=max_seconds, exit_at_eof=exit_at_eof)
-    except (ConfigError, SigningKeyError, ModelError, OSError) as exc:
+    except (ConfigError, TransportError, SigningKeyError, ModelError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -141,6 +141,19 @@ class BrokerConfig(_Section):
         """The broker password from the environment (never from the file)."""
         return (os.environ if environ is None else environ).get(self.password_env) or None
 
+    def check_files(self) -> None:
+        """ConfigError naming the first TLS file (``broker.ca``, ``cert``, ``key``) that is not readable."""
+        if self.transport == "none":
+            return
+        for name in ("ca", "cert", "key"):
+            path: Path | None = getattr(self, name)
+            if path is None:
+                continue
+            if not path.is_file():
+                raise ConfigError(f"'broker.{name}': file not found: {path}")
+            if not os.access(path, os.R_OK):
+                raise ConfigError(f"'broker.{name}': file not readable: {path}")
+
 
 class ScreenConfig(_Section):
     enabled: bool = True
@@ -290,8 +303,12 @@ def parse_config(
         raise ConfigError(_format_error(exc, source)) from exc
 
 
-def load_config(path: Path) -> KioskConfig:
-    """Read and validate a kiosk TOML file; any problem raises ConfigError naming the key."""
+def load_config(path: Path, *, check_files: bool = False) -> KioskConfig:
+    """Read and validate a kiosk TOML file; any problem raises ConfigError naming the key.
+
+    ``check_files``: also refuse a ``[broker]`` CA, certificate or key that does not exist (the kiosk's
+    start does; the example config names paths of a provisioned kiosk).
+    """
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -299,4 +316,10 @@ def load_config(path: Path) -> KioskConfig:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_config(raw, base_dir=path.resolve().parent, source=str(path))
+    cfg = parse_config(raw, base_dir=path.resolve().parent, source=str(path))
+    if check_files:
+        try:
+            cfg.broker.check_files()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    return cfg

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import socket
 import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -30,10 +32,22 @@ class _JitterClient(mqtt.Client):
     Overrides paho 2.x's one backoff hook (``_reconnect_wait``, called by ``loop_forever``).
     """
 
-    def __init__(self, *args: Any, min_s: float, max_s: float, wake: threading.Event, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, min_s: float, max_s: float, wake: threading.Event,
+        on_fail: Callable[[OSError], None], **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._sl_min_s, self._sl_max_s, self._sl_wake = min_s, max_s, wake
+        self._sl_on_fail = on_fail
         self._sl_delay_s = 0.0
+
+    def reconnect(self) -> MQTTErrorCode:
+        # paho's loop swallows a failed (re)connect (TLS handshake included) without saying why: say it
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self._sl_on_fail(exc)
+            raise
 
     def reset_backoff(self) -> None:
         self._sl_delay_s = 0.0
@@ -43,6 +57,32 @@ class _JitterClient(mqtt.Client):
         wait_s = self._sl_delay_s * random.uniform(0.5, 1.5)  # jitter: spread a fleet's reconnects
         _LOGGER.debug("mqtt reconnect in %.2f s", wait_s)
         self._sl_wake.wait(wait_s)
+
+
+def describe_tls_alert(text: str) -> str | None:
+    """A broker's TLS alert about our certificate (expired, unknown CA) as one line; None if not one."""
+    m = re.search(r"alert[ _a-z0-9]*", text.lower())
+    if m is None:
+        return None
+    alert = m.group(0).replace("_", " ").strip()
+    return f"TLS: the broker refused the client certificate ({alert}); check broker.cert/key"
+
+
+def describe_connect_error(exc: OSError, *, tls: bool) -> str:
+    """One line for a failed connect: an untrusted broker certificate, a TLS alert, a closed socket."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: broker certificate not trusted ({exc.verify_message}); check broker.ca"
+    if isinstance(exc, ssl.SSLEOFError):
+        return "TLS handshake failed: the broker closed the connection (not a TLS listener?)"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or str(exc)).lower().replace("_", " ")
+        return describe_tls_alert(reason) or f"TLS handshake failed: {reason}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (nothing listening on that port?)"
+    if isinstance(exc, ConnectionError):
+        what = "TLS handshake failed" if tls else "connection lost during connect"
+        return f"{what}: {(exc.strerror or str(exc)).lower()} (the broker dropped the connection)"
+    return f"cannot connect: {exc.strerror or exc}"
 
 
 class PahoTransport:
@@ -78,6 +118,8 @@ class PahoTransport:
         self._subs: dict[str, list[OnMessage]] = {}
         self._on_connect: OnConnect | None = None
         self._started = False
+        self._last_error: str | None = None  # why the last attempt failed; None once connected
+        self._sock_error: str | None = None  # paho's last socket error (it only logs it)
         self._client = _JitterClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -86,6 +128,7 @@ class PahoTransport:
             min_s=reconnect_min_s,
             max_s=reconnect_max_s,
             wake=self._closing,
+            on_fail=lambda exc: self._fail(describe_connect_error(exc, tls=self._tls)),
         )
         self._client.max_inflight_messages_set(MAX_INFLIGHT)
         if username is not None:
@@ -98,6 +141,7 @@ class PahoTransport:
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
+        self._client.on_log = self._handle_log
 
     def __repr__(self) -> str:  # never shows the password
         scheme = "mqtts" if self._tls else "mqtt"
@@ -153,6 +197,22 @@ class PahoTransport:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def last_error(self) -> str | None:
+        """Why the broker is not reachable (refused login, TLS failure), None while connected."""
+        return self._last_error
+
+    def _fail(self, problem: str) -> None:
+        """Record a failed attempt: logged once per distinct problem (retries repeat it at debug level)."""
+        with self._lock:
+            new, self._last_error = problem != self._last_error, problem
+        if self._closing.is_set():
+            return
+        if new:
+            _LOGGER.error("%r cannot connect: %s (retrying with backoff)", self, problem)
+        else:
+            _LOGGER.debug("%r still cannot connect: %s", self, problem)
+
     def close(self) -> None:
         """Send DISCONNECT (the broker then drops the will) and stop the network thread."""
         self._closing.set()
@@ -167,7 +227,8 @@ class PahoTransport:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         if reason.is_failure:
-            _LOGGER.error("%r refused by broker: %s", self, reason)
+            self._fail(f"broker refused the connection: {str(reason).lower()}; check broker.username, "
+                       "the password and broker.client_id")
             return
         sock = client.socket()
         if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
@@ -178,6 +239,9 @@ class PahoTransport:
         self._client.reset_backoff()
         with self._lock:
             topics = list(self._subs)
+            recovered, self._last_error, self._sock_error = self._last_error, None, None
+        if recovered is not None:
+            _LOGGER.warning("%r connected after: %s", self, recovered)
         if topics:
             client.subscribe([(t, 1) for t in topics])
         self._connected.set()
@@ -193,8 +257,18 @@ class PahoTransport:
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        with self._lock:
+            sock_error, self._sock_error = self._sock_error, None
         if was and not self._closing.is_set():
-            _LOGGER.warning("%r lost connection: %s", self, reason)
+            _LOGGER.warning("%r lost connection: %s", self, sock_error or reason)
+        elif not was and sock_error is not None:  # e.g. a TLS 1.3 server refusing our certificate late
+            self._fail(describe_tls_alert(sock_error)
+                       or f"connection closed before the broker accepted it: {sock_error}")
+
+    def _handle_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR and "socket" in buf:
+            with self._lock:
+                self._sock_error = buf
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:

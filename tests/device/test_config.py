@@ -107,3 +107,19 @@ def test_broker_login_must_be_the_kiosk_id() -> None:
         parse_config({**MINIMAL, "broker": {"username": "k1", "client_id": "other"}})
     # No login (a test or demo broker without the store ACL): the client id stays free.
     assert parse_config({**MINIMAL, "broker": {"client_id": "s1-k1"}}).broker.client_id == "s1-k1"
+
+
+def test_missing_broker_tls_file_is_named_at_load(tmp_path: Path) -> None:
+    """Guards: a kiosk config naming a CA/cert/key that does not exist passing the load (the kiosk then
+    starts and fails later, far from the cause)."""
+    (tmp_path / "ca.pem").write_text("x")
+    p = tmp_path / "kiosk.toml"
+    body = ('[kiosk]\nstore_id="s1"\nkiosk_id="k1"\n[model]\nkind="fake"\n'
+            '[snapshots]\nstate_dir="st"\npublic_keys=["k.pub"]\n[outbox]\npath="o.db"\n')
+    p.write_text(body + '[broker]\nurl="mqtts://h:8883"\nca="ca.pem"\ncert="tls/k1.crt"\n')
+    with pytest.raises(ConfigError, match=r"'broker\.cert': file not found: .*tls/k1\.crt") as info:
+        load_config(p, check_files=True)
+    assert "\n" not in str(info.value) and str(p) in str(info.value)
+    assert load_config(p).broker.cert == tmp_path / "tls" / "k1.crt", "a plain load only validates"
+    p.write_text(body + '[broker]\ntransport="none"\ncert="tls/k1.crt"\n')
+    assert load_config(p, check_files=True).broker.transport == "none", "an offline kiosk needs no files"
