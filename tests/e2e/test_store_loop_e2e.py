@@ -16,12 +16,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +40,7 @@ from storelens.feedback import FeedbackEvent, parse_feedback
 from storelens.protocol import MatchEvent, Topics, decode
 from tests.dashboard import conftest as dash
 from tests.device.comms.helpers import Collector as Subscriber
+from tests.e2e.test_browser_real_kiosk import KioskProcess, _toml
 from tests.support.mosquitto import Mosquitto, free_port, mosquitto_binary
 
 # thread method: a hang inside native code (OpenVINO, Chromium IPC) cannot take a signal.
@@ -112,53 +110,14 @@ def _storelens(*args: str, timeout_s: float = 120.0) -> str:
     return proc.stdout
 
 
-def _toml(cfg: dict[str, dict[str, Any]]) -> str:
-    """A flat two-level TOML document (JSON string, number, bool and array syntax is valid TOML here)."""
-    lines = []
-    for section, values in cfg.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
-
-
-class Kiosk:
-    """`python -m device run` on a config; its log goes to a file shown on failure."""
-
-    def __init__(self, conf: Path, log: Path, screen_url: str) -> None:
-        self.log, self.screen_url = log, screen_url
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        with log.open("wb") as log_f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "device", "run", "--config", str(conf)],
-                                         cwd=conf.parent, env=env, stdin=subprocess.DEVNULL, stdout=log_f,
-                                         stderr=subprocess.STDOUT)  # fmt: skip
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
-
-    def wait_screen(self, timeout_s: float) -> None:
-        """Until the screen answers /api/state (model loaded, snapshot installed)."""
-        poll = threading.Event()  # never set: its wait() is the poll interval (a child's socket has no event)
-        for _ in range(int(timeout_s / 0.2)):
-            assert self.proc.poll() is None, f"kiosk exited with {self.proc.returncode}:\n{self.log_tail()}"
-            try:
-                with urllib.request.urlopen(self.screen_url + "api/state", timeout=1.0) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            poll.wait(0.2)
-        raise AssertionError(f"kiosk screen not up within {timeout_s} s:\n{self.log_tail()}")
-
-    def stop(self, timeout_s: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise AssertionError(f"kiosk ignored SIGTERM for {timeout_s} s:\n{self.log_tail()}") from None
-        return int(self.proc.returncode)
+def _start_kiosk(conf: Path, log: Path, screen_url: str) -> KioskProcess:
+    """`python -m device run` on ``conf``; its log goes to a file shown on failure."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log.open("wb") as log_f:
+        proc = subprocess.Popen([sys.executable, "-m", "device", "run", "--config", str(conf)],
+                                cwd=conf.parent, env=env, stdin=subprocess.DEVNULL, stdout=log_f,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    return KioskProcess(proc, log, screen_url)
 
 
 @pytest.fixture
@@ -275,7 +234,7 @@ def test_a_customers_tap_approved_by_staff_teaches_the_running_kiosk(
         "outbox": {"path": str(tmp_path / "kiosk" / "outbox.sqlite")},
         "health": {"interval_s": 1.0},
     }), encoding="utf-8")  # fmt: skip
-    kiosk = Kiosk(conf, tmp_path / "kiosk" / "kiosk.log", f"http://127.0.0.1:{screen_port}/")
+    kiosk = _start_kiosk(conf, tmp_path / "kiosk" / "kiosk.log", f"http://127.0.0.1:{screen_port}/")
     stack(kiosk.stop)
     kiosk.wait_screen(KIOSK_WAIT_S)
 

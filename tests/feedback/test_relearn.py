@@ -18,22 +18,17 @@ from cloud.feedback.relearn import farthest_points
 from cloud.feedback.store import FeedbackStore
 from storelens.feedback import make_feedback
 from storelens.snapshot import verify_snapshot
-from tests.cloud.conftest import CatalogFiles, CountingEmbedder, item_image, make_catalog
+from tests.cloud.conftest import (  # the cloud tests' fixtures, shared here
+    CatalogFiles,
+    CountingEmbedder,
+    catalog,
+    embedder,
+    item_image,
+    make_catalog,
+    signing_key,
+)
 
-
-@pytest.fixture(scope="module")
-def signing_key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def embedder() -> CountingEmbedder:
-    return CountingEmbedder()
-
-
-@pytest.fixture
-def catalog(tmp_path: Path) -> CatalogFiles:
-    return make_catalog(tmp_path / "cat")
+__all__ = ["catalog", "embedder", "signing_key"]  # fixtures, imported for pytest
 
 
 def _put(fb: FeedbackStore, emb: CountingEmbedder, item: int, variant: int, *, answer: str = "confirmed",
