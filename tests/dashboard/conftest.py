@@ -3,6 +3,7 @@ store broker with the deploy ACL. tests/e2e/test_browser_real_kiosk.py re-uses t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -147,9 +148,10 @@ def serve_page(dashboard_build: Path) -> Iterator[Callable[..., str]]:
         s.stop()
 
 
-@pytest.fixture
-def page(tmp_path: Path) -> Iterator[Any]:
-    """A Playwright page in Debian's Chromium (never a downloaded browser), 1280x800."""
+@contextlib.contextmanager
+def chromium_page(tmp_path: Path, **context_args: Any) -> Iterator[Any]:
+    """A Playwright page in Debian's Chromium (never a downloaded browser), 1280x800, a fresh profile;
+    ``context_args`` go to the context (e.g. ``http_credentials``). Fails the test on a page error."""
     if not CHROMIUM.exists():
         pytest.skip("Debian chromium is not installed (/usr/bin/chromium); `make setup` installs it")
     sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright missing (dev extra)")
@@ -158,7 +160,7 @@ def page(tmp_path: Path) -> Iterator[Any]:
         # A fresh profile per test (Playwright passes it as --user-data-dir).
         context = pw.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_ARGS, viewport=VIEWPORT,
+            args=CHROMIUM_ARGS, viewport=VIEWPORT, **context_args,
         )
         try:
             pg = context.pages[0] if context.pages else context.new_page()
@@ -168,6 +170,13 @@ def page(tmp_path: Path) -> Iterator[Any]:
             assert not errors, f"page raised: {errors}"
         finally:
             context.close()
+
+
+@pytest.fixture
+def page(tmp_path: Path) -> Iterator[Any]:
+    """A Playwright page in Debian's Chromium (never a downloaded browser), 1280x800."""
+    with chromium_page(tmp_path) as pg:
+        yield pg
 
 
 def screenshot(page: Any, name: str) -> Path:

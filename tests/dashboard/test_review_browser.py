@@ -16,12 +16,10 @@ from cloud.dashboard.serve import DashboardServer, PageConfig
 from cloud.dashboard.staff import StaffUsers
 from cloud.feedback.store import FeedbackStore
 from tests.dashboard.conftest import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     PASSWORDS,
-    VIEWPORT,
     WAIT_MS,
     KioskSim,
+    chromium_page,
     kiosk_card,
     page_config,
     screenshot,
@@ -35,23 +33,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 @pytest.fixture
 def staff_page(tmp_path: Path) -> Iterator[Any]:
     """Debian's Chromium signed in as staff member 'anna' (HTTP Basic credentials of the context)."""
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed (/usr/bin/chromium); `make setup` installs it")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright missing (dev extra)")
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_ARGS, viewport=VIEWPORT,
-            http_credentials={"username": "anna", "password": STAFF["anna"]},
-        )
-        try:
-            pg = context.pages[0] if context.pages else context.new_page()
-            errors: list[str] = []
-            pg.on("pageerror", lambda e: errors.append(str(e)))
-            yield pg
-            assert not errors, f"page raised: {errors}"
-        finally:
-            context.close()
+    with chromium_page(tmp_path, http_credentials={"username": "anna", "password": STAFF["anna"]}) as pg:
+        yield pg
 
 
 @pytest.fixture
