@@ -149,7 +149,7 @@ def _stage(thread_name: str | None) -> str:
     return {"pipeline-detect": "detect", "pipeline-search": "search"}.get(thread_name, "bench")
 
 
-def _throughput(emb: Any, snap: ActiveSnapshot, frames: list[np.ndarray]) -> dict[str, Any]:
+def _throughput(emb: Any, snap: ActiveSnapshot, frames: list[np.ndarray], inline: bool) -> dict[str, Any]:
     """Forced-steady: every frame cropped, embedded (async), searched and aggregated into a result.
 
     Besides frames/s: the CPU each part used per frame (core-ms) from the end of the first second to just
@@ -159,7 +159,8 @@ def _throughput(emb: Any, snap: ActiveSnapshot, frames: list[np.ndarray]) -> dic
     q: BoundedQueue[Frame] = BoundedQueue(4, OverflowPolicy.WAIT)
     done: list[float] = []
     pipe = Pipeline(q, ForcedSteadyDetector(), emb, lambda: snap,
-                    on_result=lambda r: done.append(time.monotonic()), aggregate_frames=1, max_inflight=2)
+                    on_result=lambda r: done.append(time.monotonic()), aggregate_frames=1, max_inflight=2,
+                    inline=inline)
     stop = threading.Event()
     feeder = threading.Thread(target=_feed, args=(q, frames, THROUGHPUT_S, stop), name="bench-feed")
     pipe.start()
@@ -304,12 +305,16 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
     # same code): ROUNDS of ours, each between two benchmark_app runs, and the median of the round ratios.
     refs = [_benchmark_app(bundle, precision, "latency")]
     short = _benchmark_app(bundle, precision, "latency", seconds=1)  # its start-up CPU cancels the runs'
-    thrs = []
+    thrs, inl = [], []  # the default design (search on its own thread) and the inline one, each round
     for _ in range(ROUNDS):
-        thrs.append(_throughput(emb, snap, frames))
+        thrs.append(_throughput(emb, snap, frames, inline=False))
+        inl.append(_throughput(emb, snap, frames, inline=True))
         refs.append(_benchmark_app(bundle, precision, "latency"))
     round_ratios = [
         t["fps"] / ((a["fps"] + b["fps"]) / 2) for t, a, b in zip(thrs, refs, refs[1:], strict=False)
+    ]
+    inline_ratios = [
+        t["fps"] / ((a["fps"] + b["fps"]) / 2) for t, a, b in zip(inl, refs, refs[1:], strict=False)
     ]
     mid = int(np.argsort(round_ratios)[len(round_ratios) // 2])
     thr: dict[str, Any] = {**thrs[mid], "fps_rounds": [t["fps"] for t in thrs]}
@@ -332,6 +337,10 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
         "pipeline_in_memory": thr,
         "pipeline_throughput_ratio": round(round_ratios[mid], 3),  # the median round (its fps are above)
         "pipeline_throughput_round_ratios": [round(r, 3) for r in round_ratios],
+        # the same rounds with search run on the detect thread (Pipeline(inline=True)): no hand-off
+        "inline_throughput_ratio": round(float(np.median(inline_ratios)), 3),
+        "inline_throughput_round_ratios": [round(r, 3) for r in inline_ratios],
+        "inline_cpu_ms_per_frame": round(float(np.median([t["cpu_ms_per_frame"] for t in inl])), 3),
         # CPU per frame (median round) / benchmark_app's per inference: ~1 / the throughput ratio when both
         # keep the 2 cores busy, steadier than it on a shared host; the per-part split is in the row above.
         "benchmark_app_cpu_ms_per_inference": None if ref_cpu_ms is None else round(ref_cpu_ms, 3),

@@ -80,7 +80,9 @@ class Pipeline:
         max_inflight: int = 2,
         stats: LatencyStats | None = None,
         clock: Callable[[], float] = time.monotonic,
+        inline: bool = False,
     ) -> None:
+        self.inline = inline
         self.counters = Counters()
         self.stats = stats or LatencyStats()
         self._clock = clock
@@ -94,20 +96,24 @@ class Pipeline:
         handoff: BoundedQueue[Handoff] = BoundedQueue(max_inflight + _HANDOFF_SPARE, OverflowPolicy.WAIT,
                                                       "handoff")
         self._frames = frames
-        self.detect = DetectStage(
-            frames, detector, pairs, handoff, inflight, max_inflight=max_inflight,
-            aggregate_frames=aggregate_frames, counters=self.counters, on_frame=on_frame, clock=clock,
-        )
         self.search = SearchStage(
             handoff, inflight, pairs, top_k=top_k, counters=self.counters, stats=self.stats,
             on_result=on_result, on_shown=detector.mark_result_shown, clock=clock,
+        )
+        self.detect = DetectStage(
+            frames, detector, pairs, handoff, inflight, max_inflight=max_inflight,
+            aggregate_frames=aggregate_frames, counters=self.counters, on_frame=on_frame, clock=clock,
+            inline=self.search.handle if inline else None,
         )
 
     def start(self) -> None:
         """Start both stage threads."""
         if self._threads:
             raise RuntimeError("pipeline already started")
-        for name, stage in (("pipeline-detect", self.detect), ("pipeline-search", self.search)):
+        stages: list[tuple[str, DetectStage | SearchStage]] = [("pipeline-detect", self.detect)]
+        if not self.inline:
+            stages.append(("pipeline-search", self.search))
+        for name, stage in stages:
             t = threading.Thread(target=self._run, args=(stage,), name=name, daemon=True)
             self._threads.append(t)
             t.start()

@@ -128,11 +128,15 @@ class DetectStage:
         counters: Counters,
         on_frame: Callable[[Frame, Detection], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        inline: Callable[[Handoff], None] | None = None,
     ) -> None:
         self._frames = frames
         self._detector = detector
         self._pairs = pairs
         self._handoff = handoff
+        # Inline (one thread): crops are embedded on this thread and handed straight to the search
+        # stage's ``handle``; else submitted to the embedder's own threads and queued to the search thread.
+        self._inline = inline
         self._inflight = inflight
         self._max_inflight = max_inflight
         self._aggregate = aggregate_frames
@@ -200,7 +204,10 @@ class DetectStage:
         pending = Pending(det.item_id, frame.seq, frame.t_capture, (t0 - frame.t_capture) * 1000.0,
                           (t1 - t0) * 1000.0, self._clock(), pair, final, det.crop)
         try:
-            submit(pair.embedder, det.crop, self._on_embedded, pending)
+            if self._inline is None:
+                submit(pair.embedder, det.crop, self._on_embedded, pending)
+            else:
+                self._embed_inline(pair.embedder, det.crop, pending)
         except Exception:
             self._inflight.release()
             c.embed_errors += 1
@@ -212,10 +219,24 @@ class DetectStage:
         else:
             self._submitted[det.item_id] = n + 1
 
+    def _embed_inline(self, embedder: EmbedderPort, crop: npt.NDArray[np.uint8], pending: Pending) -> None:
+        """Embed on this thread (the GIL is released while OpenVINO runs) and search right away."""
+        assert self._inline is not None
+        try:
+            vector: npt.NDArray[np.float32] | None = embed_one(embedder, crop)
+        except Exception:
+            _LOGGER.exception("embedding failed")
+            vector = None
+        self._inline(Embedded(pending, vector, self._clock()))
+
     def _close(self, item_id: int, stop: threading.Event) -> None:
         n = self._forget(item_id)
-        if n is not None:
+        if n is None:
+            return
+        if self._inline is None:
             self._handoff.put(Close(item_id, n), stop)
+        else:
+            self._inline(Close(item_id, n))
 
     def _forget(self, item_id: int) -> int | None:
         """Drop an open item (no more crops for it); the crops it had submitted, None if not open."""
@@ -295,10 +316,14 @@ class SearchStage:
                 continue
             if msg is END:
                 break
-            try:
-                self._handle(msg)  # type: ignore[arg-type]
-            except Exception:
-                _LOGGER.exception("search stage failed on %r; item skipped", type(msg).__name__)
+            self.handle(msg)  # type: ignore[arg-type]
+
+    def handle(self, msg: Handoff) -> None:
+        """One embedded crop or Close (from the search thread, or inline from the detect thread)."""
+        try:
+            self._handle(msg)
+        except Exception:
+            _LOGGER.exception("search stage failed on %r; item skipped", type(msg).__name__)
 
     def _handle(self, msg: Handoff) -> None:
         if isinstance(msg, Embedded):

@@ -43,6 +43,12 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[np.ndarray],
     return items, emb, snaps[0], snaps[1]
 
 
+@pytest.fixture(params=[False, True], ids=["overlap", "inline"])
+def inline(request: pytest.FixtureRequest) -> bool:
+    """Both designs: detect, embed and search on one thread (inline) or overlapped on three."""
+    return bool(request.param)
+
+
 def _run(scene: Scene, emb: FakeEmbedder, snapshot: Callable[[], ActiveSnapshot | None],
          on_result: Callable[[ItemResult], None], **kw: object) -> Pipeline:
     q: BoundedQueue[Frame] = BoundedQueue(4, OverflowPolicy.WAIT)
@@ -62,12 +68,12 @@ def _run(scene: Scene, emb: FakeEmbedder, snapshot: Callable[[], ActiveSnapshot 
     return pipe
 
 
-def test_one_result_per_held_item_with_the_right_sku(catalog: tuple) -> None:  # type: ignore[type-arg]
+def test_one_result_per_held_item_with_the_right_sku(catalog: tuple, inline: bool) -> None:  # type: ignore[type-arg]
     """Every held item must produce exactly one answer, in order, naming the item held."""
     items, emb, snap, _ = catalog
     scene = make_scene(items, order=[2, 0, 4, 1, 3], seed=5)
     results: list[ItemResult] = []
-    pipe = _run(scene, emb, lambda: snap, results.append)
+    pipe = _run(scene, emb, lambda: snap, results.append, inline=inline)
     assert [r.hits[0].sku for r in results] == [f"sku{h.item}" for h in scene.schedule]
     assert all(r.matched and r.frames == 3 and r.snapshot_version == 1 for r in results)
     assert all(set(r.latency_ms) == {"capture", "detect", "embed", "search", "total"} for r in results)
@@ -76,17 +82,17 @@ def test_one_result_per_held_item_with_the_right_sku(catalog: tuple) -> None:  #
     assert set(pipe.stats.percentiles()) == {"capture", "detect", "embed", "search", "total"}
 
 
-def test_no_snapshot_means_no_answer_but_the_pipeline_keeps_going(catalog: tuple) -> None:  # type: ignore[type-arg]
+def test_no_snapshot_means_no_answer_but_the_pipeline_keeps_going(catalog: tuple, inline: bool) -> None:  # type: ignore[type-arg]
     items, emb, _, _ = catalog
     scene = make_scene(items[:2])
     results: list[ItemResult] = []
-    pipe = _run(scene, emb, lambda: None, results.append)
+    pipe = _run(scene, emb, lambda: None, results.append, inline=inline)
     assert results == []
     assert pipe.counters.no_snapshot == 2
     assert pipe.counters.frames_processed == scene.n_frames
 
 
-def test_snapshot_swapped_between_items_without_losing_frames(catalog: tuple) -> None:  # type: ignore[type-arg]
+def test_snapshot_swapped_between_items_without_losing_frames(catalog: tuple, inline: bool) -> None:  # type: ignore[type-arg]
     """A swap is one reference assignment: later items use the new snapshot, no frame is skipped."""
     items, emb, snap1, snap2 = catalog
     scene = make_scene(items, seed=2)
@@ -98,19 +104,19 @@ def test_snapshot_swapped_between_items_without_losing_frames(catalog: tuple) ->
         if len(results) == 2:
             active[0] = snap2
 
-    pipe = _run(scene, emb, lambda: active[0], on_result)
+    pipe = _run(scene, emb, lambda: active[0], on_result, inline=inline)
     assert [r.snapshot_version for r in results] == [1, 1, 2, 2, 2]
     assert [r.hits[0].sku for r in results] == [f"sku{i}" for i in range(N_ITEMS)]
     assert pipe.counters.frames_processed == scene.n_frames
 
 
-def test_unknown_item_is_not_matched(catalog: tuple, tmp_path: Path) -> None:  # type: ignore[type-arg]
+def test_unknown_item_is_not_matched(catalog: tuple, tmp_path: Path, inline: bool) -> None:  # type: ignore[type-arg]
     """Below the snapshot's threshold the answer is "not found", not the nearest wrong product."""
     items, emb, snap, _ = catalog
     stranger = np.full_like(items[0], 255)
     stranger[::8] = 0
     results: list[ItemResult] = []
-    _run(make_scene([stranger]), emb, lambda: snap, results.append)
+    _run(make_scene([stranger]), emb, lambda: snap, results.append, inline=inline)
     assert len(results) == 1
     assert not results[0].matched
 
@@ -124,14 +130,14 @@ def test_aggregate_votes_and_renormalises(catalog: tuple) -> None:  # type: igno
     assert hits == sorted(hits, key=lambda h: -h.score)
 
 
-def test_forced_steady_embeds_every_frame(catalog: tuple) -> None:  # type: ignore[type-arg]
+def test_forced_steady_embeds_every_frame(catalog: tuple, inline: bool) -> None:  # type: ignore[type-arg]
     """The benchmark path: every frame embedded and searched, one result each."""
     items, emb, snap, _ = catalog
     frames = [np.ascontiguousarray(np.tile(items[i % N_ITEMS][:120, :120], (2, 2, 1))) for i in range(40)]
     q: BoundedQueue[Frame] = BoundedQueue(4, OverflowPolicy.WAIT)
     results: list[ItemResult] = []
     pipe = Pipeline(q, ForcedSteadyDetector(), emb, lambda: snap, on_result=results.append,
-                    aggregate_frames=1)
+                    aggregate_frames=1, inline=inline)
     pipe.start()
     for i, f in enumerate(frames):
         q.put(Frame(i, 0.0, f))
