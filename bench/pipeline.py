@@ -218,7 +218,8 @@ def _video(emb: Any, snap: ActiveSnapshot, video: Path) -> dict[str, float]:
 
 
 def _paced(emb: Any, snap: ActiveSnapshot, scene: Scene, detector: Any, aggregate_frames: int,
-           outbox: Outbox | None) -> tuple[list[ItemResult], dict[int, float], list[float]]:
+           outbox: Outbox | None,
+           inline: bool = False) -> tuple[list[ItemResult], dict[int, float], list[float]]:  # fmt: skip
     """Run a scene through a 30 fps paced source; return results, capture time per frame, event latencies."""
     q: BoundedQueue[Frame] = BoundedQueue(2, OverflowPolicy.DROP_OLDEST)
     # Paced like a camera (latest frame, drop oldest) but not live: the scene's end is END, so wait()
@@ -242,7 +243,7 @@ def _paced(emb: Any, snap: ActiveSnapshot, scene: Scene, detector: Any, aggregat
         captured[f.seq] = f.t_capture
 
     pipe = Pipeline(q, detector, emb, lambda: snap, on_result=on_result, on_frame=on_frame,
-                    aggregate_frames=aggregate_frames, max_inflight=2)
+                    aggregate_frames=aggregate_frames, max_inflight=2, inline=inline)
     stop = threading.Event()
     t = threading.Thread(target=grab.run, args=(stop,), name="bench-grab")
     pipe.start()
@@ -431,9 +432,12 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
     paced_ms = _paced_inference_ms(bundle, precision)
     outbox = Outbox(work / f"{bundle.name}-outbox.sqlite")
     _, _, event_ms = _paced(emb, snap, make_scene(items[:3], seed=8), ForcedSteadyDetector(), 1, outbox)
+    _, _, inline_ms = _paced(emb, snap, make_scene(items[:3], seed=8), ForcedSteadyDetector(), 1, outbox,
+                             inline=True)  # fmt: skip
     outbox.close()
     ev = np.array(event_ms[15:] or event_ms)
     p50 = float(np.percentile(ev, 50))
+    ev_inline = np.array(inline_ms[15:] or inline_ms)
     row = {
         "model": emb.manifest.name,
         "precision": emb.manifest.precision,
@@ -456,6 +460,11 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
                               "n": int(ev.size), "one_inference_back_to_back_ms": ref["latency_median_ms"],
                               "one_inference_paced_ms": round(paced_ms, 2)},
         "frame_to_event_vs_paced_inference_ratio": round(p50 / paced_ms, 3),
+        "frame_to_event_p99_vs_paced_inference_ratio": round(float(np.percentile(ev, 99)) / paced_ms, 3),
+        "inline_frame_to_event_ms": {"p50": round(float(np.percentile(ev_inline, 50)), 2),
+                                     "p99": round(float(np.percentile(ev_inline, 99)), 2)},
+        "inline_frame_to_event_vs_paced_inference_ratio": round(
+            float(np.percentile(ev_inline, 50)) / paced_ms, 3),
         "frame_to_event_vs_inference_ratio": round(p50 / ref["latency_median_ms"], 3),
     }
     return row, emb, snap

@@ -101,7 +101,7 @@ class KioskApp:
         self.pipeline = Pipeline.of_pairs(
             frames, HeldItemDetector(det), lambda: self.serving.current(), on_result=self._on_result,
             on_frame=self._on_frame, aggregate_frames=det.aggregate_frames, top_k=det.top_k,
-            max_inflight=cfg.model.max_inflight,
+            max_inflight=cfg.model.max_inflight, inline=cfg.model.pipeline == "inline",
         )
         u = cfg.update
         self.probe = SwitchProbe(

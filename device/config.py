@@ -89,6 +89,9 @@ class ModelConfig(_Section):
     fake_dim: int = Field(default=64, ge=1, le=4096)
     mode: Literal["latency", "throughput"] = "latency"  # one camera wants the latency hint
     max_inflight: int = Field(default=2, ge=1, le=16)  # async requests in flight: overlap vs latency
+    # "overlap": search on its own thread beside the next inference; "inline": search on the detect thread
+    # right after each embedding (one thread less, no hand-off). bench/pipeline.py measures both.
+    pipeline: Literal["overlap", "inline"] = "overlap"
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

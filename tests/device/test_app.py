@@ -19,14 +19,14 @@ from storelens.protocol import Alert, Health, KioskState, MatchEvent, Status, To
 from tests.device.snapshots import make_snapshot
 
 
-def _config(tmp_path: Path, video: Path, pub: Path, initial: Path | None) -> Any:
+def _config(tmp_path: Path, video: Path, pub: Path, initial: Path | None, pipeline: str = "overlap") -> Any:
     snaps: dict[str, Any] = {"state_dir": "state", "public_keys": [str(pub)], "subscribe": True}
     if initial is not None:
         snaps["initial"] = str(initial)
     return parse_config({
         "kiosk": {"store_id": "s1", "kiosk_id": "k1"},
         "camera": {"source": str(video)},
-        "model": {"kind": "fake", "fake_dim": 64},
+        "model": {"kind": "fake", "fake_dim": 64, "pipeline": pipeline},
         "snapshots": snaps,
         "broker": {"transport": "none"},
         "screen": {"port": 0},
@@ -49,11 +49,14 @@ def setup(tmp_path: Path) -> tuple[Path, Path, Path, list[np.ndarray], Ed25519Pr
     return video, pub, snap, items, key
 
 
-def test_kiosk_answers_each_item_once_and_reports(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
-    """The whole kiosk on a clip: one durable match event per held item, status and health published."""
+@pytest.mark.parametrize("pipeline", ["overlap", "inline"])
+def test_kiosk_answers_each_item_once_and_reports(tmp_path: Path, setup: tuple, pipeline: str) -> None:  # type: ignore[type-arg]
+    """The whole kiosk on a clip: one durable match event per held item, status and health published
+    (both pipeline designs: search on its own thread, or inline on the detect thread)."""
     video, pub, snap, _, _ = setup
     transport = InMemoryTransport()
-    app = KioskApp(_config(tmp_path, video, pub, snap), transport=transport)
+    app = KioskApp(_config(tmp_path, video, pub, snap, pipeline), transport=transport)
+    assert app.pipeline.inline is (pipeline == "inline")
     app.run(exit_at_eof=True)
     topics = Topics("s1", "k1")
     events = [decode(p, MatchEvent) for p in transport.messages(topics.match)]
