@@ -29,3 +29,29 @@ def test_similar_items_are_filled_when_every_product_has_many_photos(tmp_path: P
     hits = snap.search(vecs[:1], k)[0]
     assert len({h.sku for h in hits}) == len(hits) == k
     assert hits[0].sku == "p0"
+
+
+def test_the_first_fetch_is_sized_to_the_photos_per_product(tmp_path: Path) -> None:
+    """A catalog photo + 10 store photos per product: one index search fills k distinct skus (a fixed
+    k*OVERFETCH first fetch had to search again for most held items, doubling search time)."""
+    rng = np.random.default_rng(4)
+    n_items, per_item, dim, k = 12, 11, 32, 5
+    centres = rng.normal(size=(n_items, dim))
+    vecs = np.repeat(centres, per_item, axis=0) + 0.05 * rng.normal(size=(n_items * per_item, dim))
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    skus = [f"p{i}" for i in range(n_items)]
+    key = Ed25519PrivateKey.generate()
+    d = make_snapshot(tmp_path / "snap", vecs, [s for s in skus for _ in range(per_item)], key,
+                      model_id="ab" * 32)
+    snap = ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()]))
+    calls: list[int] = []
+    search = snap.index.search
+
+    def counted(q: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(n)
+        return search(q, n)
+
+    snap.index.search = counted  # type: ignore[method-assign,assignment]
+    hits = snap.search(vecs[:1], k)[0]
+    assert len({h.sku for h in hits}) == k
+    assert len(calls) == 1 and calls[0] < len(vecs)
