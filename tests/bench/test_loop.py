@@ -9,6 +9,7 @@ import pytest
 
 from bench import loop
 from bench.__main__ import SUITES
+from device.config import DetectionConfig
 
 
 @pytest.mark.slow
@@ -19,6 +20,7 @@ def test_the_loop_bench_reports_bytes_and_search_times_at_k0_and_k10(tmp_path: P
     result = loop.run(tmp_path, synthetic=True, items=6, rounds=1)
     json.dumps(result)  # bench.__main__ writes it as JSON
     assert "loop" in SUITES
+    assert len(loop.FRAME_CROPS) == DetectionConfig().aggregate_frames  # a held item as the kiosk sees it
     assert result["data"] == "synthetic" and result["k"] == loop.K == 10
     k0, k10 = result["k0"], result["k10"]
     assert k0["items"] == k10["items"] == 6
