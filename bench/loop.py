@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shutil
 import statistics
 import sys
@@ -280,8 +281,10 @@ def measure(work: Path, bundle: Path, data: LoopData, *, k: int = K, rounds: int
                 "store_photos": res.report.get("feedback", {}).get("store_photos", 0),
                 "likely_mistaps_left_out": res.report.get("feedback", {}).get("likely_mistaps_left_out", 0),
             }  # fmt: skip
+        load_before = os.getloadavg()[0]
         for name, row in _time_searches(snaps, skus, held, rounds).items():
             built[name].update(row)
+        load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     finally:
         embedder.close()
     a, b = built["k0"], built[f"k{k}"]
@@ -289,6 +292,8 @@ def measure(work: Path, bundle: Path, data: LoopData, *, k: int = K, rounds: int
         "data": data.source, "k": k, "model_id": embedder.model_id[:12], "held_items": len(skus),
         "frames_per_item": len(FRAME_CROPS), "top_k": DetectionConfig().top_k, "rounds": rounds,
         "confirmed_store_photos": confirmed, "confirm_s": round(confirm_s, 1), **built,
+        "load_avg_1m": load,  # before / after the searches: this machine is shared, p99 follows its load
+        "cpu_count": os.cpu_count(),
         "bytes_per_item_ratio": round(b["bytes_per_item"] / a["bytes_per_item"], 3),
         "search_p99_ratio": round(b["search_ms"]["p99"] / a["search_ms"]["p99"], 3),
         "search_p50_ratio": round(b["search_ms"]["p50"] / a["search_ms"]["p50"], 3),
