@@ -16,7 +16,8 @@ bundle the kiosks run (MobileNetV2 from ``../shared``, else the seeded ``tiny`` 
   k0 and k10 back to back, ROUNDS passes; ``search_p99_ratio`` / ``search_p50_ratio`` = k10 / k0.
 - ``top1``: share of held items whose first answer is the right product. Grocery: val photos (never
   fitted on), the frames three centre crops of one photo; synthetic: store-photo renderings not used as
-  store photos. Store photos: the first K train photos of each product (seeded order), or renderings.
+  store photos. Store photos: K train photos of each product (scripts/eval_loop.py's seeded draw), or
+  renderings.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ K = 10  # store photos per product in the relearned snapshot (the issue's figure
 # so a burst of load on this shared machine hits both sides alike. 5 x 296 grocery items: p99 from ~1,500.
 ROUNDS = 5
 WARMUP_QUERIES = 20  # per snapshot before timing: first searches pay for page faults and caches
-SEED = 19  # which train photos become store photos (scripts/eval_loop.py draws with the same seed)
+SEED = 19  # which train photos become store photos: the same draw as scripts/eval_loop.py's
 SYNTHETIC_ITEMS = 40  # products when ../shared is absent
 SYNTHETIC_HELD = 3  # held items per product when ../shared is absent
 FRAME_CROPS = (1.0, 0.9, 0.8)  # the steady frames of one held item: the photo, then slightly zoomed in
@@ -162,7 +163,7 @@ def _embed(embedder: Any, images: list[Image]) -> npt.NDArray[np.float32]:
 
 
 def confirm_store_photos(fb_dir: Path, photos: list[tuple[str, Loader]], embedder: Any) -> int:
-    """Each photo as a confirmed, approved customer crop: the kiosk's JPEG encoder and pooled vector, a
+    """Each photo as a confirmed, approved customer crop: the kiosk's JPEG encoder, the crop's vector, a
     parsed ``FeedbackEvent``, stored and approved in a feedback store (what the build reads)."""
     fb = FeedbackStore(fb_dir)
     quality = FeedbackConfig().jpeg_quality
