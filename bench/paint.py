@@ -16,6 +16,8 @@ the DOM update). Both clocks are this machine's wall clock.
   ``still_to_paint_ms`` starts at the read of the first frame in which the scene holds the item still
   (the detector's steady frame can come a frame or two before it: the item barely moves as it stops).
 The first hold is a warm-up (first inference, page caches) and is left out of the figures.
+``kiosk_stages_ms`` is the pipeline's own per-item split (capture, detect, embed, search, total from the
+last aggregated frame's capture); ``load_avg_1min`` (before, after) says how busy the machine was.
 ``BENCH_QUICK``: the ``tiny`` model and 4 holds.
 """
 
@@ -147,8 +149,8 @@ def _stats(values: list[float]) -> dict[str, float | int]:
 def _holds_ms(camera: HeldCamera) -> list[tuple[float, float, float]]:
     """(entered, still since, gone) epoch ms of each scheduled hold read so far: the reads of its first
     frame in view, its first still frame and its first frame out of view."""
-    read = camera.read_ms
-    return [(read[h.enter_frame], read.get(h.steady_frame, float("inf")), read.get(h.exit_frame, float("inf")))
+    read, never = camera.read_ms, float("inf")
+    return [(read[h.enter_frame], read.get(h.steady_frame, never), read.get(h.exit_frame, never))
             for h in camera.scene.schedule if h.enter_frame in read]
 
 
@@ -221,13 +223,17 @@ def run(out_dir: Path) -> dict[str, Any]:
         order = [k % CATALOG_ITEMS for k in range(n_holds + 1)]  # + the warm-up hold
         camera = HeldCamera(make_scene(items, order=order, fps=CAMERA_FPS, lead_s=0.5, seed=SEED))
         app = _kiosk(root, bundle, snapshot, pub, camera)
+        load_before = os.getloadavg()[0]
         app.start()
         try:
             paints = _page_run(app, camera, root / "chromium-profile", n_holds + 1)
             dropped = app.grab.frames_dropped
+            stages = app.pipeline.stats.percentiles()  # per item (warm-up included): embed, search, ...
         finally:
             app.stop()
         result = measure(paints, camera)
     result.update({"model": "tiny" if source == "tiny" else "mobilenet_v2_fp16", "camera_fps": CAMERA_FPS,
-                   "frames_dropped": dropped, "cpu_count": os.cpu_count()})
+                   "aggregate_frames": app.cfg.detection.aggregate_frames, "kiosk_stages_ms": stages,
+                   "frames_dropped": dropped, "cpu_count": os.cpu_count(),
+                   "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
     return result
