@@ -188,6 +188,8 @@ def measure(paints: list[dict[str, Any]], camera: HeldCamera) -> dict[str, Any]:
 def _page_run(app: KioskApp, camera: HeldCamera, profile: Path, n_holds: int) -> list[dict[str, Any]]:
     """Open the kiosk page, start the holds, and return the page's paint entries once every hold is
     answered or the scene's time (plus TAIL_S) is up."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+
     assert app.screen is not None
     errors: list[str] = []
     with chromium_context(profile) as context:
@@ -200,7 +202,7 @@ def _page_run(app: KioskApp, camera: HeldCamera, profile: Path, n_holds: int) ->
         try:
             page.wait_for_function("n => window.storelensPaints.length >= n", arg=n_holds, polling=250,
                                    timeout=budget_s * 1000)
-        except Exception as exc:  # a hold unanswered: report what was painted
+        except PageTimeout as exc:  # a hold unanswered: report what was painted
             _LOGGER.warning("not every hold was painted within %.0f s: %s", budget_s, exc)
         paints: list[dict[str, Any]] = page.evaluate("window.storelensPaints")
     if errors:
