@@ -18,7 +18,9 @@ the DOM update). Both clocks are this machine's wall clock.
 The first hold is a warm-up (first inference, page caches) and is left out of the figures.
 ``kiosk_stages_ms`` is the pipeline's own per-item split (capture, detect, embed, search, total from the
 last aggregated frame's capture); ``load_avg_1min`` (before, after) says how busy the machine was.
-``BENCH_QUICK``: the ``tiny`` model and 4 holds.
+The default pipeline design (``[model] pipeline = "overlap"``) gives the top-level figures; the inline
+design's follow in ``inline`` (run after it, on the same machine: compare with care under load).
+``BENCH_QUICK``: the ``tiny`` model, 4 holds, the default design only.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from device.app import KioskApp
 from device.app_report import epoch_ms
 from device.camera.port import Image
 from device.camera.synthetic import Scene, make_scene, render_items
-from device.config import parse_config
+from device.config import DetectionConfig, parse_config
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -123,11 +125,13 @@ class HeldCamera:
             yield self._background
 
 
-def _kiosk(root: Path, bundle: Path, snapshot: Path, pub: Path, camera: HeldCamera) -> KioskApp:
+def _kiosk(
+    root: Path, bundle: Path, snapshot: Path, pub: Path, camera: HeldCamera, pipeline: str
+) -> KioskApp:
     cfg = parse_config({
         "kiosk": {"store_id": STORE, "kiosk_id": "k01"},
         "camera": {"source": "synthetic", "fps": CAMERA_FPS},
-        "model": {"bundle": str(bundle)},
+        "model": {"bundle": str(bundle), "pipeline": pipeline},
         "snapshots": {"state_dir": "state", "public_keys": [str(pub)], "initial": str(snapshot)},
         "broker": {"transport": "none"},
         "screen": {"host": "127.0.0.1", "port": 0},
@@ -210,8 +214,31 @@ def _page_run(app: KioskApp, camera: HeldCamera, profile: Path, n_holds: int) ->
     return paints
 
 
+def _design(root: Path, bundle: Path, snapshot: Path, pub: Path, items: list[Image], n_holds: int,
+            pipeline: str) -> dict[str, Any]:
+    """One kiosk of pipeline design ``pipeline`` (``[model] pipeline``) over the holds, with its page."""
+    work = root / pipeline
+    work.mkdir()
+    order = [k % CATALOG_ITEMS for k in range(n_holds + 1)]  # + the warm-up hold
+    camera = HeldCamera(make_scene(items, order=order, fps=CAMERA_FPS, lead_s=0.5, seed=SEED))
+    app = _kiosk(work, bundle, snapshot, pub, camera, pipeline)
+    load_before = os.getloadavg()[0]
+    app.start()
+    try:
+        paints = _page_run(app, camera, work / "chromium-profile", n_holds + 1)
+        dropped = app.grab.frames_dropped
+        stages = app.pipeline.stats.percentiles()  # per item (warm-up included): embed, search, ...
+    finally:
+        app.stop()
+    result = measure(paints, camera)
+    result.update({"pipeline": pipeline, "kiosk_stages_ms": stages, "frames_dropped": dropped,
+                   "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
+    return result
+
+
 def run(out_dir: Path) -> dict[str, Any]:
-    """Run the kiosk and its page over the held items; the figures as a JSON-ready dict."""
+    """Run the kiosk and its page over the held items (the default pipeline design, then, unless quick,
+    the inline one in ``inline``); the figures as a JSON-ready dict."""
     from models.export import export_model
 
     n_holds = QUICK_HOLDS if quick() else HOLDS
@@ -222,20 +249,9 @@ def run(out_dir: Path) -> dict[str, Any]:
         export_model(source, bundle, precision="fp16")
         items = render_items(CATALOG_ITEMS, seed=SEED)
         snapshot, pub = _snapshot(root, bundle, items)
-        order = [k % CATALOG_ITEMS for k in range(n_holds + 1)]  # + the warm-up hold
-        camera = HeldCamera(make_scene(items, order=order, fps=CAMERA_FPS, lead_s=0.5, seed=SEED))
-        app = _kiosk(root, bundle, snapshot, pub, camera)
-        load_before = os.getloadavg()[0]
-        app.start()
-        try:
-            paints = _page_run(app, camera, root / "chromium-profile", n_holds + 1)
-            dropped = app.grab.frames_dropped
-            stages = app.pipeline.stats.percentiles()  # per item (warm-up included): embed, search, ...
-        finally:
-            app.stop()
-        result = measure(paints, camera)
+        result = _design(root, bundle, snapshot, pub, items, n_holds, "overlap")
+        if not quick():
+            result["inline"] = _design(root, bundle, snapshot, pub, items, n_holds, "inline")
     result.update({"model": "tiny" if source == "tiny" else "mobilenet_v2_fp16", "camera_fps": CAMERA_FPS,
-                   "aggregate_frames": app.cfg.detection.aggregate_frames, "kiosk_stages_ms": stages,
-                   "frames_dropped": dropped, "cpu_count": os.cpu_count(),
-                   "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
+                   "aggregate_frames": DetectionConfig().aggregate_frames, "cpu_count": os.cpu_count()})
     return result

@@ -28,6 +28,7 @@ def test_the_quick_paint_suite_paints_every_hold_and_writes_its_figures(
     assert main(["--quick", "paint"]) == 0
     result = json.loads((tmp_path / "build" / "bench" / "paint.json").read_text())
     assert result["model"] == "tiny" and result["camera_fps"] == 30.0
+    assert result["pipeline"] == "overlap" and "inline" not in result  # quick: the default design only
     assert result["holds_measured"] == paint.QUICK_HOLDS
     assert result["holds_painted"] == paint.QUICK_HOLDS
     total, kiosk, page = (result[k] for k in ("held_to_paint_ms", "held_to_answer_ms", "answer_to_paint_ms"))
