@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-SUITES = ["models", "featurize", "index", "pipeline", "feedback", "loop", "scale"]
+SUITES = ["models", "featurize", "index", "pipeline", "paint", "feedback", "loop", "scale"]
 QUICK_SUITES = ["models", "featurize"]  # the pipeline and index benches take most of the full run's time
 OUT = Path("build/bench")
 

@@ -229,6 +229,7 @@ class KioskApp:
 
     # -- callbacks --
     def _on_frame(self, frame: Frame, det: Detection) -> None:
+        self.report.on_frame(frame.t_capture, det)
         if self.screen is not None:
             self.screen.show_frame(frame.seq, frame.image, det.box, det.state.value)
 

@@ -12,6 +12,7 @@ from device.app_build import relative_to
 from device.app_connect import ConnectTasks
 from device.camera.grab import HEALTHY, CameraState, GrabStage
 from device.comms import Comms
+from device.detect.detector import Detection, DetectState
 from device.feedback import FeedbackRecorder
 from device.generations import RetiredModels
 from device.generations.serving import Serving
@@ -24,6 +25,12 @@ from storelens.snapshot import utc_now_iso
 _LOGGER = logging.getLogger(__name__)
 
 _STATUS_TICK_S: Final = 0.5  # how often status is re-evaluated (camera, snapshot, updates)
+_STEADY_KEPT: Final = 64  # open items whose steady time is remembered (an item unanswered is forgotten)
+
+
+def epoch_ms(t_monotonic: float) -> float:
+    """A ``time.monotonic()`` instant as wall-clock epoch ms (the page's ``performance.timeOrigin`` clock)."""
+    return (time.time() - time.monotonic() + t_monotonic) * 1000.0
 
 
 class Reporter:
@@ -66,6 +73,8 @@ class Reporter:
         self._since = utc_now_iso()
         self._status_lock = threading.Lock()
         self._camera_down = False
+        self._steady_t: dict[int, float] = {}  # open item -> capture time of its first steady frame
+        self._steady_lock = threading.Lock()  # written by the detect thread, read by the search thread
 
     # -- status and health --
     def status(self) -> Status:
@@ -134,6 +143,26 @@ class Reporter:
             stop.wait(min(_STATUS_TICK_S, self._health_interval_s))
 
     # -- events and alerts --
+    def on_frame(self, t_capture: float, det: Detection) -> None:
+        """A processed frame (detect thread): remember when each held item first became steady."""
+        if det.state is not DetectState.STEADY or det.item_id in self._steady_t:
+            return
+        with self._steady_lock:
+            self._steady_t[det.item_id] = t_capture
+            if len(self._steady_t) > _STEADY_KEPT:  # items closed without an answer: drop the oldest
+                del self._steady_t[next(iter(self._steady_t))]
+
+    def screen_result(self, event: MatchEvent, r: ItemResult) -> dict[str, Any]:
+        """What the screen shows for one answer: the match event, plus ``held_ms`` (epoch ms of the capture
+        of the item's first steady frame, None if unseen) and ``answered_ms`` (now), which the page records
+        beside its paint time (``window.storelensPaints``)."""
+        with self._steady_lock:
+            t_steady = self._steady_t.pop(r.item_id, None)
+        shown = event.model_dump(mode="json")
+        shown["held_ms"] = round(epoch_ms(t_steady), 3) if t_steady is not None else None
+        shown["answered_ms"] = round(time.time() * 1000.0, 3)
+        return shown
+
     def on_result(self, r: ItemResult) -> None:
         """One held item's answer: a match event in the outbox, and on the screen."""
         root = r.snapshot_dir  # the snapshot this item was searched in (a swap may have happened since)
@@ -155,7 +184,10 @@ class Reporter:
                      items[0].sku if items else "-", items[0].score if items else 0.0, r.snapshot_version)
         if self._screen is not None:
             self._feedback.remember(event.id, r)  # references only; built when the customer answers
-            self._screen.show_result(event.model_dump(mode="json"))
+            self._screen.show_result(self.screen_result(event, r))
+        else:
+            with self._steady_lock:
+                self._steady_t.pop(r.item_id, None)
 
     def on_camera_state(self, old: CameraState, new: CameraState) -> None:
         """One alert per camera-lost episode, however many reopen attempts it takes; status follows."""

@@ -17,18 +17,13 @@ from typing import Any
 
 import pytest
 
+from bench.browser import BrowserMissing, chromium_context
 from cloud.dashboard.serve import DashboardServer, PageConfig
 from tests.support.mosquitto import Mosquitto, mosquitto_binary
 
 REPO = Path(__file__).resolve().parents[2]
 STATIC = REPO / "cloud" / "dashboard" / "static"
 SCREENSHOTS = REPO / "build" / "screenshots"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-VIEWPORT = {"width": 1280, "height": 800}  # the store back-office screen the page is designed for
 DEPLOY_ACL = (REPO / "deploy" / "mosquitto" / "acl").read_text().replace("@STORE@", "s042")  # as installed
 PASSWORDS = {"dashboard": "pw-dash", "k01": "pw-k01", "k02": "pw-k02"}  # kiosk users are kiosk ids (ACL)
 WAIT_MS = 15_000  # upper bound for one UI change; MQTT.js retries every 2 s after a broker restart
@@ -152,24 +147,17 @@ def serve_page(dashboard_build: Path) -> Iterator[Callable[..., str]]:
 def chromium_page(tmp_path: Path, **context_args: Any) -> Iterator[Any]:
     """A Playwright page in Debian's Chromium (never a downloaded browser), 1280x800, a fresh profile;
     ``context_args`` go to the context (e.g. ``http_credentials``). Fails the test on a page error."""
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed (/usr/bin/chromium); `make setup` installs it")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright missing (dev extra)")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        # A fresh profile per test (Playwright passes it as --user-data-dir).
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_ARGS, viewport=VIEWPORT, **context_args,
-        )
-        try:
-            pg = context.pages[0] if context.pages else context.new_page()
-            errors: list[str] = []
-            pg.on("pageerror", lambda e: errors.append(str(e)))
-            yield pg
-            assert not errors, f"page raised: {errors}"
-        finally:
-            context.close()
+    with contextlib.ExitStack() as stack:
+        try:  # a fresh profile per test (Playwright passes it as --user-data-dir)
+            context = stack.enter_context(chromium_context(tmp_path / "chromium-profile", **context_args))
+        except BrowserMissing as exc:
+            pytest.skip(str(exc))
+        pg = context.pages[0] if context.pages else context.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        yield pg
+        assert not errors, f"page raised: {errors}"
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,19 @@ def test_kiosk_answers_each_item_once_and_reports(tmp_path: Path, setup: tuple, 
     assert health and health[-1].snapshot == 1
     assert app.pipeline.counters.frames_processed == app.grab.frames_in
     assert app.grab.frames_dropped == 0
+
+
+def test_the_screen_is_told_when_the_item_was_held_still(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
+    """The answer on the screen must carry held_ms (the capture of the item's first steady frame, epoch ms)
+    before answered_ms: the page's paint entries are measured from it (bench/paint.py)."""
+    video, pub, snap, _, _ = setup
+    app = KioskApp(_config(tmp_path, video, pub, snap), transport=InMemoryTransport())
+    started_ms = time.time() * 1000.0
+    app.run(exit_at_eof=True)
+    assert app.screen is not None
+    r = app.screen.state()["result"]
+    assert r is not None and r["results"][0]["sku"] == "c"
+    assert started_ms < r["held_ms"] < r["answered_ms"] <= time.time() * 1000.0
 
 
 def test_without_snapshot_the_kiosk_is_degraded_and_keeps_running(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]

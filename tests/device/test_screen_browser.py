@@ -7,6 +7,7 @@ them. Screenshots go to build/screenshots/.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,26 @@ def test_1280x800_shows_the_result_and_all_three_similar_items(
         assert b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["width"] <= vw and b["y"] + b["height"] <= vh, b
         assert b["y"] + b["height"] <= panel["y"] + panel["height"] + 0.5, (b, panel)  # not clipped
         assert b["height"] >= 44 and b["width"] >= 44  # a finger's tap target
+
+
+def test_the_page_records_when_it_painted_each_result(kiosk_screen: Kiosk, page: Any) -> None:
+    """Each result shown must leave one paint entry (its id, the kiosk's held/answered times, the page's
+    wall-clock paint time after the update): bench/paint.py measures held still -> painted from them; a
+    re-render of the same result (a status push) must not add a second entry."""
+    screen, _ = kiosk_screen
+    page.goto(screen.url, wait_until="domcontentloaded")
+    page.wait_for_selector('#answer[data-state="idle"]', timeout=WAIT_MS)
+    shown_ms = time.time() * 1000.0
+    first = dict(_result("m1"), held_ms=shown_ms - 80.0, answered_ms=shown_ms - 5.0)
+    screen.show_result(first)
+    page.wait_for_function("window.storelensPaints.length === 1", timeout=WAIT_MS)
+    screen.set_status(snapshot=5)
+    page.wait_for_selector('#status:has-text("catalog v5")', timeout=WAIT_MS)
+    screen.show_result(_result("m2", matched=False))  # a result without the kiosk's times
+    page.wait_for_function("window.storelensPaints.length === 2", timeout=WAIT_MS)
+    done_ms = time.time() * 1000.0
+    paints = page.evaluate("window.storelensPaints")
+    assert [(p["id"], p["held_ms"], p["answered_ms"]) for p in paints] == [
+        ("m1", first["held_ms"], first["answered_ms"]), ("m2", None, None)]
+    slack_ms = 5.0  # the page's clock (performance.timeOrigin + now) and Python's are one wall clock
+    assert shown_ms - slack_ms <= paints[0]["paint_ms"] <= paints[1]["paint_ms"] <= done_ms + slack_ms

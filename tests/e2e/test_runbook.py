@@ -74,8 +74,9 @@ def _dashboard_shows_kiosk_online(prov: Path, ws_port: int, tmp_path: Path) -> N
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
+    from bench.browser import CHROMIUM, CHROMIUM_ARGS, VIEWPORT
     from cloud.dashboard.serve import DashboardServer, PageConfig
-    from tests.dashboard.conftest import CHROMIUM, CHROMIUM_ARGS, STATIC, VIEWPORT, _mqtt_bundle
+    from tests.dashboard.conftest import STATIC, _mqtt_bundle
 
     bundle = _mqtt_bundle()
     if not CHROMIUM.exists() or bundle is None:

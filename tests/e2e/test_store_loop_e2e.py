@@ -26,6 +26,7 @@ from typing import Any
 import cv2
 import pytest
 
+from bench.browser import CHROMIUM, CHROMIUM_ARGS, VIEWPORT
 from cloud.dashboard.serve import DashboardServer, PageConfig
 from cloud.dashboard.staff import StaffUsers, add_user
 from cloud.feedback.auto import ReviewSpace, auto_review
@@ -132,11 +133,11 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 @pytest.fixture
 def browser() -> Iterator[Any]:
     """Debian's Chromium through Playwright (one browser; the test opens a context per person)."""
-    if not dash.CHROMIUM.exists():
+    if not CHROMIUM.exists():
         pytest.skip("Debian chromium is not installed (/usr/bin/chromium); `make setup` installs it")
     sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright missing (dev extra)")
     with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(dash.CHROMIUM), headless=True, args=dash.CHROMIUM_ARGS)
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
             yield b
         finally:
@@ -239,7 +240,7 @@ def test_a_customers_tap_approved_by_staff_teaches_the_running_kiosk(
     kiosk.wait_screen(KIOSK_WAIT_S)
 
     # Round 1: the first snapshot answers H as the look-alike B; A is among the similar items.
-    shopper = browser.new_context(viewport=dash.VIEWPORT)
+    shopper = browser.new_context(viewport=VIEWPORT)
     stack(shopper.close)
     screen = shopper.new_page()
     screen.goto(kiosk.screen_url, wait_until="domcontentloaded")  # the preview stream never finishes
@@ -269,7 +270,7 @@ def test_a_customers_tap_approved_by_staff_teaches_the_running_kiosk(
     assert collector.stats()["stored"] >= 1 and collector.stats()["forged"] == 0
 
     # Staff approve it by clicking in the review page, signed in with HTTP Basic.
-    back_office = browser.new_context(viewport=dash.VIEWPORT,
+    back_office = browser.new_context(viewport=VIEWPORT,
                                       http_credentials={"username": STAFF_NAME, "password": STAFF_PASSWORD})
     stack(back_office.close)
     review = back_office.new_page()

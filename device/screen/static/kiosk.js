@@ -87,9 +87,29 @@ function tail(ask, note) {
     (note && open ? `<div class="note" data-role="feedback-note">${NOTE}</div>` : "");
 }
 let rendered = -1;  // the state version on screen: an older one (the first fetch answering late) is ignored
+// One entry per result shown, for measuring held still -> painted (bench/paint.py): its id, the epoch ms
+// the kiosk saw the item steady (held_ms) and answered it (answered_ms), and paint_ms, epoch ms taken in
+// the first animation frame after the DOM update. The newest PAINTS_KEPT only: a kiosk runs for days.
+const PAINTS_KEPT = 200;
+window.storelensPaints = [];
+let paintedId = null;
+function notePaint(r) {
+  if (!r || !r.id || r.id === paintedId) return;
+  paintedId = r.id;
+  requestAnimationFrame(() => {
+    const paints = window.storelensPaints;
+    paints.push({id: r.id, held_ms: r.held_ms ?? null, answered_ms: r.answered_ms ?? null,
+      paint_ms: performance.timeOrigin + performance.now()});
+    if (paints.length > PAINTS_KEPT) paints.splice(0, paints.length - PAINTS_KEPT);
+  });
+}
 function render(s) {
   if (s.version < rendered) return;
   rendered = s.version;
+  draw(s);
+  notePaint(s.result);
+}
+function draw(s) {
   const st = document.getElementById("status");
   const [text, ok] = statusText(s);
   st.textContent = text;
