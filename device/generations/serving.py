@@ -137,23 +137,24 @@ class Serving:
             self.sync.stop(timeout_s)
 
     # -- the two ways the reference is replaced --
-    def on_snapshot(self, snap: ActiveSnapshot) -> None:
-        """The switcher committed ``snap``: same model, new index (pairing rule), one reference replaced."""
-        with self._lock:
-            pair = self._pair
-            if pair is None or snap.manifest.model_id != pair.model_id:
-                _LOGGER.warning("snapshot v%d is for another model: ignored", snap.version)
-                return
-            old = pair.snapshot
-            if old is not None and snap.version < old.version:
-                _LOGGER.warning("snapshot v%d older than the served v%d: ignored", snap.version, old.version)
-                return
-            self._pair = replace(pair, snapshot=snap)  # the search stage picks it up at its next item
-            if not self.released:
-                self._adopt_configured()
+    def on_candidate(self, candidate: SnapshotCandidate) -> ActiveSnapshot:
+        """The sync's candidate (the sync's switch): the pairing rule against what serves, checked before
+        anything is committed (SnapshotRefused ``model_mismatch`` / ``version_replay``), then the
+        switcher's snapshot-only switch: load, canaries, pointer, swap."""
+        old = self.snapshot
+        snap = switch_snapshot(candidate, self.on_snapshot, serving=self._serving, lock=self._lock)
         if old is not None and old.version != snap.version:
             self._on_alert("snapshot_applied", f"v{old.version} -> v{snap.version}")
         self._on_changed()
+        return snap
+
+    def on_snapshot(self, snap: ActiveSnapshot) -> None:
+        """``snap`` is committed (pairing rule checked, the writers' lock held): one reference replaced."""
+        pair = self._pair
+        assert pair is not None and snap.manifest.model_id == pair.model_id
+        self._pair = replace(pair, snapshot=snap)  # the search stage picks it up at its next item
+        if not self.released:
+            self._adopt_configured()
 
     def switch(self, embedder: EmbedderPort, snapshot: ActiveSnapshot) -> None:
         """The switcher changed generation (or rolled back): model and snapshot in one reference swap."""
@@ -206,12 +207,12 @@ class Serving:
         )
         return SnapshotSync(
             SnapshotStore(state, slot), self._keys, store_id=self._store_id, model_id=model_id, model_dim=dim,
-            switch=self._switch_snapshot, on_refused=self._on_refused, sources=self._sources,
+            switch=self.on_candidate, on_refused=self._on_refused, sources=self._sources,
         )
 
-    def _switch_snapshot(self, candidate: SnapshotCandidate) -> ActiveSnapshot:
-        """The sync's candidate, switched by the switcher's snapshot-only switch into this reference."""
-        return switch_snapshot(candidate, lambda snap: self.on_snapshot(snap))
+    def _serving(self) -> tuple[str, ActiveSnapshot | None]:
+        pair = self._pair
+        return (pair.model_id, pair.snapshot) if pair is not None else ("", None)
 
     def _replace_sync(self, model_id: str, dim: int, *, configured: bool = False) -> None:
         """A snapshot is valid for one model: a new sync (its own state) follows the new model."""
