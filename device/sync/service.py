@@ -332,8 +332,7 @@ class SnapshotSync:
                 self._store.discard(name)
                 raise
             self._active, self._active_id = snap, (version, digest)
-            for old in self._store.snapshots.iterdir():  # keep active + previous only
-                self._store.discard(old.name)
+            self._store.prune()  # keep active + previous only
         _LOGGER.info("snapshot v%d installed (%r)", snap.version, snap)
         return snap
 

@@ -207,7 +207,9 @@ def test_first_update_rolled_back_serves_the_configured_pair(tmp_path: Path, set
         assert pair.model_id == emb.model_id and pair.snapshot is not None and pair.snapshot.version == 1
         assert not app.serving.released and app.serving.sync is not None
         sync = app.serving.sync
-        assert sync.model_id == emb.model_id and sync.store.root == cfg.snapshots.state_dir
+        entry = app.serving.store.pointer.sync["."]  # generation 0's own sync state, in the one store
+        assert sync.model_id == emb.model_id and sync.store.pointer.active == entry["active"]
+        assert pair.snapshot.directory == app.serving.store.snapshots / entry["active"]
         p = GenerationStore(tmp_path / "upd").pointer
         assert p.current is not None and p.current.release == CONFIGURED and p.state == "stable"
         assert (p.current.model_id, p.current.snapshot_version) == (emb.model_id, 1) and "rel1" in p.failed
