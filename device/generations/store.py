@@ -157,15 +157,14 @@ class GenerationStore:
 
     def cleanup(self) -> int:
         """Remove staging leftovers and what neither a generation, a sync entry nor a hold names."""
-        with self._lock:
-            keep = self._keep()
         removed = 0
         for kind in (self.bundles, self.snapshots, self.staging):
-            for child in kind.iterdir():
-                rel = f"{kind.name}/{child.name}"
-                if kind is self.staging or rel not in keep:
+            for child in list(kind.iterdir()):
+                with self._lock:  # checked and removed as one: a sync may hold and place one meanwhile
+                    if kind is not self.staging and f"{kind.name}/{child.name}" in self._keep():
+                        continue
                     shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
-                    removed += 1
+                removed += 1
         return removed
 
     def _keep(self) -> set[str]:

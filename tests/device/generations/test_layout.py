@@ -13,7 +13,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from device.app import KioskApp
 from device.comms import InMemoryTransport
 from device.config import parse_config
-from device.generations import GenerationStore, layout
+from device.generations import Generation, GenerationStore, Pointer, layout
+from device.generations.store import SyncSlot
+from device.sync import SnapshotStore
 from tests.device.generations.legacy import write_sync_state, write_update_pointer
 from tests.device.generations.test_migration import _raw
 from tests.device.sync.deltabuild import Chain, build_chain
@@ -116,3 +118,33 @@ def test_a_migration_cut_at_any_step_boots_on_what_it_served(
     assert sorted(p.name for p in (root / "snapshots").iterdir()) == sorted([active, previous or ""])
     entry = GenerationStore(root).pointer.sync["."]
     assert entry["active"] == active and entry["highest_seen"][0] == 2
+
+
+def test_the_shared_snapshots_folder_loses_only_what_nothing_names(tmp_path: Path) -> None:
+    """Guards: one owner's sweep of the shared snapshots/ deleting another's (a sync's cleanup removing a
+    release's snapshot, the updater's cleanup removing a sync's entry or its placed, uncommitted one)."""
+    store = GenerationStore(tmp_path / "g")
+    for name in ("v1-a", "v2-b", "v3-c", "v4-d", "v5-e"):
+        (store.snapshots / name).mkdir()
+    store.write(Pointer(current=Generation("rel1", "bundles/x", "snapshots/v5-e", "m" * 64, 5, 1)))
+    store.write_sync(".", {"active": "v2-b", "previous": "v1-a", "highest_seen": [2, "b"]})
+    store.hold("snapshots/v3-c", True)  # a sync's candidate between place and commit
+    store.cleanup()
+    assert sorted(p.name for p in store.snapshots.iterdir()) == ["v1-a", "v2-b", "v3-c", "v5-e"]
+    store.hold("snapshots/v3-c", False)
+    store.cleanup()
+    assert sorted(p.name for p in store.snapshots.iterdir()) == ["v1-a", "v2-b", "v5-e"]
+
+    slot = SyncSlot(store, "models/mmmm")
+    sync = SnapshotStore(tmp_path / "work", slot, shared=slot)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    sync.place(staged, "v5-e")  # the release's own snapshot, synced by its model's sync too
+    sync.discard("v5-e")  # refused by the switch: the release still names it
+    sync.prune()
+    assert sorted(p.name for p in store.snapshots.iterdir()) == ["v1-a", "v2-b", "v5-e"]
+    (store.snapshots / "v6-f").mkdir()
+    sync.activate("v6-f", 6, "f" * 64)
+    sync.prune()  # its own old names only: generation 0's sync entry and the release are not its own
+    assert sorted(p.name for p in store.snapshots.iterdir()) == ["v1-a", "v2-b", "v5-e", "v6-f"]
+    assert store.pointer.sync["models/mmmm"]["active"] == "v6-f"
