@@ -27,6 +27,7 @@ from device.config import KioskConfig
 from device.detect.detector import Detection, HeldItemDetector
 from device.feedback import FeedbackRecorder
 from device.generations import RetiredModels
+from device.generations.layout import open_store
 from device.generations.probe import SwitchProbe
 from device.generations.serving import Serving
 from device.notify import CAMERA_RETRYING, Notifier
@@ -108,8 +109,10 @@ class KioskApp:
             self.pipeline.counters, factor=u.probe_latency_factor if u else 2.0,
             slack_ms=u.probe_latency_slack_ms if u else 20.0,
         )
+        # The one generation store: [update] state_dir, else [snapshots] state_dir (old layout moved in).
+        store = open_store(u.state_dir if u else cfg.snapshots.state_dir, legacy=cfg.snapshots.state_dir)
         self.serving = Serving(
-            cfg.snapshots, keys, store_id=cfg.kiosk.store_id, sources=self._sources,
+            cfg.snapshots, keys, store=store, store_id=cfg.kiosk.store_id, sources=self._sources,
             make_configured=lambda: make_embedder(cfg.model), injected=embedder, retired=self._retired,
             probe=self.probe, on_refused=lambda r, d: self.report.on_refused(r, d),
             on_alert=lambda k, d: self.report.alert(k, d), on_model=self.connect_tasks.set_model,
@@ -119,7 +122,7 @@ class KioskApp:
             u, self.topics, keys, transport=self.transport, on_switch=self.serving.switch,
             on_alert=lambda k, d: self.report.alert(k, d), probe=self.probe, retire=self._retired.retire,
             open_configured=self.serving.open_configured, sources=self._sources,
-            cache_dir=cfg.model.cache_dir,
+            cache_dir=cfg.model.cache_dir, store=store,
         )
         if self.updater is not None:
             self.serving.switcher = self.updater.switcher

@@ -101,7 +101,7 @@ class ModelConfig(_Section):
 
 
 class SnapshotConfig(_Section):
-    state_dir: Path
+    state_dir: Path  # the generation store without [update]; with it, an old layout here is moved there
     public_keys: list[Path] = Field(min_length=1)
     subscribe: bool = True  # follow the store's retained announcement topic
     initial: Path | None = None  # a snapshot directory or archive to install at first start
@@ -192,7 +192,7 @@ class HealthConfig(_Section):
 class UpdateConfig(_Section):
     """Model+snapshot releases (fleet rollouts): absent, the kiosk runs its configured bundle forever."""
 
-    state_dir: Path  # pairs (bundle + snapshot) and the one pointer file, current.json
+    state_dir: Path  # the generation store: pairs, synced snapshots, the one pointer current.json
     probation_s: float = Field(default=300.0, ge=0)  # default when the release does not say
     probe_interval_s: float = Field(default=5.0, gt=0)
     max_probation_boots: int = Field(default=2, ge=1)  # restarts in probation before the old pair returns

@@ -3,9 +3,9 @@
 Two kinds of switch replace it, both the switcher's: model and index together (a new generation or a
 rollback), and a snapshot-only candidate from the sync of the serving model (``switch_snapshot``; pairing
 rule: a snapshot serves only the model that built it, and never an older one than serves now).
-Generation 0 is the configured bundle with the snapshot its sync keeps in ``[snapshots] state_dir``; each
-released model's sync keeps its own folder there, as a snapshot is valid for one model only. With the
-generation store ([update]), each sync's pointer is its entry in the one generation pointer.
+Generation 0 is the configured bundle with the snapshot its sync keeps; each released model has its own
+sync, as a snapshot is valid for one model only. Every sync keeps its snapshots in the kiosk's one
+generation store (its snapshots/) and its pointer as its entry in the one pointer, ``current.json``.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device.config import SnapshotConfig
+from device.generations.layout import sync_key, sync_work_dir
 from device.generations.loaded import LoadedGeneration, RetiredModels, close_embedder
 from device.generations.probe import SwitchProbe
-from device.generations.store import Generation, SyncSlot, generation_zero
+from device.generations.store import Generation, GenerationStore, SyncSlot, generation_zero
 from device.generations.switcher import Switcher, switch_snapshot
 from device.pipeline import ModelPair
 from device.sync import (
@@ -37,12 +37,6 @@ from models.port import EmbedderPort
 _LOGGER = logging.getLogger(__name__)
 
 
-def sync_dir(state_dir: Path, model_id: str, *, configured: bool) -> Path:
-    """Snapshot-sync state for one model: generation 0's in ``state_dir``, each released model's in its own
-    folder (a snapshot is only valid for the model that built it)."""
-    return state_dir if configured else state_dir / "models" / model_id[:16]
-
-
 class Serving:
     """Holds THE reference and the snapshot sync that follows the serving model."""
 
@@ -51,6 +45,7 @@ class Serving:
         cfg: SnapshotConfig,
         keys: list[Ed25519PublicKey],
         *,
+        store: GenerationStore,
         store_id: str,
         sources: Sources,
         make_configured: Callable[[], EmbedderPort],
@@ -64,6 +59,7 @@ class Serving:
     ) -> None:
         self._cfg = cfg
         self._keys = keys
+        self.store = store  # the kiosk's one generation store: every sync's snapshots and pointer
         self._store_id = store_id
         self._sources = sources
         self._make_configured = make_configured
@@ -105,6 +101,8 @@ class Serving:
         """Serve the stored generation the switcher names, else generation 0 (with its stored or initial
         snapshot); start the sync of the serving model. Returns the model id."""
         loaded = self.switcher.boot() if self.switcher is not None else None  # a released one wins
+        if self.switcher is None:
+            self.store.cleanup()  # (the switcher's boot does it) leftovers of a cut install
         if loaded is not None:
             embedder, self.released = loaded.embedder, True
         else:
@@ -137,23 +135,24 @@ class Serving:
             self.sync.stop(timeout_s)
 
     # -- the two ways the reference is replaced --
-    def on_snapshot(self, snap: ActiveSnapshot) -> None:
-        """The switcher committed ``snap``: same model, new index (pairing rule), one reference replaced."""
-        with self._lock:
-            pair = self._pair
-            if pair is None or snap.manifest.model_id != pair.model_id:
-                _LOGGER.warning("snapshot v%d is for another model: ignored", snap.version)
-                return
-            old = pair.snapshot
-            if old is not None and snap.version < old.version:
-                _LOGGER.warning("snapshot v%d older than the served v%d: ignored", snap.version, old.version)
-                return
-            self._pair = replace(pair, snapshot=snap)  # the search stage picks it up at its next item
-            if not self.released:
-                self._adopt_configured()
+    def on_candidate(self, candidate: SnapshotCandidate) -> ActiveSnapshot:
+        """The sync's candidate (the sync's switch): the pairing rule against what serves, checked before
+        anything is committed (SnapshotRefused ``model_mismatch`` / ``version_replay``), then the
+        switcher's snapshot-only switch: load, canaries, pointer, swap."""
+        old = self.snapshot
+        snap = switch_snapshot(candidate, self.on_snapshot, serving=self._serving, lock=self._lock)
         if old is not None and old.version != snap.version:
             self._on_alert("snapshot_applied", f"v{old.version} -> v{snap.version}")
         self._on_changed()
+        return snap
+
+    def on_snapshot(self, snap: ActiveSnapshot) -> None:
+        """``snap`` is committed (pairing rule checked, the writers' lock held): one reference replaced."""
+        pair = self._pair
+        assert pair is not None and snap.manifest.model_id == pair.model_id
+        self._pair = replace(pair, snapshot=snap)  # the search stage picks it up at its next item
+        if not self.released:
+            self._adopt_configured()
 
     def switch(self, embedder: EmbedderPort, snapshot: ActiveSnapshot) -> None:
         """The switcher changed generation (or rolled back): model and snapshot in one reference swap."""
@@ -199,19 +198,17 @@ class Serving:
 
     # -- helpers --
     def _new_sync(self, model_id: str, dim: int, *, configured: bool) -> SnapshotSync:
-        state = sync_dir(self._cfg.state_dir, model_id, configured=configured)
-        # With the generation store, this sync's pointer is its entry in the one generation pointer.
-        slot = None if self.switcher is None else SyncSlot(
-            self.switcher.store, state.relative_to(self._cfg.state_dir).as_posix()
-        )
+        key = sync_key(model_id, configured=configured)
+        slot = SyncSlot(self.store, key)  # its pointer: an entry of current.json; its snapshots: the store's
         return SnapshotSync(
-            SnapshotStore(state, slot), self._keys, store_id=self._store_id, model_id=model_id, model_dim=dim,
-            switch=self._switch_snapshot, on_refused=self._on_refused, sources=self._sources,
+            SnapshotStore(sync_work_dir(self.store, key), slot, shared=slot), self._keys,
+            store_id=self._store_id, model_id=model_id, model_dim=dim, switch=self.on_candidate,
+            on_refused=self._on_refused, sources=self._sources,
         )
 
-    def _switch_snapshot(self, candidate: SnapshotCandidate) -> ActiveSnapshot:
-        """The sync's candidate, switched by the switcher's snapshot-only switch into this reference."""
-        return switch_snapshot(candidate, lambda snap: self.on_snapshot(snap))
+    def _serving(self) -> tuple[str, ActiveSnapshot | None]:
+        pair = self._pair
+        return (pair.model_id, pair.snapshot) if pair is not None else ("", None)
 
     def _replace_sync(self, model_id: str, dim: int, *, configured: bool = False) -> None:
         """A snapshot is valid for one model: a new sync (its own state) follows the new model."""

@@ -10,12 +10,14 @@ root/current.json     {"current": Generation, "previous": Generation|null (the l
                        "failed": [release ids], "sync": {sync folder: {"active", "previous",
                        "highest_seen"}} (each model's snapshot sync: its snapshots, replay protection)}
 root/bundles/<id16>/  verified bundles (never modified once placed)
-root/snapshots/<v>-<sha12>/  verified snapshot directories
+root/snapshots/v<v>-<sha12>/  verified snapshot directories: the generations' and every sync's
 root/staging/         downloads and unpacking; junk after a crash, removed at start
+root/sync/<key>/      each snapshot sync's own staging/ and downloads/ (junk after a crash)
 
-Generations named by neither current nor previous are removed at start and after each switch. A
-snapshot-only switch commits by rewriting its sync's entry in this same file (``write_sync``); a sync folder
-still holding the old layout's own ``active.json`` is migrated into it at boot (``device/sync/store.py``).
+One store per kiosk (``[update] state_dir``, else ``[snapshots] state_dir``). Snapshots named by neither
+generation nor any sync entry (nor held by a sync between placing and committing one) are removed at
+start and after each switch. A snapshot-only switch commits by rewriting its sync's entry in this same
+file (``write_sync``); a state dir laid out the old way is migrated in at boot (``layout.py``).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class GenerationStore:
         clean_stale_temps(self.root)  # a pointer write cut before its rename
         self._lock = threading.Lock()
         self._pointer = self._read()
+        self._held: set[str] = set()  # placed by a sync, not committed yet: never cleaned up meanwhile
 
     @property
     def pointer(self) -> Pointer:
@@ -142,20 +145,36 @@ class GenerationStore:
         d.mkdir(parents=True)
         return d
 
+    def hold(self, rel: str, held: bool) -> None:
+        """Keep ``rel`` through cleanups while a sync's candidate is not committed (``held=False``: done)."""
+        with self._lock:
+            (self._held.add if held else self._held.discard)(rel)
+
+    def in_use(self, rel: str) -> bool:
+        """Whether a generation, a sync entry or a held candidate names ``rel`` (root-relative)."""
+        with self._lock:
+            return rel in self._keep()
+
     def cleanup(self) -> int:
-        """Remove staging leftovers and generations that neither current nor previous names."""
-        keep: set[str] = set()
+        """Remove staging leftovers and what neither a generation, a sync entry nor a hold names."""
+        removed = 0
+        for kind in (self.bundles, self.snapshots, self.staging):
+            for child in list(kind.iterdir()):
+                with self._lock:  # checked and removed as one: a sync may hold and place one meanwhile
+                    if kind is not self.staging and f"{kind.name}/{child.name}" in self._keep():
+                        continue
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+                removed += 1
+        return removed
+
+    def _keep(self) -> set[str]:
+        keep = set(self._held)
         for pair in (self._pointer.current, self._pointer.previous):
             if pair is not None and not pair.configured:
                 keep.update((pair.bundle, pair.snapshot))
-        removed = 0
-        for kind in (self.bundles, self.snapshots, self.staging):
-            for child in kind.iterdir():
-                rel = f"{kind.name}/{child.name}"
-                if kind is self.staging or rel not in keep:
-                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
-                    removed += 1
-        return removed
+        for entry in self._pointer.sync.values():
+            keep.update(f"snapshots/{n}" for n in (entry.get("active"), entry.get("previous")) if n)
+        return keep
 
     def _read(self) -> Pointer:
         path = self.root / POINTER
@@ -169,17 +188,25 @@ class GenerationStore:
 
 
 class SyncSlot:
-    """One snapshot sync's pointer kept as its entry in the generation pointer (a ``PointerSlot``)."""
+    """One snapshot sync's place in the store: its pointer as an entry of the generation pointer (a
+    ``PointerSlot``) and its snapshots in the store's snapshots/ (``SharedSnapshots``)."""
 
     def __init__(self, store: GenerationStore, key: str) -> None:
         self._store = store
         self._key = key
+        self.directory = store.snapshots
 
     def read(self) -> dict[str, Any] | None:
         return self._store.pointer.sync.get(self._key)
 
     def write(self, entry: dict[str, Any]) -> None:
         self._store.write_sync(self._key, entry)
+
+    def in_use(self, name: str) -> bool:
+        return self._store.in_use(f"snapshots/{name}")
+
+    def hold(self, name: str, held: bool) -> None:
+        self._store.hold(f"snapshots/{name}", held)
 
 
 def rollback(p: Pointer) -> Pointer:

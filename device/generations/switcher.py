@@ -12,6 +12,7 @@ model, new snapshot) goes through :func:`switch_snapshot`: load the new index, i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -57,16 +58,46 @@ class Candidate:
     manifest: SnapshotManifest  # its snapshot's verified manifest (canaries)
 
 
-def switch_snapshot(candidate: SnapshotCandidate, swap: Callable[[ActiveSnapshot], None]) -> ActiveSnapshot:
-    """A snapshot-only switch: load the new index off the hot path and check its canaries (the release
-    gate's own step), commit the pointer, then ``swap`` it in between frames. SnapshotRefused, nothing
-    committed, when it cannot serve."""
+def pairing_refusal(
+    candidate: SnapshotCandidate, model_id: str, served: ActiveSnapshot | None
+) -> SnapshotRefused | None:
+    """The pairing rule: a snapshot serves only the model that built it (``model_mismatch``), and never
+    an older one than serves now (``version_replay``; a rollback to the previous one excepted)."""
+    manifest = candidate.manifest
+    if manifest.model_id != model_id:
+        return SnapshotRefused(
+            "model_mismatch", f"snapshot v{manifest.version} is for model {manifest.model_id[:12]}, "
+            f"serving {model_id[:12]}"
+        )
+    if served is not None and manifest.version < served.version and not candidate.rollback:
+        return SnapshotRefused(
+            "version_replay", f"snapshot v{manifest.version} older than the served v{served.version}"
+        )
+    return None
+
+
+def switch_snapshot(
+    candidate: SnapshotCandidate,
+    swap: Callable[[ActiveSnapshot], None],
+    *,
+    serving: Callable[[], tuple[str, ActiveSnapshot | None]] | None = None,
+    lock: threading.Lock | None = None,
+) -> ActiveSnapshot:
+    """A snapshot-only switch: the pairing rule against ``serving()`` (model id, snapshot served), load the
+    new index off the hot path and check its canaries (the release gate's own step), then, under ``lock``,
+    the pairing rule again (a model switch may have happened meanwhile), commit the pointer and ``swap`` it
+    in between frames. SnapshotRefused, nothing committed, when it cannot serve."""
+    if serving is not None and (refusal := pairing_refusal(candidate, *serving())) is not None:
+        raise refusal
     try:
         snap = canary.load_snapshot(candidate.directory, candidate.manifest)
     except UpdateFailed as exc:
         raise SnapshotRefused(exc.reason, exc.detail) from exc
-    candidate.commit()
-    swap(snap)
+    with lock if lock is not None else contextlib.nullcontext():
+        if serving is not None and (refusal := pairing_refusal(candidate, *serving())) is not None:
+            raise refusal
+        candidate.commit()
+        swap(snap)
     return snap
 
 
@@ -98,7 +129,7 @@ class Switcher:
         self._cache_dir = cache_dir
         self._load = load_embedder
         self._retire = retire  # an embedder no longer served (closed after a grace period)
-        self._open_configured = open_configured  # generation 0, loaded again by the app (rollback)
+        self.open_configured = open_configured  # generation 0, loaded again by the app (rollback)
         self._lock = threading.Lock()  # adopt() (any thread) vs the worker's pointer writes
         self.active: LoadedGeneration | None = None
         self.previous: LoadedGeneration | None = None  # last known good, loaded, while in probation
@@ -257,9 +288,9 @@ class Switcher:
         """Load a stored generation again: a released one from the store, generation 0 through the app."""
         if not gen.configured:
             return open_generation(self.store, self._keys, self._load, self._cache_dir, gen)
-        if self._open_configured is None:
+        if self.open_configured is None:
             raise RuntimeError("no way to open generation 0")
-        loaded = self._open_configured(gen)
+        loaded = self.open_configured(gen)
         if loaded.generation.model_id != gen.model_id:
             raise UpdateFailed("verify", "model_mismatch", "the configured model changed")
         return loaded

@@ -23,6 +23,7 @@ class SnapshotCandidate:
     manifest: SnapshotManifest  # verified (an applied delta's: re-derived from its signed chain)
     identity: tuple[int, str]  # (version, signed manifest sha256): what the next delta names as its base
     commit: Callable[[], None]  # write the pointer naming it: the commit point of the switch
+    rollback: bool = False  # back to the previous snapshot (older by design: not a replay)
 
 
 # The switch a candidate is handed to: the snapshot serving afterwards, or SnapshotRefused.

@@ -94,6 +94,16 @@ class SnapshotSync:
     def active(self) -> ActiveSnapshot | None:
         return self._active
 
+    @property
+    def model_id(self) -> str:
+        """The model this sync follows (its snapshots serve that model only)."""
+        return self._model_id
+
+    @property
+    def store(self) -> SnapshotStore:
+        """Where this sync keeps its snapshots and pointer."""
+        return self._store
+
     # -- lifecycle --
     def start(self) -> None:
         """Start the worker thread."""
@@ -149,7 +159,9 @@ class SnapshotSync:
             def commit() -> None:
                 self._store.rollback()
 
-            snap = self._switch(SnapshotCandidate(directory, verified.manifest, verified.identity, commit))
+            snap = self._switch(
+                SnapshotCandidate(directory, verified.manifest, verified.identity, commit, rollback=True)
+            )
             if failed is not None:
                 self._rolled_back.add(failed)
             self._active, self._active_id = snap, verified.identity
@@ -320,8 +332,7 @@ class SnapshotSync:
                 self._store.discard(name)
                 raise
             self._active, self._active_id = snap, (version, digest)
-            for old in self._store.snapshots.iterdir():  # keep active + previous only
-                self._store.discard(old.name)
+            self._store.prune()  # keep active + previous only
         _LOGGER.info("snapshot v%d installed (%r)", snap.version, snap)
         return snap
 

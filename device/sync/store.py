@@ -5,8 +5,10 @@ root/active.json                     {"active": name, "previous": name|null, "hi
 root/staging/                        unpack/verify area; anything left here after a crash is junk
 root/downloads/                      partial downloads; likewise junk after a crash
 
-On a kiosk with the generation store, the pointer is not ``active.json`` but this sync's entry in the one
-generation pointer (a ``PointerSlot``); a folder still holding ``active.json`` (the layout before) is
+On a kiosk the pointer is not ``active.json`` but this sync's entry in the one generation pointer (a
+``PointerSlot``), and the snapshots live in the generation store's snapshots/ folder (``SharedSnapshots``,
+shared with the other syncs and the released generations: only what no one names is removed); ``root``
+then holds only staging/ and downloads/. A folder still holding ``active.json`` (the layout before) is
 migrated into the slot at start: slot written first, then the file removed, so a power cut in between
 finds the slot (the file is then removed again).
 """
@@ -43,13 +45,27 @@ class PointerSlot(Protocol):
     def write(self, entry: dict[str, Any]) -> None: ...
 
 
+class SharedSnapshots(Protocol):
+    """A snapshots folder shared with others (the generation store's): what is in use is not this store's
+    alone to remove, and a placed, uncommitted snapshot is held against the others' cleanups."""
+
+    directory: Path
+
+    def in_use(self, name: str) -> bool: ...
+
+    def hold(self, name: str, held: bool) -> None: ...
+
+
 class SnapshotStore:
     """Owns ``root``: where generations live, which one is active, and the highest version ever accepted."""
 
-    def __init__(self, root: Path, slot: PointerSlot | None = None) -> None:
+    def __init__(
+        self, root: Path, slot: PointerSlot | None = None, *, shared: SharedSnapshots | None = None
+    ) -> None:
         self.root = Path(root)
         self._slot = slot
-        self.snapshots = self.root / "snapshots"
+        self._shared = shared
+        self.snapshots = shared.directory if shared is not None else self.root / "snapshots"
         self.staging = self.root / "staging"
         self.downloads = self.root / "downloads"
         self._lock = threading.Lock()
@@ -57,6 +73,8 @@ class SnapshotStore:
         for d in (self.snapshots, self.staging, self.downloads):
             d.mkdir(parents=True, exist_ok=True)
         self._pointer = self._read_pointer()
+        # the generations this store may remove once unnamed (a shared folder: only those it knew)
+        self._known = {n for n in (self._pointer.active, self._pointer.previous) if n is not None}
         self.cleanup()
 
     @staticmethod
@@ -84,6 +102,8 @@ class SnapshotStore:
             previous = old.active if old.active != name else old.previous
             new = Pointer(active=name, previous=previous, highest_seen=seen)
             self._write_locked(new)
+        if self._shared is not None:
+            self._shared.hold(name, False)  # named by the pointer now
         return new
 
     def rollback(self) -> Pointer:
@@ -105,7 +125,11 @@ class SnapshotStore:
         return p
 
     def place(self, staged: Path, name: str) -> Path:
-        """Move a verified staging dir into snapshots/ (an identical existing generation is kept)."""
+        """Move a verified staging dir into snapshots/ (an identical existing generation is kept); held
+        in a shared folder until ``activate`` or ``discard``."""
+        self._known.add(name)
+        if self._shared is not None:
+            self._shared.hold(name, True)
         dest = self.path(name)
         if dest.exists():
             shutil.rmtree(staged, ignore_errors=True)
@@ -119,7 +143,18 @@ class SnapshotStore:
         with self._lock:
             if name in (self._pointer.active, self._pointer.previous):
                 return
+        if self._shared is not None:
+            self._shared.hold(name, False)
+            if self._shared.in_use(name):  # another sync's, or a generation's
+                return
+        self._known.discard(name)
         shutil.rmtree(self.path(name), ignore_errors=True)
+
+    def prune(self) -> None:
+        """Delete the generations this store no longer names (in a shared folder: only its own)."""
+        names = list(self._known) if self._shared is not None else [p.name for p in self.snapshots.iterdir()]
+        for name in names:
+            self.discard(name)
 
     def cleanup(self) -> int:
         """Remove staging/downloads leftovers, temp files, and generations the pointer does not name."""
@@ -129,7 +164,7 @@ class SnapshotStore:
             for p in area.iterdir():
                 _remove(p)
                 removed += 1
-        for p in self.snapshots.iterdir():
+        for p in self.snapshots.iterdir() if self._shared is None else ():  # shared: the owner's cleanup
             if self._pointer_ok and p.name not in keep:  # unreadable pointer: delete no generation
                 _remove(p)
                 removed += 1

@@ -62,6 +62,7 @@ class Updater:
         open_configured: Callable[[Generation], LoadedGeneration] | None = None,
         sources: Sources,
         cache_dir: Path | None = None,
+        store: GenerationStore | None = None,
     ) -> None:
         if not public_keys:
             raise ValueError("at least one pinned public key is required")
@@ -71,7 +72,7 @@ class Updater:
         self._keys = list(public_keys)
         self._transport = transport
         self._on_alert = on_alert
-        self.store = GenerationStore(cfg.state_dir)
+        self.store = store if store is not None else GenerationStore(cfg.state_dir)  # the kiosk's one
         self.switcher = Switcher(
             cfg, self.store, self._keys, on_switch=on_switch, report=self._progress, alert=self._alert,
             probe=probe, cache_dir=cache_dir, load_embedder=load_embedder, retire=retire,

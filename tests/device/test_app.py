@@ -130,6 +130,7 @@ def test_update_section_is_optional_and_maps_to_updater_settings(tmp_path: Path,
 def test_a_model_switch_replaces_model_and_snapshot_together(tmp_path: Path, setup: tuple) -> None:  # type: ignore[type-arg]
     """The updater's switch is one reference swap; the snapshot sync then follows the new model, and a late
     snapshot of the old model can no longer replace the new pair's snapshot."""
+    from device.sync import SnapshotCandidate, SnapshotRefused
     from device.sync.active import ActiveSnapshot
     from storelens.snapshot import verify_snapshot
 
@@ -148,8 +149,43 @@ def test_a_model_switch_replaces_model_and_snapshot_together(tmp_path: Path, set
         app.serving.switch(new_emb, new_snap)
         pair = app.serving.current()
         assert pair.model_id == app.model_id == new_emb.model_id and pair.snapshot is new_snap
-        assert app.serving.sync is not old_sync and app.serving.sync._model_id == new_emb.model_id
-        app.serving.on_snapshot(old_snap)  # a late install by the old model's sync: ignored
+        assert app.serving.sync is not old_sync and app.serving.sync.model_id == new_emb.model_id
+        committed: list[str] = []
+        late = SnapshotCandidate(old_snap.directory, old_snap.manifest, (old_snap.version, "x"),
+                                 lambda: committed.append("late"))
+        with pytest.raises(SnapshotRefused) as refused:  # a late install by the old model's sync
+            app.serving.on_candidate(late)
+        assert refused.value.reason == "model_mismatch" and committed == []  # refused before its commit
+        assert app.serving.current() is pair
+    finally:
+        app.stop()
+
+
+def test_an_older_snapshot_of_the_serving_model_is_refused_before_its_commit(
+    tmp_path: Path, setup: tuple  # type: ignore[type-arg]
+) -> None:
+    """Guards: the pairing rule checked after the pointer was written (an older snapshot committed, then
+    ignored by the swap: the stored pointer and what serves disagree after a restart)."""
+    from device.sync import SnapshotCandidate, SnapshotRefused
+    from storelens.snapshot import verify_snapshot
+
+    video, pub, snap, items, key = setup
+    app = KioskApp(_config(tmp_path, video, pub, snap), transport=InMemoryTransport())
+    app.start()
+    try:
+        emb = FakeEmbedder(64)
+        d = make_snapshot(tmp_path / "v3", emb.embed(items), ["a", "b", "c"], key, model_id=emb.model_id,
+                          version=3, threshold=0.3)
+        assert app.serving.sync is not None
+        app.serving.sync.install(d)
+        pair = app.serving.current()
+        assert pair.snapshot is not None and pair.snapshot.version == 3
+        committed: list[str] = []
+        old = SnapshotCandidate(snap, verify_snapshot(snap, [key.public_key()]), (1, "x"),
+                                lambda: committed.append("v1"))
+        with pytest.raises(SnapshotRefused) as refused:
+            app.serving.on_candidate(old)
+        assert refused.value.reason == "version_replay" and committed == []
         assert app.serving.current() is pair
     finally:
         app.stop()
@@ -188,7 +224,9 @@ def test_first_update_rolled_back_serves_the_configured_pair(tmp_path: Path, set
         assert pair.model_id == emb.model_id and pair.snapshot is not None and pair.snapshot.version == 1
         assert not app.serving.released and app.serving.sync is not None
         sync = app.serving.sync
-        assert sync._model_id == emb.model_id and sync._store.root == cfg.snapshots.state_dir
+        entry = app.serving.store.pointer.sync["."]  # generation 0's own sync state, in the one store
+        assert sync.model_id == emb.model_id and sync.store.pointer.active == entry["active"]
+        assert pair.snapshot.directory == app.serving.store.snapshots / entry["active"]
         p = GenerationStore(tmp_path / "upd").pointer
         assert p.current is not None and p.current.release == CONFIGURED and p.state == "stable"
         assert (p.current.model_id, p.current.snapshot_version) == (emb.model_id, 1) and "rel1" in p.failed
@@ -218,7 +256,7 @@ def test_sync_made_at_a_model_switch_sees_the_retained_announcement(
         d = make_snapshot(tmp_path / "v5", new_emb.embed(items), ["a", "b", "c"], key,
                           model_id=new_emb.model_id, version=5, threshold=0.3)
         app.serving.switch(new_emb, ActiveSnapshot.load(d, verify_snapshot(d, [key.public_key()])))
-        assert app.serving.sync is not None and app.serving.sync._model_id == new_emb.model_id
+        assert app.serving.sync is not None and app.serving.sync.model_id == new_emb.model_id
         assert seen[-1] == (app.serving.sync, b'{"v": 9}', True)
         app.serving.on_announcement(topic, b"", True)  # the retained announcement cleared: nothing to hand on
         app.serving.switch(FakeEmbedder(64, seed=9), app.serving.current().snapshot)  # type: ignore[arg-type]

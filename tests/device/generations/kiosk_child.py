@@ -70,8 +70,7 @@ def arm_snapshot(crash_at: str) -> None:
         ActiveSnapshot.check_canaries = _die  # type: ignore[method-assign]
     elif crash_at == "swap":
         serving.Serving.switch = _die  # type: ignore[method-assign]
-        if hasattr(serving.Serving, "on_snapshot"):
-            serving.Serving.on_snapshot = _die  # type: ignore[attr-defined,unused-ignore]
+        serving.Serving.on_snapshot = _die  # type: ignore[method-assign]  # committed, not swapped
     elif crash_at == "pointer":
         for mod in (store_mod, sync_store_mod):
             real_write = mod.atomic_write_json

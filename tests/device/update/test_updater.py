@@ -304,7 +304,7 @@ def test_restart_in_first_probation_then_regression_reopens_the_configured_pair(
 
     again = Kiosk(tmp_path / "k", releases, probation_s=30.0, probe=lambda: "embed p50 90 ms vs 9 ms")
     opened: list[Any] = []
-    again.updater.switcher._open_configured = lambda pair: opened.append(pair) or configured
+    again.updater.switcher.open_configured = lambda pair: opened.append(pair) or configured
     loaded = again.updater.boot()
     assert loaded is not None and loaded.generation.release == "rel10"
     again.updater.start()
