@@ -164,7 +164,7 @@ class Reporter:
         return shown
 
     def on_result(self, r: ItemResult) -> None:
-        """One held item's answer: a match event in the outbox, and on the screen."""
+        """One held item's answer: on the screen, then a match event in the outbox."""
         root = r.snapshot_dir  # the snapshot this item was searched in (a swap may have happened since)
         items = [
             MatchItem(rank=i + 1, sku=h.sku, title=h.title, price=h.price, location=h.location,
@@ -179,15 +179,17 @@ class Reporter:
             matched=r.matched, results=items, threshold=r.threshold, frames=r.frames,
             model=r.model_id or self._serving.model_id, snapshot=r.snapshot_version, latency_ms=r.latency_ms,
         )
-        self._comms.publish_event(self.topics.match, event.to_bytes())
-        _LOGGER.info("item %d: %s (%s, %.3f) v%d", r.item_id, "match" if r.matched else "no match",
-                     items[0].sku if items else "-", items[0].score if items else 0.0, r.snapshot_version)
+        # The screen first: the shopper does not wait for the event's fsync (4.9 ms p50, 17 ms p99 on the
+        # development disk, measured by bench/paint.py); the event is committed right after.
         if self._screen is not None:
             self._feedback.remember(event.id, r)  # references only; built when the customer answers
             self._screen.show_result(self.screen_result(event, r))
         else:
             with self._steady_lock:
                 self._steady_t.pop(r.item_id, None)
+        self._comms.publish_event(self.topics.match, event.to_bytes())
+        _LOGGER.info("item %d: %s (%s, %.3f) v%d", r.item_id, "match" if r.matched else "no match",
+                     items[0].sku if items else "-", items[0].score if items else 0.0, r.snapshot_version)
 
     def on_camera_state(self, old: CameraState, new: CameraState) -> None:
         """One alert per camera-lost episode, however many reopen attempts it takes; status follows."""
