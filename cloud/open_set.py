@@ -272,7 +272,10 @@ def plain_threshold(vectors: npt.NDArray[np.float32], skus: list[str]) -> tuple[
 
 
 def fit_for_snapshot(
-    vectors: npt.NDArray[np.float32], skus: list[str], adapter: str
+    vectors: npt.NDArray[np.float32],
+    skus: list[str],
+    adapter: str,
+    fit_extra: tuple[npt.NDArray[np.float32], list[str]] | None = None,
 ) -> tuple[Adapter | None, dict[str, Any]]:
     """What a snapshot ships to decide "no match": the catalog's LDA adapter (``adapter == "lda"``, three or
     more items) with the open-set rule calibrated through it; else no projection and ``plain_threshold``.
@@ -280,10 +283,20 @@ def fit_for_snapshot(
 
     A catalog that cannot calibrate the open-set rule (too few items with a second image) gets none:
     threshold ``NEVER_NO_MATCH`` (the kiosk always shows its nearest items) and a warning in the report,
-    rather than a threshold fitted on near-duplicates that would turn most right answers away."""
+    rather than a threshold fitted on near-duplicates that would turn most right answers away.
+
+    ``fit_extra`` (vectors, skus of catalog items): more samples for the adapter's fit only (views of the
+    store photos, ``relearn.store_photo_views``); the rule is calibrated on ``vectors`` alone."""
     ids = np.unique(np.asarray(skus), return_inverse=True)[1]
     if adapter == "lda" and ids.max(initial=0) + 1 >= MIN_ADAPTER_ITEMS:
-        proj = fit_lda_adapter(vectors, ids)
+        if fit_extra is not None and len(fit_extra[1]):
+            names = np.unique(np.asarray(skus))
+            extra_ids = np.searchsorted(names, np.asarray(fit_extra[1]))
+            if not np.array_equal(names[np.minimum(extra_ids, len(names) - 1)], np.asarray(fit_extra[1])):
+                raise ValueError("fit_extra names skus that have no vector")
+            proj = fit_lda_adapter(np.vstack([vectors, fit_extra[0]]), np.concatenate([ids, extra_ids]))
+        else:
+            proj = fit_lda_adapter(vectors, ids)
         try:
             rule = calibrate_open_set(vectors, ids, max_known_loss=OPEN_SET_KNOWN_LOSS)
         except CalibrationError as e:
