@@ -41,6 +41,7 @@ from scripts.eval_data import OUT, VIEWS, Embeddings, file_sha256, read_iconic, 
 from scripts.eval_loop import CROP_QUALITY, CROP_SIDE_PX, MISTAP_RATE, SEED, _crop_jpeg  # noqa: E402
 
 KS = (1, 3, 5, 10)
+VIEWS3 = ("c80", "c80flip")  # with flip_fit: the three extra views of a store photo
 TRAIN_SEEDS = (101, 102, 103, 104, 105)
 N_ITEMS = 81
 ICONIC_VIEWS = 16  # as scripts/eval_grocery.py (same cache files)
@@ -310,6 +311,8 @@ VARIANTS: dict[str, Callable[[], Variant]] = {
     "flip_fit": lambda: Variant(flip_fit=True),
     "views3_fit": lambda: Variant(flip_fit=True, views_fit=("c80", "c80flip")),
     "c80_fit": lambda: Variant(views_fit=("c80",)),
+    **{f"views3_fit_shrink{x}": (lambda x=x: Variant(flip_fit=True, views_fit=VIEWS3, shrinkage=x))
+       for x in (0.1, 0.5)},
     "views3_aug_fit": lambda: Variant(flip_fit=True, views_fit=("c80", "c80flip"), iconic_aug_fit=True),
     "flip_fit_index": lambda: Variant(flip_fit=True, flip_index=True),
 }
