@@ -390,10 +390,11 @@ def store_photo_views(
 
 def view_rows(
     feats: Features, views: dict[str, npt.NDArray[np.float32]]
-) -> tuple[npt.NDArray[np.float32], list[str]]:
-    """The views of the store photos still in ``feats`` (after the mis-tap filter and the cap), with their
-    rows' skus: what ``open_set.fit_for_snapshot`` adds to the LDA fit."""
-    picked = [(views[r.source], r.sku) for r in feats.rows if r.source in views]
-    if not picked:
-        return np.zeros((0, feats.dim), np.float32), []
-    return np.stack([v for v, _ in picked]).astype(np.float32), [s for _, s in picked]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The views of the store photos still in ``feats`` (after the mis-tap filter and the cap), with the
+    row of ``feats`` each is a view of: what ``open_set.fit_for_snapshot`` adds to the LDA fit."""
+    rows = [i for i, r in enumerate(feats.rows) if r.source in views]
+    if not rows:
+        return np.zeros((0, feats.dim), np.float32), np.zeros(0, np.int64)
+    vecs = np.stack([views[feats.rows[i].source] for i in rows]).astype(np.float32)
+    return vecs, np.asarray(rows, np.int64)

@@ -166,14 +166,14 @@ def test_store_photo_views_join_the_fit_only_and_are_cached(
     before = embedder.calls
     _build(cat, embedder, signing_key, tmp_path / "v2", **fbk)
     assert embedder.calls == before
-    # the views change the fit; a view of a product without vectors is a programming error
+    # the views change the fit; a view of no row is a programming error
     x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
     skus = ["a", "a", "b", "b", "c", "c", "d", "d"]
     plain = fit_for_snapshot(x, skus, "lda")[0]
-    more = fit_for_snapshot(x, skus, "lda", (x[:2] + 0.5, ["a", "b"]))[0]
+    more = fit_for_snapshot(x, skus, "lda", (x[:2] + 0.5, np.array([0, 2])))[0]
     assert plain is not None and more is not None and not np.allclose(plain.matrix, more.matrix)
-    with pytest.raises(ValueError, match="no vector"):
-        fit_for_snapshot(x, skus, "lda", (x[:1], ["zz"]))
+    with pytest.raises(ValueError, match="rows of the 8 vectors"):
+        fit_for_snapshot(x, skus, "lda", (x[:1], np.array([8])))
 
 
 def test_a_missing_feedback_folder_is_a_clear_build_error(
