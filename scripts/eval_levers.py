@@ -6,8 +6,9 @@ the kiosk sends them, 10% mis-taps onto one of the 5 shown products in the ``mis
 mis-tap filter (``relearn.likely_mistaps``), a shrinkage-LDA fit on catalog + store photos, item scores.
 
 Two worlds:
-- ``train``: a lever is CHOSEN here. Per seed, each product's train photos are split in half: store photos
-  are drawn from one half, the other half are the queries (pseudo-val). Val is never read.
+- ``train`` / ``block``: a lever is CHOSEN here. Per seed, each product's train photos are split in half
+  (at random, or in file order for ``block``): store photos are drawn from one half, the other half are
+  the queries (pseudo-val). Val is never read.
 - ``val``: the loop's own draw (eval_loop.SEED's order of the train photos), queries = val photos; run once
   per chosen lever to confirm it.
 

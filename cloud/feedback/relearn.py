@@ -65,10 +65,10 @@ NOT_CARRIED_MIN_PHOTOS = 2
 NOT_CARRIED_MIN_RIGHT = 20
 # A centre crop (this share of each side) of every kept store photo joins the snapshot's LDA fit (never
 # the index): one more embed per store photo, cached. Chosen on train-only simulations (scripts/
-# eval_levers.py, 5 seeds, two splits): +0.3 to +1.2 points of R@1 at k = 1-10, clean and with mis-taps;
-# val: R@1 +3.0 / +3.7 points at k = 5 (clean / mis-taps), R@5 +3.7 / +2.0 at k = 1, +-1 query at k = 1-3.
-# Flipped views and all three (flip, crop, flipped crop) measured no better; the iconic image's augmented
-# views in the fit measured worse.
+# eval_levers.py, 5 seeds, two splits): +0.0 to +1.2 points of R@1 at k = 1-10, clean and with mis-taps.
+# Val through `eval_loop` (mis-taps): R@1 +4.1 points at k = 5, +1.3 at k = 10, R@5 +2.4 at k = 1, but R@1
+# -2.0 at k = 1 (6 of 296 queries); docs/NOTES.md has the table. Flipped views and all three (flip, crop,
+# flipped crop) measured no better; the iconic image's augmented views in the fit measured worse.
 STORE_VIEW_CROP = 0.8
 STORE_VIEW_TAG = "centre0.8"
 
