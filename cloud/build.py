@@ -25,7 +25,7 @@ from cloud import open_set, retrieval
 from cloud.build_spec import BuildError, BuildResult, BuildSpec
 from cloud.cache import EmbeddingCache
 from cloud.catalog import Catalog, load_catalog
-from cloud.featurize import Features, featurize, preprocessing_hash
+from cloud.featurize import Features, featurize, model_fingerprint, preprocessing_hash
 from cloud.feedback import relearn
 from cloud.feeds.download import Downloader, http_sources
 from cloud.feeds.summary import catalog_fields
@@ -148,6 +148,8 @@ def build_snapshot(spec: BuildSpec) -> BuildResult:
             embedder, base_dir=catalog.base_dir, cache=cache, progress=progress, s3_client=spec.s3_client,
             downloader=downloader,
         )  # fmt: skip
+        views = relearn.store_photo_views(feats, sel, embedder, cache, model_fingerprint(embedder)) if (
+            sel is not None and features is None) else {}  # fmt: skip
         model_id, pre_hash = str(embedder.model_id), preprocessing_hash(embedder)
     finally:
         if downloader is not None:
@@ -213,7 +215,8 @@ def build_snapshot(spec: BuildSpec) -> BuildResult:
             tstats["warning"] = base_stats["warning"]  # still true of this delta
     else:
         with one_blas_thread():
-            proj, tstats = open_set.fit_for_snapshot(feats.vectors, skus, spec.adapter)
+            proj, tstats = open_set.fit_for_snapshot(feats.vectors, skus, spec.adapter,
+                                                     relearn.view_rows(feats, views))  # fmt: skip
         threshold = float(tstats["threshold"])  # type: ignore[arg-type]
     with one_blas_thread():
         index_vectors = proj.apply(feats.vectors) if proj is not None else feats.vectors

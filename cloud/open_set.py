@@ -272,7 +272,10 @@ def plain_threshold(vectors: npt.NDArray[np.float32], skus: list[str]) -> tuple[
 
 
 def fit_for_snapshot(
-    vectors: npt.NDArray[np.float32], skus: list[str], adapter: str
+    vectors: npt.NDArray[np.float32],
+    skus: list[str],
+    adapter: str,
+    fit_extra: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] | None = None,
 ) -> tuple[Adapter | None, dict[str, Any]]:
     """What a snapshot ships to decide "no match": the catalog's LDA adapter (``adapter == "lda"``, three or
     more items) with the open-set rule calibrated through it; else no projection and ``plain_threshold``.
@@ -280,12 +283,21 @@ def fit_for_snapshot(
 
     A catalog that cannot calibrate the open-set rule (too few items with a second image) gets none:
     threshold ``NEVER_NO_MATCH`` (the kiosk always shows its nearest items) and a warning in the report,
-    rather than a threshold fitted on near-duplicates that would turn most right answers away."""
+    rather than a threshold fitted on near-duplicates that would turn most right answers away.
+
+    ``fit_extra`` (view vectors, the row of ``vectors`` each is a view of): more samples for the adapter's
+    fit only (views of the store photos, ``relearn.store_photo_views``); the rule's calibration refits
+    with them as the build does (a held-out photo's view leaves the fit with it)."""
     ids = np.unique(np.asarray(skus), return_inverse=True)[1]
     if adapter == "lda" and ids.max(initial=0) + 1 >= MIN_ADAPTER_ITEMS:
-        proj = fit_lda_adapter(vectors, ids)
+        xa, src = fit_extra if fit_extra is not None and len(fit_extra[1]) else (None, None)
+        if src is not None and (src.min() < 0 or src.max() >= len(ids)):
+            raise ValueError(f"fit_extra sources must be rows of the {len(ids)} vectors")
+        fit_x = vectors if xa is None else np.vstack([vectors, xa])
+        proj = fit_lda_adapter(fit_x, ids if src is None else np.concatenate([ids, ids[src]]))
         try:
-            rule = calibrate_open_set(vectors, ids, max_known_loss=OPEN_SET_KNOWN_LOSS)
+            rule = calibrate_open_set(vectors, ids, aug_vectors=xa, aug_source=src,
+                                      max_known_loss=OPEN_SET_KNOWN_LOSS)  # fmt: skip
         except CalibrationError as e:
             _LOGGER.warning("no \"no match\" rule: %s", e)
             stats = {"method": "uncalibrated", "threshold": NEVER_NO_MATCH, "warning": _uncalibrated(str(e))}

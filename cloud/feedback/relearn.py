@@ -63,6 +63,14 @@ NOT_CARRIED_KNOWN_LOSS = 0.01
 # among them no rows ship.
 NOT_CARRIED_MIN_PHOTOS = 2
 NOT_CARRIED_MIN_RIGHT = 20
+# A centre crop (this share of each side) of every kept store photo joins the snapshot's LDA fit (never
+# the index): one more embed per store photo, cached. Chosen on train-only simulations (scripts/
+# eval_levers.py, 5 seeds, two splits): +0.0 to +1.2 points of R@1 at k = 1-10, clean and with mis-taps.
+# Val through `eval_loop` (mis-taps): R@1 +4.1 points at k = 5, +1.3 at k = 10, R@5 +2.4 at k = 1, but R@1
+# -2.0 at k = 1 (6 of 296 queries); docs/NOTES.md has the table. Flipped views and all three (flip, crop,
+# flipped crop) measured no better; the iconic image's augmented views in the fit measured worse.
+STORE_VIEW_CROP = 0.8
+STORE_VIEW_TAG = "centre0.8"
 
 
 class FeedbackError(Exception):
@@ -333,3 +341,60 @@ def write_not_carried(
         return None
     atomic_write_bytes(Path(directory) / NOT_CARRIED_FILE, rows.tobytes())
     return {"file": NOT_CARRIED_FILE, "count": len(rows), "margin": round(margin, 6)}
+
+
+def centre_crop(image: npt.NDArray[np.uint8], share: float = STORE_VIEW_CROP) -> npt.NDArray[np.uint8]:
+    """The centre ``share`` of each side of an image (at least one pixel)."""
+    h, w = image.shape[:2]
+    ch, cw = max(1, round(h * share)), max(1, round(w * share))
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return np.ascontiguousarray(image[y : y + ch, x : x + cw])
+
+
+def store_photo_views(
+    feats: Features, sel: Selection, embedder: Any, cache: Any = None, fingerprint: str = ""
+) -> dict[str, npt.NDArray[np.float32]]:
+    """Model-space vectors of a centre crop (``STORE_VIEW_CROP``) of each store photo in ``feats``, by
+    crop path (the row's source): extra samples for the snapshot's LDA fit. ``cache`` (a
+    ``cloud.cache.EmbeddingCache``) keeps them under ``fingerprint`` + the view's tag. A crop that cannot
+    be read or decoded is skipped (its photo was embedded, so this is rare) and logged."""
+    from models.errors import ModelError
+    from models.images import decode_image
+
+    record_of = sel.record_of()
+    model = f"{fingerprint}:{STORE_VIEW_TAG}"
+    out: dict[str, npt.NDArray[np.float32]] = {}
+    todo: list[tuple[str, str, npt.NDArray[np.uint8]]] = []
+    for r in feats.rows:
+        if r.source not in record_of or r.source in out:
+            continue
+        hit = cache.get(r.image_sha256, model, feats.dim) if cache is not None else None
+        if hit is not None:
+            out[r.source] = np.asarray(hit, np.float32)
+            continue
+        try:
+            image = decode_image(Path(r.source).read_bytes())
+        except (OSError, ModelError, ValueError) as exc:
+            _LOGGER.warning("store photo %s: no view for the fit (%s)", r.source, exc)
+            continue
+        todo.append((r.source, r.image_sha256, centre_crop(image)))
+    for start in range(0, len(todo), 32):
+        chunk = todo[start : start + 32]
+        vecs = np.asarray(embedder.embed([im for _, _, im in chunk]), np.float32)
+        for (src, sha, _), v in zip(chunk, vecs, strict=True):
+            out[src] = v
+            if cache is not None:
+                cache.put(sha, model, v)
+    return out
+
+
+def view_rows(
+    feats: Features, views: dict[str, npt.NDArray[np.float32]]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The views of the store photos still in ``feats`` (after the mis-tap filter and the cap), with the
+    row of ``feats`` each is a view of: what ``open_set.fit_for_snapshot`` adds to the LDA fit."""
+    rows = [i for i, r in enumerate(feats.rows) if r.source in views]
+    if not rows:
+        return np.zeros((0, feats.dim), np.float32), np.zeros(0, np.int64)
+    vecs = np.stack([views[feats.rows[i].source] for i in rows]).astype(np.float32)
+    return vecs, np.asarray(rows, np.int64)

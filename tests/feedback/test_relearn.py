@@ -16,6 +16,7 @@ from cloud.delta import VECTORS, read_rows
 from cloud.feedback.auto import WHO, ReviewSpace, auto_review, auto_review_all
 from cloud.feedback.relearn import farthest_points
 from cloud.feedback.store import FeedbackStore
+from cloud.open_set import fit_for_snapshot
 from storelens.feedback import make_feedback
 from storelens.snapshot import verify_snapshot
 from tests.cloud.conftest import (  # the cloud tests' fixtures, shared here
@@ -146,6 +147,33 @@ def test_the_cap_keeps_the_most_diverse_store_photos(
     cands /= np.linalg.norm(cands, axis=1, keepdims=True)
     assert farthest_points(anchors, cands, 2) == [1, 2]
     assert farthest_points(anchors, cands, 9) == [0, 1, 2, 3] and farthest_points(anchors, cands, 0) == []
+
+
+def test_store_photo_views_join_the_fit_only_and_are_cached(
+    embedder: CountingEmbedder, signing_key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    """A centre crop of each store photo must reach the adapter's fit but never the index (vectors cost
+    every kiosk bytes), and a rebuild must not embed the views again."""
+    cat = make_catalog(tmp_path / "cat", n_items=6, per_item=1)
+    fb = FeedbackStore(tmp_path / "fb")
+    for i in range(6):
+        fb.decide(_put(fb, embedder, i, 2), "approved", who="staff")
+    before = embedder.calls
+    fbk = {"feedback": tmp_path / "fb", "cache_dir": tmp_path / "c"}
+    res = _build(cat, embedder, signing_key, tmp_path / "v1", **fbk)
+    assert embedder.calls - before == 6 + 6 + 6  # catalog photos, store photos, their views
+    assert res.manifest.vector_count == 12 and len(_store_rows(res.out_dir)) == 6
+    before = embedder.calls
+    _build(cat, embedder, signing_key, tmp_path / "v2", **fbk)
+    assert embedder.calls == before
+    # the views change the fit; a view of no row is a programming error
+    x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+    skus = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    plain = fit_for_snapshot(x, skus, "lda")[0]
+    more = fit_for_snapshot(x, skus, "lda", (x[:2] + 0.5, np.array([0, 2])))[0]
+    assert plain is not None and more is not None and not np.allclose(plain.matrix, more.matrix)
+    with pytest.raises(ValueError, match="rows of the 8 vectors"):
+        fit_for_snapshot(x, skus, "lda", (x[:1], np.array([8])))
 
 
 def test_a_missing_feedback_folder_is_a_clear_build_error(
