@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -320,9 +319,3 @@ def run(out_dir: Path, *, synthetic: bool = False, items: int | None = None, k: 
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "build/bench")
-    out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(run(out), indent=2))

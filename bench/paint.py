@@ -25,7 +25,6 @@ design's follow in ``inline`` (run after it, on the same machine: compare with c
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import tempfile
@@ -35,18 +34,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
-import cv2
 import numpy as np
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench import quick
 from bench.browser import chromium_context
+from bench.catalogs import write_catalog
 from device.app import KioskApp
 from device.app_report import epoch_ms
 from device.camera.port import Image
 from device.camera.synthetic import Scene, make_scene, render_items
 from device.config import DetectionConfig, parse_config
+from storelens.signing import generate_keypair, load_private_key
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -64,40 +62,16 @@ PAGE_WAIT_S: Final = 60.0  # the page loaded and showing the kiosk's state (2 bu
 TAIL_S: Final = 20.0  # after the scene's last frame: the last answers may still be on their way
 
 
-def _variants(img: Image) -> list[Image]:
-    """Catalog photos of one product (the LDA adapter needs several per item)."""
-    return [
-        img,
-        cv2.copyMakeBorder(img, 20, 20, 20, 20, cv2.BORDER_CONSTANT, value=(255, 255, 255)),
-        cv2.convertScaleAbs(img, alpha=0.9, beta=10),
-        cv2.resize(img, None, fx=0.8, fy=0.8, interpolation=cv2.INTER_AREA),
-    ]
-
-
 def _snapshot(root: Path, bundle: Path, items: list[Image]) -> tuple[Path, Path]:
     """A signed snapshot of the rendered items built by the product's build; (snapshot dir, public key)."""
     from cloud.build import BuildSpec, build_snapshot
 
-    photos = root / "photos"
-    photos.mkdir()
-    rows = []
-    for k, img in enumerate(items):
-        names = []
-        for j, view in enumerate(_variants(img)):
-            name = f"item{k}-{j}.jpg"
-            cv2.imwrite(str(photos / name), view)
-            names.append(f"photos/{name}")
-        rows.append({"sku": f"SKU{k:03d}", "title": f"Product {k}", "price": f"{k + 1}.49",
-                     "location": f"Aisle {k + 1}", "images": ";".join(names)})
-    catalog = root / "catalog.csv"
-    with catalog.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    key = Ed25519PrivateKey.generate()
+    products = [{"sku": f"SKU{k:03d}", "title": f"Product {k}", "price": f"{k + 1}.49",
+                 "location": f"Aisle {k + 1}"} for k in range(len(items))]  # fmt: skip
+    catalog = write_catalog(root, products, items)
     pub = root / "catalog.pub"
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                 serialization.PublicFormat.SubjectPublicKeyInfo))
+    generate_keypair(root / "catalog.pem", pub)
+    key = load_private_key(root / "catalog.pem")
     spec = BuildSpec(catalog=catalog, store=STORE, out_dir=root / "snapshot", private_key=key, bundle=bundle,
                      progress=False)
     return build_snapshot(spec).out_dir, pub

@@ -221,13 +221,12 @@ class DetectStage:
 
     def _embed_inline(self, embedder: EmbedderPort, crop: npt.NDArray[np.uint8], pending: Pending) -> None:
         """Embed on this thread (the GIL is released while OpenVINO runs) and search right away."""
-        assert self._inline is not None
         try:
             vector: npt.NDArray[np.float32] | None = embed_one(embedder, crop)
         except Exception:
             _LOGGER.exception("embedding failed")
             vector = None
-        self._inline(Embedded(pending, vector, self._clock()))
+        self._on_embedded(vector, pending)
 
     def _close(self, item_id: int, stop: threading.Event) -> None:
         n = self._forget(item_id)
@@ -268,9 +267,14 @@ class DetectStage:
             self._inflight.release()
 
     def _on_embedded(self, vector: npt.NDArray[np.float32] | None, userdata: object) -> None:
-        """Embedder callback (an OpenVINO thread): hand the vector to the search stage."""
+        """Embedder callback (an OpenVINO thread, or this thread inline): hand the vector to the search
+        stage."""
         assert isinstance(userdata, Pending)
-        self._handoff.put(Embedded(userdata, vector, self._clock()))
+        msg = Embedded(userdata, vector, self._clock())
+        if self._inline is None:
+            self._handoff.put(msg)
+        else:
+            self._inline(msg)
 
 
 @dataclass

@@ -10,7 +10,6 @@ Every step saves a screenshot under build/screenshots/.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -24,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device.camera.port import Image
+from bench.catalogs import write_catalog
 from device.camera.synthetic import make_scene, render_items, write_video
 from tests.dashboard import conftest as dash
 from tests.dashboard.conftest import PASSWORDS, page_config, screenshot
@@ -73,17 +71,6 @@ class World:
     unknown_clip: Path
 
 
-def _variants(img: Image) -> list[Image]:
-    """Catalog photos of one product: as rendered, on a white margin, relit, smaller (the LDA fit needs
-    several images per item)."""
-    return [
-        img,
-        cv2.copyMakeBorder(img, 20, 20, 20, 20, cv2.BORDER_CONSTANT, value=(255, 255, 255)),
-        cv2.convertScaleAbs(img, alpha=0.9, beta=10),
-        cv2.resize(img, None, fx=0.8, fy=0.8, interpolation=cv2.INTER_AREA),
-    ]
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     """Tiny model bundle, a catalog of rendered products, its signed snapshot, and two clips."""
@@ -94,22 +81,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     bundle = root / "bundle"
     export_model("tiny", bundle)
     items = render_items(N_RENDERED, seed=SEED)
-    photos = root / "photos"
-    photos.mkdir()
-    rows = []
-    for k, (sku, title, price, location) in enumerate(CATALOG):
-        names = []
-        for j, img in enumerate(_variants(items[k])):
-            name = f"{sku}-{j}.jpg"
-            assert cv2.imwrite(str(photos / name), img)
-            names.append(f"photos/{name}")
-        rows.append({"sku": sku, "title": title, "price": price, "location": location,
-                     "images": ";".join(names)})
-    catalog = root / "catalog.csv"
-    with catalog.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    products = [{"sku": sku, "title": title, "price": price, "location": location}
+                for sku, title, price, location in CATALOG]
+    catalog = write_catalog(root, products, items[: len(CATALOG)])
     key = Ed25519PrivateKey.generate()
     pub = root / "catalog.pub"
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,

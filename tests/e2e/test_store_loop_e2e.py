@@ -13,7 +13,6 @@ folder the kiosk may fetch from and announced; the running kiosk syncs it and an
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ import cv2
 import pytest
 
 from bench.browser import CHROMIUM, CHROMIUM_ARGS, VIEWPORT
+from bench.catalogs import write_catalog
 from cloud.dashboard.serve import DashboardServer, PageConfig
 from cloud.dashboard.staff import StaffUsers, add_user
 from cloud.feedback.auto import ReviewSpace, auto_review
@@ -67,39 +67,17 @@ WAIT_S = 30.0  # one step of the loop once everything runs
 UI_WAIT_MS = 15_000
 
 
-def _variants(img: Image) -> list[Image]:
-    """Catalog photos of one product (several per item: the LDA fit and the "no match" rule need them)."""
-    return [
-        img,
-        cv2.copyMakeBorder(img, 20, 20, 20, 20, cv2.BORDER_CONSTANT, value=(255, 255, 255)),
-        cv2.convertScaleAbs(img, alpha=0.9, beta=10),
-        cv2.resize(img, None, fx=0.8, fy=0.8, interpolation=cv2.INTER_AREA),
-    ]
-
-
 def _lookalike(img: Image) -> Image:
     """Another product in nearly the same pack: the same design, paler."""
     return cv2.convertScaleAbs(img, alpha=0.8, beta=30)
 
 
 def _write_catalog(root: Path, items: list[Image]) -> Path:
-    photos = root / "photos"
-    photos.mkdir()
-    rows = []
+    products, images = [], []
     for n, (sku, (title, which)) in enumerate(CATALOG.items()):
-        img = _lookalike(items[HELD]) if which < 0 else items[which]
-        names = []
-        for j, v in enumerate(_variants(img)):
-            assert cv2.imwrite(str(photos / f"{sku}-{j}.jpg"), v)
-            names.append(f"photos/{sku}-{j}.jpg")
-        rows.append({"sku": sku, "title": title, "price": f"{n + 1}.49", "location": f"Aisle {n + 2}",
-                     "images": ";".join(names)})
-    catalog = root / "catalog.csv"
-    with catalog.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return catalog
+        images.append(_lookalike(items[HELD]) if which < 0 else items[which])
+        products.append({"sku": sku, "title": title, "price": f"{n + 1}.49", "location": f"Aisle {n + 2}"})
+    return write_catalog(root, products, images)
 
 
 def _storelens(*args: str, timeout_s: float = 120.0) -> str:
