@@ -200,6 +200,17 @@ def test_closed_embedder_refuses(tiny_bundle: Path) -> None:
         embedder.embed_one(np.zeros((4, 4, 3), np.uint8))
 
 
+def test_a_share_of_the_machine_is_never_pinned(tiny_bundle: Path) -> None:
+    """An Embedder given a thread count (a Ray actor's share) runs that many threads, unpinned.
+
+    OpenVINO pins a latency-hint model's threads to cores it picks without regard to other processes:
+    two 1-thread actors on a 2-core machine shared one core (half the catalog-build rate on Ray).
+    """
+    with Embedder(tiny_bundle, mode="latency", threads=1) as share:
+        assert share._compiled.get_property("INFERENCE_NUM_THREADS") == 1
+        assert share._compiled.get_property("ENABLE_CPU_PINNING") is False
+
+
 def test_ports(tiny_bundle: Path) -> None:
     """Embedder and FakeEmbedder must both fit EmbedderPort; the fake is deterministic and unit-norm."""
     fake = FakeEmbedder(dim=32)
