@@ -39,7 +39,8 @@ def export_cmd(
     pool_node: Annotated[str | None, typer.Option(help="cut here instead of at the last global pool")] = None,
     name: Annotated[str | None, typer.Option(help="bundle name (default: from the source)")] = None,
     preprocessing: Annotated[
-        str | None, typer.Option(help="recipe: imagenet, mobilenet-u8, mobilenet-float, caffe-bgr")
+        str | None,
+        typer.Option(help="recipe: imagenet, mobilenet-u8, mobilenet-float, caffe-bgr, efficientnet-lite"),
     ] = None,
     subset_size: Annotated[int, typer.Option(help="int8: most calibration images used")] = 300,
 ) -> None:

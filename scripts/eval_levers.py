@@ -38,6 +38,7 @@ from cloud import retrieval  # noqa: E402
 from cloud.feedback.relearn import likely_mistaps  # noqa: E402
 from cloud.retrieval import DEFAULT_SHRINKAGE, MAX_OUT_DIM, Adapter, item_scores, normalize_rows  # noqa: E402
 from cloud.retrieval_augment import augmented_views  # noqa: E402
+from models.bundle import read_manifest  # noqa: E402
 from scripts.eval_data import OUT, VIEWS, Embeddings, file_sha256, read_iconic, read_split, seed_of  # noqa: E402
 from scripts.eval_loop import CROP_QUALITY, CROP_SIDE_PX, MISTAP_RATE, SEED, _crop_jpeg  # noqa: E402
 
@@ -134,13 +135,13 @@ class World:
     q_labels: np.ndarray
 
 
-def load(flip: bool) -> Vectors:
+def load(flip: bool, bundle: Path | None = None) -> Vectors:
     import cv2
 
     from scripts.eval_grocery import _bundle
     from scripts.eval_loop import _data
 
-    d, embedder = _data(_bundle())
+    d, embedder = _data(bundle or _bundle())
     try:
         emb = Embeddings(embedder, OUT / "cache")
         iconic = emb.get(read_iconic().paths, lambda im, sha: [im], "orig", 1)
@@ -334,16 +335,19 @@ def _main() -> int:
     ap.add_argument("--seeds", type=int, default=len(TRAIN_SEEDS), help="train world: how many seeds")
     ap.add_argument("--flip", action="store_true", help="embed/read flipped store crops (flip_* variants)")
     ap.add_argument("--out", default="levers")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="another backbone's bundle (default: MobileNetV2, exported afresh)")
     a = ap.parse_args()
     names = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
     retrieval.fit_lda_adapter = fast_lda_adapter  # type: ignore[assignment]
-    v = load(a.flip or any(n.startswith("flip") for n in names))
+    v = load(a.flip or any(n.startswith("flip") for n in names), a.bundle)
+    model = "" if a.bundle is None else f"{read_manifest(a.bundle).model_id[:12]}-"  # worlds differ by model
     seeds = (0,) if a.world == "val" else TRAIN_SEEDS[: a.seeds]
     t0 = time.perf_counter()
     states = {}
     for loop in a.loops.split(","):
         for s in seeds:
-            cached = OUT / "levers-worlds" / f"{a.world}-{loop}-{s}.pkl"
+            cached = OUT / "levers-worlds" / f"{model}{a.world}-{loop}-{s}.pkl"
             if cached.exists():
                 states[(loop, s)] = pickle.loads(cached.read_bytes())
             else:

@@ -402,10 +402,12 @@ def main() -> int:
                     help="ks at which the open-set world relearns too (a second tune each)")
     ap.add_argument("--relearn-loops", default="mistap", help="loops that relearn the bundle")
     ap.add_argument("--out", default="loop", help="name of the JSON and PNG under build/eval/")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="another bundle to run the loop with (default: MobileNetV2, exported afresh)")
     a = ap.parse_args()
     ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # noqa: E731
-    res = run(_bundle(), tuple(a.loops.split(",")), ints(a.ks), ints(a.relearn_ks), ints(a.relearn_open_ks),
-              a.out, tuple(a.relearn_loops.split(",")))  # fmt: skip
+    res = run(a.bundle or _bundle(), tuple(a.loops.split(",")), ints(a.ks), ints(a.relearn_ks),
+              ints(a.relearn_open_ks), a.out, tuple(a.relearn_loops.split(",")))  # fmt: skip
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}))
     return 0
 
