@@ -135,13 +135,12 @@ class World:
     q_labels: np.ndarray
 
 
-def load(flip: bool, bundle: Path | None = None) -> Vectors:
+def load(flip: bool, bundle: Path) -> Vectors:
     import cv2
 
-    from scripts.eval_grocery import _bundle
     from scripts.eval_loop import _data
 
-    d, embedder = _data(bundle or _bundle())
+    d, embedder = _data(bundle)
     try:
         emb = Embeddings(embedder, OUT / "cache")
         iconic = emb.get(read_iconic().paths, lambda im, sha: [im], "orig", 1)
@@ -340,14 +339,17 @@ def _main() -> int:
     a = ap.parse_args()
     names = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
     retrieval.fit_lda_adapter = fast_lda_adapter  # type: ignore[assignment]
-    v = load(a.flip or any(n.startswith("flip") for n in names), a.bundle)
-    model = "" if a.bundle is None else f"{read_manifest(a.bundle).model_id[:12]}-"  # worlds differ by model
+    from scripts.eval_grocery import _bundle
+
+    bundle = a.bundle or _bundle()
+    v = load(a.flip or any(n.startswith("flip") for n in names), bundle)
+    model = read_manifest(bundle).model_id[:12]  # a world's vectors are one model's
     seeds = (0,) if a.world == "val" else TRAIN_SEEDS[: a.seeds]
     t0 = time.perf_counter()
     states = {}
     for loop in a.loops.split(","):
         for s in seeds:
-            cached = OUT / "levers-worlds" / f"{model}{a.world}-{loop}-{s}.pkl"
+            cached = OUT / "levers-worlds" / f"{model}-{a.world}-{loop}-{s}.pkl"
             if cached.exists():
                 states[(loop, s)] = pickle.loads(cached.read_bytes())
             else:

@@ -115,6 +115,11 @@ class EmbedActor:
         self._dim = dim
         self._decode: Callable[[bytes], npt.NDArray[np.uint8]] = decode_image
         self._s3: Any = None
+        # An Embedder queues photos (``submit``, then ``wait`` once a batch); a plain EmbedderPort embeds
+        # each in turn.
+        submit, wait = getattr(self._embedder, "submit", None), getattr(self._embedder, "wait", None)
+        self._submit: Any = submit if callable(submit) and callable(wait) else None
+        self._wait: Any = wait
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
@@ -122,16 +127,13 @@ class EmbedActor:
         from cloud.cache import _pixels_key
 
         cols = batch.to_pydict()
-        submit = getattr(self._embedder, "submit", None)
-        wait = getattr(self._embedder, "wait", None)
-        queued = callable(submit) and callable(wait)
         rows: list[_Row] = []
         for source, want in zip(cols["source"], cols["thumb"], strict=True):
             rows.append(row := self._prepare(source, bool(want), _pixels_key))
             if row.image is not None:  # one decoded photo held at a time: 12 MP photos are 36 MB each
-                self._infer(row, submit if queued else None)
-        if queued:
-            wait()  # type: ignore[misc]
+                self._infer(row)
+        if self._submit is not None:
+            self._wait()
         if self._cache is not None:  # before the batch counts as done: a later kill loses nothing
             self._cache.write({r.sha: r.vec for r in rows if r.vec is not None},
                               {r.sha: r.thumb for r in rows if r.thumb is not None})  # fmt: skip
@@ -172,13 +174,13 @@ class EmbedActor:
             row.image = image
         return row
 
-    def _infer(self, row: _Row, submit: Any) -> None:
+    def _infer(self, row: _Row) -> None:
         """Embed ``row``'s photo. With an Embedder's ``submit`` it is resized here and queued, and the next
         photo decodes while it infers; every request of a multi-stream actor stays busy (one
         ``embed([image])`` at a time used one stream: 1 actor x 2 CPUs at a third of the single path)."""
         try:
-            if submit is not None:
-                submit(row.take(), _Row.on_vector, (row, self._dim))
+            if self._submit is not None:
+                self._submit(row.take(), _Row.on_vector, (row, self._dim))
             else:
                 row.done(np.asarray(self._embedder.embed([row.take()])[0], np.float32), self._dim)
         except Exception as exc:  # one image's inference failing skips that image, not the build
