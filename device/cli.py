@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import threading
@@ -14,6 +15,8 @@ import typer
 kiosk_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run a StoreLens kiosk.")
 
 _LOGGER = logging.getLogger(__name__)
+
+STOP_BUDGET_S = 15.0  # from SIGTERM to exit; deploy/systemd/storelens-kiosk.service gives 20 (TimeoutStopSec)
 
 
 @kiosk_app.callback()
@@ -43,10 +46,18 @@ def run(
 
             def on_signal(signum: int, frame: FrameType | None) -> None:
                 _LOGGER.info("signal %d: stopping", signum)
+                # Every part's stop is bounded, but a native call (a camera driver, a library's exit
+                # handler) can still hang: past the budget, every thread's stack goes to stderr (the
+                # journal) and the process exits 1, before systemd's TimeoutStopSec would SIGKILL it
+                # with nothing said.
+                faulthandler.dump_traceback_later(STOP_BUDGET_S, exit=True)
                 app.stop_event.set()
 
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
+            # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): what ops need when
+            # a kiosk hangs instead of stopping, without a debugger on the device.
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
         app.run(max_seconds=max_seconds, exit_at_eof=exit_at_eof)
     except (ConfigError, TransportError, SigningKeyError, ModelError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)

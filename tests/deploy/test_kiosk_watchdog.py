@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -85,6 +87,20 @@ def _messages(sock: socket.socket, timeout_s: float) -> Iterator[str]:
             return
 
 
+def _wait_or_dump(proc: subprocess.Popen[bytes], timeout_s: float, log: Path) -> int:
+    """The exit code; if the kiosk has not stopped by then, fail with every thread's stack (the kiosk
+    dumps them on SIGUSR1) and its log."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            pass
+        pytest.fail(f"kiosk still running {timeout_s:.0f} s after SIGTERM:\n{log.read_text()[-12000:]}")
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(180, method="thread")
@@ -135,9 +151,15 @@ def test_kiosk_notifies_ready_feeds_the_watchdog_and_stops_feeding_when_the_came
         late = [m for m in _messages(sock, 3.0)]
         assert len(late) <= 3 and all(m == "WATCHDOG=1" for m in late), late
         assert proc.poll() is None
+        # Ops' view of the hang: `kill -USR1` writes every thread's stack, the camera read among them.
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while "in read" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the stacks land in the log file; nothing to wait on but the file
+        assert re.search(r"device/camera/sources\.py\", line \d+ in read", log.read_text()), log.read_text()[-3000:]
         camera.release.set()  # the hung read returns; SIGTERM then stops cleanly
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+        assert _wait_or_dump(proc, 30, log) == 0, log.read_text()[-3000:]
         assert any(m.startswith("STOPPING=1") for m in _messages(sock, 0.5))
     finally:
         if proc.poll() is None:

@@ -77,6 +77,15 @@ def test_kiosk_unit_is_notify_with_a_watchdog_and_start_limits_in_unit() -> None
     assert k["CapabilityBoundingSet"] == "" and k["User"] != "root"
 
 
+def test_kiosk_gives_up_its_stop_before_systemd_kills_it() -> None:
+    """A stop hung in a native call must end with every thread's stack in the journal (the kiosk's own stop
+    budget), not with systemd's silent SIGKILL at TimeoutStopSec."""
+    from device.cli import STOP_BUDGET_S
+
+    k = _service(UNITS / "storelens-kiosk.service")
+    assert 0 < STOP_BUDGET_S <= float(k["TimeoutStopSec"]) - 3
+
+
 def test_feedback_unit_is_hardened_like_the_kiosk_and_keeps_secrets_off_the_command_line() -> None:
     """The collector handles customer photos: it must be at least as locked down as the kiosk, and the
     broker password must come from the environment file, never from ExecStart."""
