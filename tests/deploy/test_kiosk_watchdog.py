@@ -156,7 +156,8 @@ def test_kiosk_notifies_ready_feeds_the_watchdog_and_stops_feeding_when_the_came
         deadline = time.monotonic() + 10
         while "in read" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)  # the stacks land in the log file; nothing to wait on but the file
-        assert re.search(r"device/camera/sources\.py\", line \d+ in read", log.read_text()), log.read_text()[-3000:]
+        stacks = log.read_text()
+        assert re.search(r"device/camera/sources\.py\", line \d+ in read", stacks), stacks[-3000:]
         camera.release.set()  # the hung read returns; SIGTERM then stops cleanly
         proc.send_signal(signal.SIGTERM)
         assert _wait_or_dump(proc, 30, log) == 0, log.read_text()[-3000:]
