@@ -226,6 +226,7 @@ class KioskApp:
 
     def _drain(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
+        self.comms.flush(timeout_s)  # the events handed in are in the outbox (or held) before we count
         while ((self.comms.outbox_depth or self.comms.outbox_memory) and self.comms.connected
                and time.monotonic() < deadline):
             self.stop_event.wait(0.05)

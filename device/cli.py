@@ -6,6 +6,7 @@ import faulthandler
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -17,6 +18,14 @@ kiosk_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run a 
 _LOGGER = logging.getLogger(__name__)
 
 STOP_BUDGET_S = 15.0  # from SIGTERM to exit; deploy/systemd/storelens-kiosk.service gives 20 (TimeoutStopSec)
+
+
+def _with_stderr_fd(arm: Callable[[], None]) -> None:
+    """Arm a faulthandler hook; skipped where stderr is no file (an embedding host, a test runner)."""
+    try:
+        arm()
+    except (OSError, ValueError, AttributeError) as exc:  # io.UnsupportedOperation: no fileno
+        _LOGGER.debug("faulthandler not armed: %s", exc)
 
 
 @kiosk_app.callback()
@@ -50,14 +59,14 @@ def run(
                 # handler) can still hang: past the budget, every thread's stack goes to stderr (the
                 # journal) and the process exits 1, before systemd's TimeoutStopSec would SIGKILL it
                 # with nothing said.
-                faulthandler.dump_traceback_later(STOP_BUDGET_S, exit=True)
+                _with_stderr_fd(lambda: faulthandler.dump_traceback_later(STOP_BUDGET_S, exit=True))
                 app.stop_event.set()
 
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
             # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): what ops need when
             # a kiosk hangs instead of stopping, without a debugger on the device.
-            faulthandler.register(signal.SIGUSR1, all_threads=True)
+            _with_stderr_fd(lambda: faulthandler.register(signal.SIGUSR1, all_threads=True))
         app.run(max_seconds=max_seconds, exit_at_eof=exit_at_eof)
     except (ConfigError, TransportError, SigningKeyError, ModelError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)

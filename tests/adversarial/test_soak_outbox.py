@@ -64,7 +64,7 @@ def test_soak_broker_cycling_and_disk_filling_loses_no_event(
         """SQLite reuses free pages and WAL space, so a full disk bites only once they are used up: a
         burst of real (counted) events gets it there, so every no-room phase tests what it names."""
         for _ in range(max_events):
-            if comms.outbox_memory > 0:
+            if comms.flush() and comms.outbox_memory > 0:
                 return
             emit()
 

@@ -101,6 +101,7 @@ def _assert_refused_and_kept(
         assert not any(r.exc_info for r in logs.records), "a traceback was logged"
         assert not comms.connected
         assert transport.last_error is not None and expect in transport.last_error.lower()
+        assert comms.flush()
         assert outbox.depth == 5, "events lost while the broker refused the kiosk"
     finally:
         comms.stop(timeout_s=2.0)
@@ -175,6 +176,7 @@ def test_wrong_password_then_fixed_delivers_every_event(
         assert len(errors) == 1 and "refused" in errors[0] and "password" in errors[0], errors
         assert not any(r.exc_info for r in logs.records), "a traceback was logged"
         assert not comms.connected and transport.last_error is not None
+        assert comms.flush()
         assert outbox.depth == n and watcher.count(topics.match) == 0
         # The operator fixes the credential on the broker (the runbook's password rotation): reload.
         pw = tmp_path / "passwd"

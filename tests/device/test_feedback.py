@@ -186,6 +186,7 @@ def test_an_answer_given_while_the_broker_is_down_arrives_after_it_returns(
         last = _shown(app, c)
         own_broker.stop(kill=True)
         assert _answer(app, last.id, "not_here", None) == 200
+        assert app.comms.flush()
         assert app.comms.outbox_depth >= 1
         own_broker.start()
         c2 = Collector(own_broker.port, [TOPICS.feedback])

@@ -122,6 +122,7 @@ def test_every_item_once_and_a_broker_restart_loses_nothing(
         assert first.wait_for(lambda m: len(m) >= 1, 30.0)
         own_broker.stop(kill=True)
         assert app.pipeline.wait(60.0)
+        assert app.comms.flush()
         assert app.comms.outbox_depth >= 1  # answers given while the broker was down wait in the outbox
         own_broker.start()
         second = Collector(own_broker.port, [TOPICS.match])

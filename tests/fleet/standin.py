@@ -93,6 +93,7 @@ class StandInKiosk:
     def drain(self, timeout_s: float) -> bool:
         """Wait until every queued event was acked by the broker."""
         end = threading.Event()
+        self.comms.flush(timeout_s)
         for _ in range(int(timeout_s / 0.05)):
             if self.outbox.depth == 0:
                 return True

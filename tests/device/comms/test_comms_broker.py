@@ -137,6 +137,7 @@ def test_broker_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:
         b.stop(kill=True)
         for i in range(100, 200):
             comms.publish_event(TOPICS.match, _event(i))
+        assert comms.flush()
         assert comms.outbox_depth > 0
         t0 = time.monotonic()
         b.start()

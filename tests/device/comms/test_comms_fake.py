@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def test_events_flow_in_order_and_offline_buffers(tmp_path: Path) -> None:
     assert decode(t.retained[TOPICS.status], Status).reason == "lwt"
     for i in range(10, 30):
         comms.publish_event(TOPICS.match, b'{"seq":%d}' % i)
+    assert comms.flush()
     assert comms.outbox_depth == 20
     t.set_online(True)
     assert t.wait_for(lambda: len(t.messages(TOPICS.match)) == 30)
@@ -102,4 +104,67 @@ def test_set_status_and_health(tmp_path: Path) -> None:
     assert h.latency_ms["infer"]["p50"] == 49.5
     assert t.wait_for(lambda: any(b"outbox_dropping" in p for p in t.messages(TOPICS.alert)))
     comms.stop()
+    box.close()
+
+
+class _SlowDisk(Outbox):
+    """An outbox whose commits wait for ``go`` (a disk stalled in fsync); records each commit's size."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.go = threading.Event()
+        self.entered = threading.Event()
+        self.commits: list[int] = []
+
+    def put_many(self, rows: list[tuple[str, bytes, int]]) -> list[int]:
+        self.entered.set()
+        assert self.go.wait(10), "the test never released the disk"
+        self.commits.append(len(rows))
+        return super().put_many(rows)
+
+
+def test_a_stalled_disk_never_blocks_publish_event_and_the_writer_group_commits(tmp_path: Path) -> None:
+    """Guards: the frame path waiting on the outbox's fsync (one per event, on the caller's thread), and
+    events handed in during a commit lost or reordered instead of committed together in the next one."""
+    t = InMemoryTransport(online=False)
+    box = _SlowDisk(tmp_path / "o.db")
+    comms = Comms(t, box, TOPICS, app_version="1.0", replay_rate_per_s=1000)
+    comms.start(_status())
+    try:
+        comms.publish_event(TOPICS.match, b'{"seq":0}')
+        assert box.entered.wait(5)  # the writer is inside the first commit, stalled
+        done = threading.Event()
+
+        def more() -> None:
+            for i in range(1, 6):
+                comms.publish_event(TOPICS.match, b'{"seq":%d}' % i)
+            done.set()
+
+        threading.Thread(target=more, name="frame-path").start()
+        assert done.wait(5), "publish_event waited for the disk"
+        assert not comms.flush(timeout_s=0.2) and box.depth == 0  # nothing durable while the disk stalls
+        box.go.set()
+        assert comms.flush()
+        assert box.commits == [1, 5] and box.depth == 6
+        t.set_online(True)
+        assert t.wait_for(lambda: len(t.messages(TOPICS.match)) == 6)
+        assert [json.loads(p)["seq"] for p in t.messages(TOPICS.match)] == list(range(6))
+    finally:
+        box.go.set()
+        comms.stop()
+        box.close()
+
+
+def test_events_handed_in_up_to_stop_are_committed_and_later_ones_inline(tmp_path: Path) -> None:
+    """Guards: events handed to the writer lost at stop, or events after stop going nowhere."""
+    t = InMemoryTransport(online=False)
+    box = Outbox(tmp_path / "o.db")
+    comms = Comms(t, box, TOPICS, app_version="1.0")
+    comms.start(_status())
+    for i in range(20):
+        comms.publish_event(TOPICS.match, b"%d" % i)
+    comms.stop()
+    assert box.depth == 20
+    comms.publish_event(TOPICS.match, b"20")  # not started: committed before it returns
+    assert box.depth == 21 and comms.flush(timeout_s=0)
     box.close()

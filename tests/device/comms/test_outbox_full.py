@@ -35,6 +35,7 @@ def _publish_until_held(comms: Comms, start: int) -> int:
     seq = start
     while comms.outbox_memory == 0:
         comms.publish_event(TOPICS.match, _event(seq))
+        assert comms.flush()
         seq += 1
         assert seq - start < 5000, "the outbox never reported the disk full"
     return seq
@@ -56,6 +57,7 @@ def test_full_disk_holds_events_and_writes_them_when_space_returns(
         for seq in range(n, n + 30):  # keeps answering: no exception while the disk stays full
             comms.publish_event(TOPICS.match, _event(seq))
         n += 30
+        assert comms.flush()
         assert comms.outbox_memory > 0
         comms.publish_health(_health())
         assert watch.wait_for(lambda m: any(t == TOPICS.health for t, _, _ in m))
@@ -89,6 +91,7 @@ def test_past_the_memory_cap_the_oldest_are_dropped_counted_and_alerted(tiny_dis
         first_held = _publish_until_held(comms, 0) - 1
         for seq in range(first_held + 1, first_held + 12):
             comms.publish_event(TOPICS.match, _event(seq))
+        assert comms.flush()
         assert comms.outbox_memory == 5
         assert comms.outbox_dropped == 7, "every event past the cap is counted"
         alerts = lambda: transport.messages(TOPICS.alert)  # noqa: E731
