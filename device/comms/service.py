@@ -78,7 +78,8 @@ class Comms:
         # Events handed in while the writer runs, not yet written or held (oldest first).
         self._pending: list[tuple[str, bytes, int]] = []
         self._pending_cond = threading.Condition()
-        self._handed = self._settled = 0  # events handed to the writer / written or held by it
+        self._handed = self._settled = 0  # events handed to the writer / written, held or dropped
+        self._pending_dropped = 0  # handed in past the memory cap while the writer was stuck: lost
         self._writer: threading.Thread | None = None
         self._writer_stop = threading.Event()
         self.sent = 0  # rows acked by the broker since start (for tests and health)
@@ -133,6 +134,13 @@ class Comms:
         """
         with self._pending_cond:
             if self._writer is not None:
+                if len(self._pending) >= self._held.cap:  # a disk hung inside a commit: bounded, counted
+                    self._pending.pop(0)
+                    self._pending_dropped += 1
+                    self._settled += 1  # settled: dropped for good
+                    if self._pending_dropped == 1:
+                        _LOGGER.error("outbox writer stuck: %d events wait, dropping the oldest (counted)",
+                                      self._held.cap)  # fmt: skip
                 self._pending.append((topic, bytes(payload), qos))
                 self._handed += 1
                 self._pending_cond.notify_all()
@@ -228,7 +236,7 @@ class Comms:
     @property
     def outbox_dropped(self) -> int:
         """Events dropped for good: by the outbox's row/age bounds, or past the memory cap."""
-        return self._outbox.dropped + self._held.dropped
+        return self._outbox.dropped + self._held.dropped + self._pending_dropped
 
     @property
     def outbox_memory(self) -> int:

@@ -168,3 +168,26 @@ def test_events_handed_in_up_to_stop_are_committed_and_later_ones_inline(tmp_pat
     comms.publish_event(TOPICS.match, b"20")  # not started: committed before it returns
     assert box.depth == 21 and comms.flush(timeout_s=0)
     box.close()
+
+
+def test_a_disk_hung_in_a_commit_bounds_the_waiting_events_and_counts_the_dropped(tmp_path: Path) -> None:
+    """Guards: events piling up without bound behind a commit that never returns (the frame path no
+    longer waits for the disk, so nothing else holds them back)."""
+    t = InMemoryTransport(online=False)
+    box = _SlowDisk(tmp_path / "o.db")
+    comms = Comms(t, box, TOPICS, app_version="1.0", memory_cap=4)
+    comms.start(_status())
+    try:
+        comms.publish_event(TOPICS.match, b"0")
+        assert box.entered.wait(5)  # stuck in the first commit
+        for i in range(1, 11):
+            comms.publish_event(TOPICS.match, b"%d" % i)
+        assert comms.outbox_dropped == 6  # 10 handed in while stuck, 4 kept: the newest
+        box.go.set()
+        assert comms.flush()
+        assert [r.payload for r in box.peek(20)] == [b"0", b"7", b"8", b"9", b"10"]
+        assert comms.outbox_dropped == 6
+    finally:
+        box.go.set()
+        comms.stop()
+        box.close()
