@@ -83,6 +83,7 @@ def test_set_status_and_health(tmp_path: Path) -> None:
     t.set_online(False)
     for i in range(5):
         comms.publish_event(TOPICS.match, b"%d" % i)
+    assert comms.flush()  # all five in the outbox (3 dropped by max_rows) before the drain can send any
     t.set_online(True)
     stats = LatencyStats()
     for v in range(100):
