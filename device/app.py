@@ -101,7 +101,8 @@ class KioskApp:
         det = cfg.detection
         self.pipeline = Pipeline.of_pairs(
             frames, HeldItemDetector(det), lambda: self.serving.current(), on_result=self._on_result,
-            on_frame=self._on_frame, aggregate_frames=det.aggregate_frames, top_k=det.top_k,
+            on_frame=self._on_frame, aggregate_frames=det.aggregate_frames,
+            mirror_frame=det.mirror_one_frame, top_k=det.top_k,
             max_inflight=cfg.model.max_inflight, inline=cfg.model.pipeline == "inline",
         )
         u = cfg.update

@@ -69,6 +69,7 @@ class DetectionConfig(_Section):
     learn_rate: float = Field(default=0.05, gt=0, le=1)  # background adaptation while idle
     absorb_frames: int = Field(default=900, ge=1)  # an "item" shown this long is scenery: learn it
     aggregate_frames: int = Field(default=3, ge=1, le=64)  # steady crops embedded per held item
+    mirror_one_frame: bool = True  # the 2nd of them embedded mirrored: a free extra view (NOTES.md)
     top_k: int = Field(default=5, ge=1, le=50)
 
     @model_validator(mode="after")

@@ -76,6 +76,7 @@ class Pipeline:
         on_result: Callable[[ItemResult], None],
         on_frame: Callable[[Frame, Detection], None] | None = None,
         aggregate_frames: int = 3,
+        mirror_frame: bool = False,
         top_k: int = 5,
         max_inflight: int = 2,
         stats: LatencyStats | None = None,
@@ -102,7 +103,8 @@ class Pipeline:
         )
         self.detect = DetectStage(
             frames, detector, pairs, handoff, inflight, max_inflight=max_inflight,
-            aggregate_frames=aggregate_frames, counters=self.counters, on_frame=on_frame, clock=clock,
+            aggregate_frames=aggregate_frames, mirror_frame=mirror_frame, counters=self.counters,
+            on_frame=on_frame, clock=clock,
             inline=self.search.handle if inline else None,
         )
 

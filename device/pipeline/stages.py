@@ -125,6 +125,7 @@ class DetectStage:
         *,
         max_inflight: int,
         aggregate_frames: int,
+        mirror_frame: bool = False,
         counters: Counters,
         on_frame: Callable[[Frame, Detection], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -140,6 +141,10 @@ class DetectStage:
         self._inflight = inflight
         self._max_inflight = max_inflight
         self._aggregate = aggregate_frames
+        # The second steady crop of an item is embedded mirrored: a free extra view of the item, since its
+        # steady frames are near-copies of each other (grocery, 3 frames: +0.7-1.7 R@1 points at one
+        # store photo per product; docs/NOTES.md). The crop kept for feedback is never the mirrored one.
+        self._mirror_at = 1 if mirror_frame and aggregate_frames >= 2 else -1
         self._counters = counters
         self._on_frame = on_frame
         self._clock = clock
@@ -203,11 +208,14 @@ class DetectStage:
         final = n + 1 if n + 1 >= self._aggregate else 0
         pending = Pending(det.item_id, frame.seq, frame.t_capture, (t0 - frame.t_capture) * 1000.0,
                           (t1 - t0) * 1000.0, self._clock(), pair, final, det.crop)
+        crop: npt.NDArray[np.uint8] = det.crop
+        if n == self._mirror_at:
+            crop = np.ascontiguousarray(crop[:, ::-1])
         try:
             if self._inline is None:
-                submit(pair.embedder, det.crop, self._on_embedded, pending)
+                submit(pair.embedder, crop, self._on_embedded, pending)
             else:
-                self._embed_inline(pair.embedder, det.crop, pending)
+                self._embed_inline(pair.embedder, crop, pending)
         except Exception:
             self._inflight.release()
             c.embed_errors += 1

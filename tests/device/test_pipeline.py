@@ -184,15 +184,16 @@ class _ScriptedDetector:
         pass
 
 
-def _detect_only(detector: _ScriptedDetector, emb: object, n_frames: int) -> tuple[list[object], Counters]:
+def _detect_only(detector: _ScriptedDetector, emb: object, n_frames: int, *, aggregate_frames: int = 3,
+                 mirror_frame: bool = False) -> tuple[list[object], Counters]:
     """Run the detect stage alone over ``n_frames``; what it handed to the search stage, in order."""
     frames: BoundedQueue[Frame] = BoundedQueue(n_frames + 1, OverflowPolicy.WAIT)
     handoff: BoundedQueue[Handoff] = BoundedQueue(64, OverflowPolicy.WAIT)
     counters = Counters()
     # No search stage releases the crops' slots: room for them beside the 8 that END takes back.
     stage = DetectStage(frames, detector, lambda: ModelPair(emb, None), handoff,
-                        threading.Semaphore(8 + n_frames), max_inflight=8, aggregate_frames=3,
-                        counters=counters)  # fmt: skip
+                        threading.Semaphore(8 + n_frames), max_inflight=8, aggregate_frames=aggregate_frames,
+                        mirror_frame=mirror_frame, counters=counters)  # fmt: skip
     for i in range(n_frames):
         frames.put(Frame(i, 0.0, np.zeros((8, 8, 3), np.uint8)))
     frames.close()
@@ -221,6 +222,42 @@ def test_an_items_last_crop_carries_its_count_and_no_close_follows(catalog: tupl
     for m in reversed(msgs):  # out of order too: the last crop first
         search._handle(m)  # type: ignore[arg-type]
     assert len(results) == 1 and results[0].frames == 3 and results[0].hits[0].sku == "sku2"
+
+
+class _Recorder:
+    """An embedder that keeps every crop it is given (then embeds it with FakeEmbedder)."""
+
+    def __init__(self, emb: FakeEmbedder) -> None:
+        self._inner, self.crops = emb, []  # type: list[np.ndarray]
+        self.dim, self.model_id = emb.dim, emb.model_id
+
+    def submit(self, crop: np.ndarray, callback: Callable[..., None], userdata: object = None) -> None:
+        self.crops.append(crop.copy())
+        submit(self._inner, crop, callback, userdata)
+
+
+@pytest.mark.parametrize(("aggregate", "mirror", "mirrored"),
+                         [(3, True, [False, True, False]), (2, True, [False, True]), (1, True, [False]),
+                          (3, False, [False, False, False])])  # fmt: skip
+def test_the_second_crop_of_an_item_is_embedded_mirrored_and_feedback_keeps_the_real_one(
+    catalog: tuple, aggregate: int, mirror: bool, mirrored: list[bool]  # type: ignore[type-arg]
+) -> None:
+    """Guards: the free mirrored view lost (the eval's multi-frame figures assume one), applied to other
+    crops, or a mirrored crop sent to the cloud as a store photo."""
+    items, emb, snap, _ = catalog
+    crop = np.ascontiguousarray(items[3][:, :-7])  # not symmetric: mirrored != itself
+    rec = _Recorder(emb)
+    msgs, _ = _detect_only(_ScriptedDetector(crop), rec, n_frames=6, aggregate_frames=aggregate,
+                           mirror_frame=mirror)  # fmt: skip
+    assert len(rec.crops) == aggregate
+    assert [bool(np.array_equal(c, crop[:, ::-1])) for c in rec.crops] == mirrored
+    assert all(np.array_equal(c, crop) for c, m in zip(rec.crops, mirrored, strict=True) if not m)
+    results: list[ItemResult] = []
+    search = _search_only(emb, snap, results)
+    for m in msgs:
+        search._handle(m)  # type: ignore[arg-type]
+    assert len(results) == 1 and results[0].crop is not None and np.array_equal(results[0].crop, crop)
+    assert results[0].hits[0].sku == "sku3"
 
 
 def test_an_item_the_detector_ends_early_is_answered_from_the_crops_it_had(catalog: tuple) -> None:  # type: ignore[type-arg]
