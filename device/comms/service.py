@@ -92,11 +92,11 @@ class Comms:
         with self._lock:
             self._status, self._status_dirty = status, True
         will = self._status_like(status, KioskState.OFFLINE, "lwt").to_bytes()
-        self._thread = threading.Thread(target=self.run, args=(self._stop,), name="comms-drain", daemon=True)
-        self._thread.start()
         self._writer_stop.clear()
         self._writer = threading.Thread(target=self._write_loop, name="outbox-writer", daemon=True)
         self._writer.start()
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), name="comms-drain", daemon=True)
+        self._thread.start()
         self._transport.connect(
             will=(self._topics.status, will), timeout_s=self._connect_timeout_s, on_connect=self._on_connect
         )
@@ -252,8 +252,6 @@ class Comms:
         """Drain loop: status first, then outbox rows in id order, each removed only on its PUBACK."""
         while not stop.is_set():
             try:
-                if self._writer is None:
-                    self._flush_held()
                 if not self._transport.connected:
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
