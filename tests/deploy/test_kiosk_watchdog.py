@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -77,6 +76,33 @@ def camera() -> Iterator[_Camera]:
         cam.close()
 
 
+class _Output:
+    """A process's stdout+stderr, read on a thread; ``wait_for`` wakes when a pattern appears."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._chunks: list[str] = []
+        self._cond = threading.Condition()
+        assert proc.stdout is not None
+        self._stream = proc.stdout
+        self._thread = threading.Thread(target=self._read, name="kiosk-output", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in iter(self._stream.readline, b""):
+            with self._cond:
+                self._chunks.append(line.decode(errors="replace"))
+                self._cond.notify_all()
+
+    def text(self) -> str:
+        with self._cond:
+            return "".join(self._chunks)
+
+    def wait_for(self, pattern: str, timeout_s: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: re.search(pattern, "".join(self._chunks)) is not None,
+                                       timeout_s)  # fmt: skip
+
+
 def _messages(sock: socket.socket, timeout_s: float) -> Iterator[str]:
     """Datagrams until ``timeout_s`` passes without one."""
     sock.settimeout(timeout_s)
@@ -87,9 +113,9 @@ def _messages(sock: socket.socket, timeout_s: float) -> Iterator[str]:
             return
 
 
-def _wait_or_dump(proc: subprocess.Popen[bytes], timeout_s: float, log: Path) -> int:
+def _wait_or_dump(proc: subprocess.Popen[bytes], timeout_s: float, out: _Output) -> int:
     """The exit code; if the kiosk has not stopped by then, fail with every thread's stack (the kiosk
-    dumps them on SIGUSR1) and its log."""
+    dumps them on SIGUSR1) and its output."""
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -98,7 +124,7 @@ def _wait_or_dump(proc: subprocess.Popen[bytes], timeout_s: float, log: Path) ->
             proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             pass
-        pytest.fail(f"kiosk still running {timeout_s:.0f} s after SIGTERM:\n{log.read_text()[-12000:]}")
+        pytest.fail(f"kiosk still running {timeout_s:.0f} s after SIGTERM:\n{out.text()[-12000:]}")
 
 
 @pytest.mark.integration
@@ -132,20 +158,20 @@ def test_kiosk_notifies_ready_feeds_the_watchdog_and_stops_feeding_when_the_came
     sock.bind(str(sock_path))
     env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(sock_path),
            "WATCHDOG_USEC": str(WATCHDOG_USEC)}  # fmt: skip
-    log = tmp_path / "kiosk.log"
-    with log.open("wb") as log_f:
-        proc = subprocess.Popen([sys.executable, "-m", "device", "run", "--config", str(conf)], cwd=tmp_path,
-                                env=env, stdin=subprocess.DEVNULL, stdout=log_f, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "-m", "device", "run", "--config", str(conf)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    out = _Output(proc)
     try:
         first = next(_messages(sock, KIOSK_START_S), "")
-        assert first.startswith("READY=1"), f"{first!r}\n{log.read_text()[-3000:]}"
+        assert first.startswith("READY=1"), f"{first!r}\n{out.text()[-3000:]}"
         assert f"MAINPID={proc.pid}" in first
         pings = 0
         for msg in _messages(sock, 5.0):
             pings += msg == "WATCHDOG=1"
             if pings >= 4:
                 break
-        assert pings >= 4, log.read_text()[-3000:]
+        assert pings >= 4, out.text()[-3000:]
         camera.stall.set()
         # Frames in flight drain within a ping or two; then silence for 6 ping intervals.
         late = [m for m in _messages(sock, 3.0)]
@@ -153,14 +179,11 @@ def test_kiosk_notifies_ready_feeds_the_watchdog_and_stops_feeding_when_the_came
         assert proc.poll() is None
         # Ops' view of the hang: `kill -USR1` writes every thread's stack, the camera read among them.
         proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + 10
-        while "in read" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)  # the stacks land in the log file; nothing to wait on but the file
-        stacks = log.read_text()
-        assert re.search(r"device/camera/sources\.py\", line \d+ in read", stacks), stacks[-3000:]
+        stack = r"device/camera/sources\.py\", line \d+ in read"
+        assert out.wait_for(stack, 10), out.text()[-3000:]
         camera.release.set()  # the hung read returns; SIGTERM then stops cleanly
         proc.send_signal(signal.SIGTERM)
-        assert _wait_or_dump(proc, 30, log) == 0, log.read_text()[-3000:]
+        assert _wait_or_dump(proc, 30, out) == 0, out.text()[-3000:]
         assert any(m.startswith("STOPPING=1") for m in _messages(sock, 0.5))
     finally:
         if proc.poll() is None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from device.comms import Comms, InMemoryTransport, LatencyStats, Outbox
 from device.comms.port import Transport
@@ -124,16 +127,28 @@ class _SlowDisk(Outbox):
         return super().put_many(rows)
 
 
+@contextmanager
+def _stalled(tmp_path: Path, first: bytes, **kw: Any) -> Iterator[tuple[InMemoryTransport, _SlowDisk, Comms]]:
+    """An offline Comms whose writer is stalled inside the commit of ``first``; released and stopped at
+    the end."""
+    t = InMemoryTransport(online=False)
+    box = _SlowDisk(tmp_path / "o.db")
+    comms = Comms(t, box, TOPICS, app_version="1.0", **kw)
+    comms.start(_status())
+    try:
+        comms.publish_event(TOPICS.match, first)
+        assert box.entered.wait(5)  # the writer is inside the first commit, stalled
+        yield t, box, comms
+    finally:
+        box.go.set()
+        comms.stop()
+        box.close()
+
+
 def test_a_stalled_disk_never_blocks_publish_event_and_the_writer_group_commits(tmp_path: Path) -> None:
     """Guards: the frame path waiting on the outbox's fsync (one per event, on the caller's thread), and
     events handed in during a commit lost or reordered instead of committed together in the next one."""
-    t = InMemoryTransport(online=False)
-    box = _SlowDisk(tmp_path / "o.db")
-    comms = Comms(t, box, TOPICS, app_version="1.0", replay_rate_per_s=1000)
-    comms.start(_status())
-    try:
-        comms.publish_event(TOPICS.match, b'{"seq":0}')
-        assert box.entered.wait(5)  # the writer is inside the first commit, stalled
+    with _stalled(tmp_path, b'{"seq":0}', replay_rate_per_s=1000) as (t, box, comms):
         done = threading.Event()
 
         def more() -> None:
@@ -150,10 +165,6 @@ def test_a_stalled_disk_never_blocks_publish_event_and_the_writer_group_commits(
         t.set_online(True)
         assert t.wait_for(lambda: len(t.messages(TOPICS.match)) == 6)
         assert [json.loads(p)["seq"] for p in t.messages(TOPICS.match)] == list(range(6))
-    finally:
-        box.go.set()
-        comms.stop()
-        box.close()
 
 
 def test_events_handed_in_up_to_stop_are_committed_and_later_ones_inline(tmp_path: Path) -> None:
@@ -174,13 +185,7 @@ def test_events_handed_in_up_to_stop_are_committed_and_later_ones_inline(tmp_pat
 def test_a_disk_hung_in_a_commit_bounds_the_waiting_events_and_counts_the_dropped(tmp_path: Path) -> None:
     """Guards: events piling up without bound behind a commit that never returns (the frame path no
     longer waits for the disk, so nothing else holds them back)."""
-    t = InMemoryTransport(online=False)
-    box = _SlowDisk(tmp_path / "o.db")
-    comms = Comms(t, box, TOPICS, app_version="1.0", memory_cap=4)
-    comms.start(_status())
-    try:
-        comms.publish_event(TOPICS.match, b"0")
-        assert box.entered.wait(5)  # stuck in the first commit
+    with _stalled(tmp_path, b"0", memory_cap=4) as (_, box, comms):
         for i in range(1, 11):
             comms.publish_event(TOPICS.match, b"%d" % i)
         assert comms.outbox_dropped == 6  # 10 handed in while stuck, 4 kept: the newest
@@ -188,7 +193,3 @@ def test_a_disk_hung_in_a_commit_bounds_the_waiting_events_and_counts_the_droppe
         assert comms.flush()
         assert [r.payload for r in box.peek(20)] == [b"0", b"7", b"8", b"9", b"10"]
         assert comms.outbox_dropped == 6
-    finally:
-        box.go.set()
-        comms.stop()
-        box.close()
