@@ -128,10 +128,16 @@ def _data(bundle: Path) -> tuple[Data, Any]:
         return [cv2.imdecode(np.frombuffer(_crop_jpeg(im), np.uint8), cv2.IMREAD_COLOR)]
 
     crop_vecs = emb.get(train.paths, crop, f"crop{CROP_SIDE_PX}q{CROP_QUALITY}", 1)
-    qv = {tag: emb.get(val.paths, lambda im, sha, t=tag: [VIEWS[t](im)], tag, 1) for tag in KIOSK_FRAMES}
+    single, frames = _val_queries(emb, val.paths)
+    return Data(iconic.paths, train.paths, train.labels, crop_vecs, single, frames, val.labels), embedder
+
+
+def _val_queries(emb: Embeddings, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Single photos and the kiosk's multi-frame figure (``KIOSK_FRAMES`` averaged), cached by ``emb``."""
+    qv = {tag: emb.get(paths, lambda im, sha, t=tag: [VIEWS[t](im)], tag, 1) for tag in KIOSK_FRAMES}
     frames = np.stack([aggregate_frames(np.stack([qv[t][i] for t in KIOSK_FRAMES]))
-                       for i in range(len(val.paths))])  # fmt: skip
-    return Data(iconic.paths, train.paths, train.labels, crop_vecs, qv["orig"], frames, val.labels), embedder
+                       for i in range(len(paths))])  # fmt: skip
+    return qv["orig"], frames
 
 
 def _write_catalog(path: Path, iconic: list[Path], items: np.ndarray) -> Path:
@@ -144,16 +150,11 @@ def _queries(bundle: Path) -> tuple[np.ndarray, np.ndarray]:
     """The val queries as ``bundle`` embeds them: single photos and the multi-frame proxy (cached)."""
     from models.embedder import Embedder
 
-    val = read_split("val")
     embedder = Embedder(bundle, mode="latency")
     try:
-        emb = Embeddings(embedder, OUT / "cache")
-        qv = {tag: emb.get(val.paths, lambda im, sha, t=tag: [VIEWS[t](im)], tag, 1) for tag in KIOSK_FRAMES}
+        return _val_queries(Embeddings(embedder, OUT / "cache"), read_split("val").paths)
     finally:
         getattr(embedder, "close", lambda: None)()
-    frames = np.stack([aggregate_frames(np.stack([qv[t][i] for t in KIOSK_FRAMES]))
-                       for i in range(len(val.paths))])  # fmt: skip
-    return qv["orig"], frames
 
 
 def _relearned(base: Path, catalog: Path, fb_root: Path, tag: str) -> Path:
