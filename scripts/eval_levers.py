@@ -135,7 +135,9 @@ class World:
     q_labels: np.ndarray
 
 
-def load(flip: bool, bundle: Path) -> Vectors:
+def load(flip: bool, bundle: Path, views: tuple[str, ...] = ()) -> Vectors:
+    """The cached pooled vectors; ``views`` (VIEWS tags of the store-photo crops) are embedded when missing,
+    other crop views are read only if an earlier run cached them."""
     import cv2
 
     from scripts.eval_loop import _data
@@ -147,25 +149,28 @@ def load(flip: bool, bundle: Path) -> Vectors:
         ic = read_iconic()
         iconic_aug = emb.get(ic.paths, lambda im, sha: augmented_views(im, ICONIC_VIEWS, seed_of(sha)),
                              f"aug{ICONIC_VIEWS}", ICONIC_VIEWS)  # fmt: skip
-        flips = None
-        if flip:
-            def crop_flip(im: np.ndarray, sha: str) -> list[np.ndarray]:
-                c = cv2.imdecode(np.frombuffer(_crop_jpeg(im), np.uint8), cv2.IMREAD_COLOR)
-                return [VIEWS["flip"](c)]
 
-            flips = emb.get(read_split("train").paths, crop_flip, f"crop{CROP_SIDE_PX}q{CROP_QUALITY}flip", 1)
-        views = {}
+        def crop_view(tag: str) -> Callable[[np.ndarray, str], list[np.ndarray]]:
+            def make(im: np.ndarray, sha: str) -> list[np.ndarray]:
+                c = cv2.imdecode(np.frombuffer(_crop_jpeg(im), np.uint8), cv2.IMREAD_COLOR)
+                return [VIEWS[tag](c)]
+
+            return make
+
+        train = read_split("train").paths
+        tag0 = f"crop{CROP_SIDE_PX}q{CROP_QUALITY}"
+        flips = emb.get(train, crop_view("flip"), f"{tag0}flip", 1) if flip else None
+        crop_views = {tag: normalize_rows(emb.get(train, crop_view(tag), f"{tag0}{tag}", 1)) for tag in views}
         for tag in ("c80", "c80flip"):
-            files = [emb.cache / f"{file_sha256(p)}-crop{CROP_SIDE_PX}q{CROP_QUALITY}{tag}.npy"
-                     for p in read_split("train").paths]  # fmt: skip
-            if all(f.exists() for f in files):
-                views[tag] = normalize_rows(np.concatenate([np.load(f) for f in files]))
+            files = [emb.cache / f"{file_sha256(p)}-{tag0}{tag}.npy" for p in train]
+            if tag not in crop_views and all(f.exists() for f in files):
+                crop_views[tag] = normalize_rows(np.concatenate([np.load(f) for f in files]))
     finally:
         getattr(embedder, "close", lambda: None)()
     order = np.argsort(ic.labels)
     aug = normalize_rows(iconic_aug).reshape(len(order), ICONIC_VIEWS, -1)[order]
     return Vectors(normalize_rows(iconic[order]), aug, normalize_rows(d.crop_vecs),
-                   None if flips is None else normalize_rows(flips), views, d.train_labels,
+                   None if flips is None else normalize_rows(flips), crop_views, d.train_labels,
                    normalize_rows(d.q_single), normalize_rows(d.q_frames), d.q_labels)  # fmt: skip
 
 
