@@ -162,7 +162,7 @@ def _relearned(base: Path, catalog: Path, fb_root: Path, tag: str) -> Path:
     photos' contents and labels (a tune takes minutes on a CPU)."""
     from cloud.catalog import load_catalog
     from cloud.feedback.relearn import select_approved
-    from cloud.feedback.relearn_model import relearn_bundle, training_set
+    from cloud.feedback.relearn_model import RELEARN_VIEWS_PER_IMAGE, relearn_bundle, training_set
     from models import tune
     from models.bundle import read_manifest, verify_bundle
     from models.errors import ModelError
@@ -173,7 +173,7 @@ def _relearned(base: Path, catalog: Path, fb_root: Path, tag: str) -> Path:
     imgs = training_set(cat.items, sel)
     key = hashlib.sha256(json.dumps({
         "base": read_manifest(base).model_id, "epochs": tune.EPOCHS, "convs": tune.TUNE_CONVS,
-        "views": tune.VIEWS_PER_IMAGE, "lr": tune.LEARNING_RATE,
+        "views": RELEARN_VIEWS_PER_IMAGE, "lr": tune.LEARNING_RATE,
         "images": [[file_sha256(Path(t.source) if t.store_photo else cat.base_dir / t.source), t.sku]
                    for t in imgs],
     }).encode()).hexdigest()[:12]  # fmt: skip

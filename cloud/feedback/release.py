@@ -32,6 +32,7 @@ from cloud.catalog import (
     write_catalog,
 )
 from cloud.feedback.relearn import Selection, StorePhoto, select_approved
+from cloud.feedback.relearn_model import RELEARN_VIEWS_PER_IMAGE
 from cloud.fleet.release import PublishedRelease, build_release
 
 _LOGGER = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class CatalogTuner:
 
     convs: int = 4  # models.tune.TUNE_CONVS: MobileNetV2's last block + the 1x1 conv before pooling
     epochs: int = 3  # models.tune.EPOCHS
+    views_per_image: int = RELEARN_VIEWS_PER_IMAGE  # more views of each photo than a catalog-only tune
     seed: int = 0
 
     def __call__(self, data: TuningSet, base: Path, out: Path) -> Path:
@@ -134,7 +136,7 @@ class CatalogTuner:
         )
         _, report = tune_bundle(
             base, loaders, labels, out, augment=augmented_views, convs=self.convs, epochs=self.epochs,
-            seed=self.seed, catalog_id=catalog_id,
+            views_per_image=self.views_per_image, seed=self.seed, catalog_id=catalog_id,
         )  # fmt: skip
         for skipped in report.skipped:
             _LOGGER.warning("tuning skipped %s", skipped)
