@@ -87,6 +87,13 @@ class Embeddings:
         self.cache.mkdir(parents=True, exist_ok=True)
         self.computed = 0
 
+    def _file(self, path: Path, tag: str) -> Path:
+        return self.cache / f"{file_sha256(path)}-{tag}.npy"
+
+    def cached(self, paths: list[Path], tag: str) -> bool:
+        """True when every path's ``tag`` view is in the cache (``get`` would embed nothing)."""
+        return all(self._file(p, tag).exists() for p in paths)
+
     def get(self, paths: list[Path], make: Callable[[np.ndarray, str], list[np.ndarray]], tag: str,
             per_image: int) -> np.ndarray:  # fmt: skip
         """(len(paths) * per_image, dim): ``make(image, sha)`` yields ``per_image`` crops per path."""
@@ -96,7 +103,7 @@ class Embeddings:
         todo: list[tuple[int, Path, str]] = []
         for i, p in enumerate(paths):
             sha = file_sha256(p)
-            f = self.cache / f"{sha}-{tag}.npy"
+            f = self._file(p, tag)
             if f.exists():
                 out[i * per_image : (i + 1) * per_image] = np.load(f)
             else:
@@ -107,8 +114,8 @@ class Embeddings:
             for _, p, sha in chunk:
                 crops.extend(make(load_image(p), sha))
             vecs = self.embedder.embed(crops).reshape(len(chunk), per_image, -1)
-            for (i, _, sha), v in zip(chunk, vecs, strict=True):
-                np.save(self.cache / f"{sha}-{tag}.npy", v)
+            for (i, p, _), v in zip(chunk, vecs, strict=True):
+                np.save(self._file(p, tag), v)
                 out[i * per_image : (i + 1) * per_image] = v
             self.computed += len(crops)
         return out

@@ -39,7 +39,7 @@ from cloud.feedback.relearn import likely_mistaps  # noqa: E402
 from cloud.retrieval import DEFAULT_SHRINKAGE, MAX_OUT_DIM, Adapter, item_scores, normalize_rows  # noqa: E402
 from cloud.retrieval_augment import augmented_views  # noqa: E402
 from models.bundle import read_manifest  # noqa: E402
-from scripts.eval_data import OUT, VIEWS, Embeddings, file_sha256, read_iconic, read_split, seed_of  # noqa: E402
+from scripts.eval_data import OUT, VIEWS, Embeddings, read_iconic, read_split, seed_of  # noqa: E402
 from scripts.eval_loop import CROP_QUALITY, CROP_SIDE_PX, MISTAP_RATE, SEED, _crop_jpeg  # noqa: E402
 
 KS = (1, 3, 5, 10)
@@ -160,11 +160,8 @@ def load(flip: bool, bundle: Path, views: tuple[str, ...] = ()) -> Vectors:
         train = read_split("train").paths
         tag0 = f"crop{CROP_SIDE_PX}q{CROP_QUALITY}"
         flips = emb.get(train, crop_view("flip"), f"{tag0}flip", 1) if flip else None
-        crop_views = {tag: normalize_rows(emb.get(train, crop_view(tag), f"{tag0}{tag}", 1)) for tag in views}
-        for tag in ("c80", "c80flip"):
-            files = [emb.cache / f"{file_sha256(p)}-{tag0}{tag}.npy" for p in train]
-            if tag not in crop_views and all(f.exists() for f in files):
-                crop_views[tag] = normalize_rows(np.concatenate([np.load(f) for f in files]))
+        cached = [t for t in ("c80", "c80flip") if t not in views and emb.cached(train, tag0 + t)]
+        crop_views = {t: normalize_rows(emb.get(train, crop_view(t), tag0 + t, 1)) for t in (*views, *cached)}
     finally:
         getattr(embedder, "close", lambda: None)()
     order = np.argsort(ic.labels)
