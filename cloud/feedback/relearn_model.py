@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,22 @@ def training_key(base_model_id: str, images: Sequence[TrainingImage], **settings
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def image_loader(source: str, base_dir: Path) -> Callable[[], Any]:
+    """A tune's lazy loader of one catalog image or store photo (``source`` relative to ``base_dir`` unless
+    absolute or a URL): BadImage naming the source when it cannot be fetched or decoded."""
+    from cloud.catalog import FetchError, fetch_image_bytes
+    from models.errors import BadImage
+    from models.images import decode_image
+
+    def load() -> Any:
+        try:
+            return decode_image(fetch_image_bytes(source, base_dir))
+        except (FetchError, BadImage) as exc:
+            raise BadImage(f"{source}: {exc}") from exc
+
+    return load
+
+
 def relearn_bundle(
     base_bundle: Path,
     items: Sequence[Item],
@@ -84,12 +100,10 @@ def relearn_bundle(
     ``models.tune.TuneReport``). RelearnModelError when the
     products have fewer than ``MIN_STORE_PHOTOS_PER_ITEM`` store photos on average, or the tune fails.
     """
-    from cloud.catalog import FetchError, fetch_image_bytes
     from cloud.retrieval_augment import augmented_views
     from models.bundle import read_manifest
-    from models.errors import BadImage, ModelError
-    from models.images import decode_image
-    from models.tune import EPOCHS, TUNE_CONVS, Loader, tune_bundle
+    from models.errors import ModelError
+    from models.tune import EPOCHS, TUNE_CONVS, tune_bundle
 
     images = training_set(items, sel, exclude=exclude)
     n_store = sum(t.store_photo for t in images)
@@ -100,22 +114,14 @@ def relearn_bundle(
     skus = sorted({t.sku for t in images})
     label_of = {s: i for i, s in enumerate(skus)}
 
-    def loader(source: str) -> Loader:
-        def load() -> Any:
-            try:
-                return decode_image(fetch_image_bytes(source, base_dir or Path.cwd()))
-            except (FetchError, BadImage) as exc:
-                raise BadImage(f"{source}: {exc}") from exc
-
-        return load
-
     base_id = read_manifest(base_bundle).model_id
     catalog_id = "store-" + training_key(base_id, images)
     _LOGGER.info("relearning %s on %d catalog images and %d store photos of %d products",
                  base_bundle, len(images) - n_store, n_store, len(skus))  # fmt: skip
     try:
         return tune_bundle(
-            base_bundle, [loader(t.source) for t in images], [label_of[t.sku] for t in images], out_dir,
+            base_bundle, [image_loader(t.source, base_dir or Path.cwd()) for t in images],
+            [label_of[t.sku] for t in images], out_dir,
             augment=augmented_views, seed=seed, catalog_id=catalog_id, convs=convs or TUNE_CONVS,
             epochs=epochs or EPOCHS, views_per_image=views_per_image,
         )  # fmt: skip

@@ -18,21 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.catalog import (
-    Catalog,
     CatalogError,
-    FetchError,
     Item,
-    fetch_image_bytes,
     load_catalog,
     write_catalog,
 )
 from cloud.feedback.relearn import Selection, StorePhoto, select_approved
-from cloud.feedback.relearn_model import RELEARN_VIEWS_PER_IMAGE
+from cloud.feedback.relearn_model import RELEARN_VIEWS_PER_IMAGE, image_loader
 from cloud.fleet.release import PublishedRelease, build_release
 
 _LOGGER = logging.getLogger(__name__)
@@ -128,7 +123,7 @@ class CatalogTuner:
         loaders, labels = [], []
         for label, item in enumerate(cat.items):
             for source in item.images:
-                loaders.append(_loader(source, cat))
+                loaders.append(image_loader(source, cat.base_dir))
                 labels.append(label)
         catalog_id = hashlib.sha256(catalog_path.read_bytes()).hexdigest()[:16]
         _LOGGER.info(
@@ -158,19 +153,6 @@ def _absolute(source: str, base_dir: Path) -> str:
     if "://" in source or Path(source).is_absolute():
         return source
     return str((base_dir / source).resolve())
-
-
-def _loader(source: str, cat: Catalog) -> Callable[[], npt.NDArray[np.uint8]]:
-    from models.errors import BadImage
-    from models.images import decode_image
-
-    def load() -> npt.NDArray[np.uint8]:
-        try:
-            return decode_image(fetch_image_bytes(source, cat.base_dir))
-        except (FetchError, BadImage) as exc:
-            raise BadImage(f"{source}: {exc}") from exc
-
-    return load
 
 
 def readiness(
