@@ -30,9 +30,9 @@ class BuildSpec:
     ``private_key`` into ``out_dir``; a delta against ``base`` where small enough. Checked when made.
 
     ``features``: the store's images already embedded (``cloud.scale``) by ``embedder``, which then only
-    names the model; ``feedback``: a feedback store folder whose approved store photos join their items
-    (at most ``feedback_cap`` per product); ``created_at``: the build time to record (one for all stores
-    of a run); ``archive``: write ``out_dir.tar`` too."""
+    names the model; ``feedback``: a feedback store (folder or ``s3://``) whose approved store photos join
+    their items (at most ``feedback_cap`` per product); ``created_at``: the build time to record (one for
+    all stores of a run); ``archive``: write ``out_dir.tar`` too."""
 
     catalog: Path
     store: str
@@ -52,7 +52,7 @@ class BuildSpec:
     adapter: Literal["lda", "none"] = "lda"
     archive: bool = False
     location_column: str | None = None
-    feedback: Path | None = None
+    feedback: str | Path | None = None
     feedback_cap: int = DEFAULT_CAP
     features: Features | None = None
     created_at: datetime | None = None

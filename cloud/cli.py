@@ -111,7 +111,10 @@ def catalog_build(
     archive: Annotated[bool, typer.Option("--archive/--no-archive", help="Also write OUT.tar")] = True,
     location_column: Annotated[str | None, _LOCATION_COLUMN] = None,
     feedback: Annotated[
-        Path | None, typer.Option("--feedback", help="Feedback store folder: add approved store photos")
+        str | None,
+        typer.Option(
+            "--feedback", help="Feedback store (a folder or s3://bucket/prefix): add approved store photos"
+        ),
     ] = None,
     feedback_cap: Annotated[int, typer.Option("--feedback-cap", help="Store photos kept per product")] = 20,
     engine: Annotated[str, typer.Option("--engine", help="single (this process) or ray")] = "single",

@@ -28,7 +28,7 @@ import typer
 from cloud.dashboard import review
 from cloud.dashboard.snapshots import SnapshotShelf
 from cloud.dashboard.staff import StaffError, StaffUsers, add_user
-from cloud.feedback.store import FeedbackStore
+from cloud.feedback.store import FeedbackStoreError, open_feedback_store
 from storelens.protocol import ProtocolError
 
 _LOGGER = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ class DashboardServer:
         *,
         static_dir: Path = DEFAULT_BUILD_DIR,
         snapshots_dir: Path | None = None,
-        feedback_dir: Path | None = None,
+        feedback_dir: str | Path | None = None,
         staff: StaffUsers | None = None,
     ) -> None:
         if not (static_dir / "index.html").is_file() or not (static_dir / "mqtt.min.js").is_file():
@@ -216,7 +216,11 @@ class DashboardServer:
             if staff is None or shelf is None:  # decisions need a who; the picker needs the catalog
                 raise DashboardError("the review queue (--feedback-dir) needs --staff-users and "
                                      "--snapshots-dir")
-            queue = review.ReviewQueue(FeedbackStore(feedback_dir), shelf, config.store)
+            try:
+                feedback = open_feedback_store(feedback_dir)
+            except FeedbackStoreError as exc:
+                raise DashboardError(f"{exc} (the collector writes it)") from exc
+            queue = review.ReviewQueue(feedback, shelf, config.store)
             config = PageConfig(**{**asdict(config), "review": True})
         app = _App(config.to_json(), shelf, queue, staff)
         handler = functools.partial(_Handler, directory=str(static_dir), app=app)
@@ -264,7 +268,7 @@ def serve(
     *,
     static_dir: Path = DEFAULT_BUILD_DIR,
     snapshots_dir: Path | None = None,
-    feedback_dir: Path | None = None,
+    feedback_dir: str | None = None,
     staff_users: Path | None = None,
 ) -> None:
     """Serve the dashboard until interrupted, printing its URL."""
@@ -272,8 +276,6 @@ def serve(
 
     if snapshots_dir is not None and not snapshots_dir.is_dir():  # a typo would only show as missing images
         raise DashboardError(f"snapshots folder {snapshots_dir} does not exist (thumbnails come from it)")
-    if feedback_dir is not None and not feedback_dir.is_dir():
-        raise DashboardError(f"feedback folder {feedback_dir} does not exist (the collector writes it)")
     try:
         staff = StaffUsers(staff_users) if staff_users is not None else None
     except StaffError as exc:
@@ -331,7 +333,9 @@ def register(app: typer.Typer) -> None:
                               "the catalog for review, model names."),
         ] = None,
         feedback_dir: Annotated[
-            Path | None, typer.Option(help="Feedback store to review (needs --staff-users, --snapshots-dir).")
+            str | None,
+            typer.Option(help="Feedback store to review, a folder or s3://bucket/prefix (needs "
+                              "--staff-users, --snapshots-dir)."),
         ] = None,
         staff_users: Annotated[
             Path | None, typer.Option(help="Staff logins file (add-staff); the whole page then needs one.")

@@ -24,7 +24,7 @@ def _fail(msg: str) -> NoReturn:
 
 def collect_cmd(
     store: Annotated[str, typer.Option("--store", help="Store id whose kiosks' feedback to collect")],
-    feedback_dir: Annotated[Path, typer.Option("--feedback-dir", help="Feedback store folder")],
+    feedback_dir: Annotated[str, typer.Option("--feedback-dir", help="Feedback store: a folder or s3://bucket/prefix")],
     snapshots: Annotated[
         Path | None,
         typer.Option("--snapshots", help="Folder `catalog publish --to file://DIR` writes: known snapshots"),
@@ -50,7 +50,7 @@ def collect_cmd(
 ) -> None:
     """Collect a store's kiosk feedback until SIGTERM/SIGINT (exit 1 when a write failed: restart me)."""
     from cloud.feedback.collector import BrokerConfig, CollectorError, FeedbackCollector
-    from cloud.feedback.store import FeedbackStore
+    from cloud.feedback.store import FeedbackStoreError, open_feedback_store
     from cloud.feedback.verify import KnownSnapshots
     from storelens.protocol import ProtocolError, check_id
 
@@ -72,9 +72,9 @@ def collect_cmd(
             cert=None if bs.cert is None else str(bs.cert), key=None if bs.key is None else str(bs.key),
         )
         known = KnownSnapshots(store, snapshots_dir=snapshots, model_ids=models)
-        fstore = FeedbackStore(feedback_dir)
+        fstore = open_feedback_store(feedback_dir, create=True)
         collector = FeedbackCollector(store, cfg, fstore, known, rate_per_hour=rate_per_hour, burst=burst)
-    except (ProtocolError, CollectorError, OSError, ValueError) as exc:
+    except (ProtocolError, CollectorError, FeedbackStoreError, OSError, ValueError) as exc:
         _fail(str(exc))
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -87,7 +87,7 @@ def collect_cmd(
         except CollectorError as exc:
             _fail(str(exc))
         typer.echo(
-            f"collecting feedback of {store} from {bs.where()} into {feedback_dir} "
+            f"collecting feedback of {store} from {bs.where()} into {fstore.where} "
             f"(published snapshot versions {sorted(known.versions())}, {len(models)} model ids given)",
             err=True,
         )

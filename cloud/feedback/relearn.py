@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from cloud.catalog import Item
 from cloud.featurize import Features
-from cloud.feedback.store import FeedbackStore, FeedbackStoreError
+from cloud.feedback.store import CorruptCrop, FeedbackStore, FeedbackStoreError, open_feedback_store
 from storelens.matching import NOT_CARRIED_FILE, NOT_CARRIED_KEY
 
 _LOGGER = logging.getLogger(__name__)
@@ -104,17 +104,18 @@ class Selection:
         return {str(p.path) for p in self.not_carried}
 
 
-def select_approved(feedback_dir: Path, store: str, items: list[Item]) -> Selection:
-    """The approved store photos of ``items`` (the store's catalog); FeedbackError on an unreadable folder."""
-    root = Path(feedback_dir)
-    if not root.is_dir():
-        raise FeedbackError(f"feedback folder {root} does not exist")
+def select_approved(feedback: str | Path, store: str, items: list[Item]) -> Selection:
+    """The approved store photos of ``items`` (the store's catalog) in a feedback store (a folder or
+    ``s3://bucket/prefix``); FeedbackError when it cannot be read."""
     try:
-        fb = FeedbackStore(root)
+        fb = open_feedback_store(feedback)
+    except FeedbackStoreError as exc:
+        raise FeedbackError(str(exc)) from exc
+    try:
         every = fb.approved()
         not_carried = [r for r in fb.records(store) if r.status == "not_carried"][-MAX_NOT_CARRIED:]
     except (FeedbackStoreError, OSError, ValueError, KeyError) as exc:
-        raise FeedbackError(f"cannot read feedback in {root}: {exc}") from exc
+        raise FeedbackError(f"cannot read feedback in {fb.where}: {exc}") from exc
     skus = {it.sku for it in items}
     sel = Selection()
     unknown: set[str] = set()
@@ -128,18 +129,33 @@ def select_approved(feedback_dir: Path, store: str, items: list[Item]) -> Select
             sel.skipped_unknown_sku += 1
             unknown.add(sku)
             continue
-        path = fb.crop_path(rec.record_id)
-        if not path.is_file():
+        path = _crop(fb, rec.record_id)
+        if path is None:
             sel.skipped_missing_crop += 1
-            _LOGGER.warning("approved record %s has no crop at %s: skipped", rec.record_id, path)
             continue
         sel.photos.setdefault(sku, []).append(StorePhoto(rec.record_id, sku, path.resolve()))
     sel.unknown_skus = sorted(unknown)
     for rec in not_carried:
-        path = fb.crop_path(rec.record_id)
-        if path.is_file():
+        path = _crop(fb, rec.record_id)
+        if path is not None:
             sel.not_carried.append(StorePhoto(rec.record_id, NOT_CARRIED_SKU, path.resolve()))
     return sel
+
+
+def _crop(fb: FeedbackStore, record_id: str) -> Path | None:
+    """The record's crop as a local file; None (logged) when it is missing or corrupt. Any other failure
+    to read it (S3 unreachable) is a FeedbackError: a build without the photos would delete them."""
+    try:
+        path = fb.crop_path(record_id)
+    except CorruptCrop as exc:
+        _LOGGER.warning("approved record %s: %s: skipped", record_id, exc)
+        return None
+    except FeedbackStoreError as exc:
+        raise FeedbackError(f"cannot read the crop of {record_id}: {exc}") from exc
+    if not path.is_file():
+        _LOGGER.warning("approved record %s has no crop at %s: skipped", record_id, path)
+        return None
+    return path
 
 
 def with_store_photos(items: list[Item], sel: Selection) -> list[Item]:

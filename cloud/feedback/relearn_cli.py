@@ -31,21 +31,20 @@ def register(app: typer.Typer) -> None:
     @app.command("auto-review")
     def auto_review_cmd(
         store: Annotated[str, typer.Option("--store", help="Store id")],
-        feedback_dir: Annotated[Path, typer.Option("--feedback-dir", help="Feedback store folder")],
+        feedback_dir: Annotated[str, typer.Option("--feedback-dir", help="Feedback store: a folder or s3://bucket/prefix")],
         snapshot: Annotated[Path, typer.Option("--snapshot", help="The store's current snapshot dir")],
     ) -> None:
         """Pre-approve the confirmations that agree with the catalog; the rest wait for staff."""
         from cloud.cli import _fail, _guard
         from cloud.feedback.auto import AutoReviewError, ReviewSpace, auto_review_all
-        from cloud.feedback.store import FeedbackStore, FeedbackStoreError
+        from cloud.feedback.store import FeedbackStoreError, open_feedback_store
         from storelens.protocol import check_id
 
         def run() -> Any:
             check_id(store, "store id")
-            if not feedback_dir.is_dir():
-                _fail(f"feedback folder {feedback_dir} does not exist")
             try:
-                return auto_review_all(FeedbackStore(feedback_dir), store, ReviewSpace.load(snapshot))
+                fb = open_feedback_store(feedback_dir)
+                return auto_review_all(fb, store, ReviewSpace.load(snapshot))
             except (AutoReviewError, FeedbackStoreError) as exc:
                 _fail(str(exc))
 
@@ -56,7 +55,7 @@ def register(app: typer.Typer) -> None:
     @app.command("relearn")
     def relearn_cmd(
         store: Annotated[str, typer.Option("--store", help="Store id")],
-        feedback_dir: Annotated[Path, typer.Option("--feedback-dir", help="Feedback store folder")],
+        feedback_dir: Annotated[str, typer.Option("--feedback-dir", help="Feedback store: a folder or s3://bucket/prefix")],
         catalog: Annotated[Path, typer.Option("--catalog", help="CSV or JSON Lines catalog")],
         bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory")],
         snapshots: Annotated[Path, typer.Option("--snapshots", help="Folder of the store's snapshots")],
@@ -97,7 +96,7 @@ def register(app: typer.Typer) -> None:
 
 def release_cmd(
     store: Annotated[str, typer.Option("--store", help="Store id")],
-    feedback_dir: Annotated[Path, typer.Option("--feedback-dir", help="Feedback store folder")],
+    feedback_dir: Annotated[str, typer.Option("--feedback-dir", help="Feedback store: a folder or s3://bucket/prefix")],
     catalog: Annotated[Path, typer.Option("--catalog", help="The retailer's CSV or JSON Lines catalog")],
     bundle: Annotated[Path, typer.Option("--bundle", help="The bundle the store's kiosks run (fp16/fp32)")],
     key: Annotated[Path, typer.Option("--key", help="Ed25519 private key PEM")],
@@ -137,8 +136,6 @@ def release_cmd(
 
     try:
         check_id(store, "store id")
-        if not feedback_dir.is_dir():
-            _fail(f"feedback folder {feedback_dir} does not exist")
         r = release_relearned_model(
             store, feedback_dir, catalog, bundle, load_private_key(key), to, work,
             threshold=Threshold(min_products, min_photos), tune=CatalogTuner(tune_convs, epochs),

@@ -156,7 +156,7 @@ def _absolute(source: str, base_dir: Path) -> str:
 
 
 def readiness(
-    feedback_dir: Path, store: str, items: list[Item], threshold: Threshold
+    feedback_dir: str | Path, store: str, items: list[Item], threshold: Threshold
 ) -> tuple[Readiness, Selection]:
     """Count the approved store photos of ``items`` per product (FeedbackError on an unreadable folder)."""
     sel = select_approved(feedback_dir, store, items)
@@ -177,7 +177,7 @@ class ModelRelease:
 
 def release_relearned_model(
     store: str,
-    feedback_dir: Path,
+    feedback_dir: str | Path,
     catalog: Path,
     bundle: Path,
     key: Ed25519PrivateKey,

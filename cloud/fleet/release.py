@@ -122,12 +122,12 @@ def build_release(
     embedder: Any = None,
     s3_client: Any = None,
     notes: str = "",
-    feedback: Path | None = None,
+    feedback: str | Path | None = None,
 ) -> PublishedRelease:
     """Build every store's snapshot with ``bundle``, sign the release, and publish it to ``to``.
 
-    ``feedback``: a feedback store folder whose approved store photos join each store's snapshot (as
-    ``catalog build --feedback`` adds them: rows marked ``store``)."""
+    ``feedback``: a feedback store (folder or ``s3://``) whose approved store photos join each store's
+    snapshot (as ``catalog build --feedback`` adds them: rows marked ``store``)."""
     t0 = time.monotonic()
     bm = verify_bundle(bundle)
     sequence = sequence if sequence is not None else int(time.time())

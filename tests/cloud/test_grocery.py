@@ -18,6 +18,7 @@ from storelens import protocol
 from storelens.snapshot import verify_snapshot
 from tests.conftest import shared_path
 from tests.support.mosquitto import Mosquitto
+from tests.support.moto import moto_s3
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow, pytest.mark.integration]
 
@@ -37,20 +38,8 @@ def mnv2_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def s3_endpoint() -> Iterator[str]:
-    moto_server = pytest.importorskip("moto.server")
-    mp = pytest.MonkeyPatch()
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "t",
-        "AWS_SECRET_ACCESS_KEY": "t",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        mp.setenv(k, v)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-    mp.undo()
+    with moto_s3() as url:
+        yield url
 
 
 @pytest.mark.timeout(600)

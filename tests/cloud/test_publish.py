@@ -16,6 +16,7 @@ from storelens.fsutil import sha256_file
 from storelens.snapshot import manifest_sha256
 from tests.cloud.conftest import CatalogFiles, CountingEmbedder
 from tests.support.mosquitto import Mosquitto
+from tests.support.moto import moto_s3
 
 pytestmark = pytest.mark.integration
 
@@ -118,20 +119,8 @@ def test_unreachable_broker_is_a_publish_error(snapshot: Path, tmp_path: Path) -
 @pytest.fixture
 def s3_server() -> Iterator[str]:
     """A moto S3 server on a free loopback port, with fake credentials in the environment."""
-    moto_server = pytest.importorskip("moto.server")
-    mp = pytest.MonkeyPatch()
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        mp.setenv(k, v)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-    mp.undo()
+    with moto_s3() as url:
+        yield url
 
 
 def test_s3_publish_presigned_url_downloads_the_archive(
