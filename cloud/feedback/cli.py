@@ -47,10 +47,19 @@ def collect_cmd(
         float, typer.Option("--rate-per-hour", help="Per-kiosk sustained rate; over it: not stored")
     ] = 3600.0,
     burst: Annotated[int, typer.Option("--burst", help="Per-kiosk messages at once")] = 300,
+    relearn_request: Annotated[
+        Path | None,
+        typer.Option("--relearn-request", help="File rewritten every --relearn-after new records (a systemd "
+                                               "path unit starts `feedback relearn` on it)"),
+    ] = None,
+    relearn_after: Annotated[
+        int, typer.Option("--relearn-after", min=1, help="New records per relearn request")
+    ] = 25,
 ) -> None:
     """Collect a store's kiosk feedback until SIGTERM/SIGINT (exit 1 when a write failed: restart me)."""
     from cloud.feedback.collector import BrokerConfig, CollectorError, FeedbackCollector
     from cloud.feedback.store import FeedbackStoreError, open_feedback_store
+    from cloud.feedback.trigger import RelearnRequest
     from cloud.feedback.verify import KnownSnapshots
     from storelens.protocol import ProtocolError, check_id
 
@@ -73,7 +82,13 @@ def collect_cmd(
         )
         known = KnownSnapshots(store, snapshots_dir=snapshots, model_ids=models)
         fstore = open_feedback_store(feedback_dir, create=True)
-        collector = FeedbackCollector(store, cfg, fstore, known, rate_per_hour=rate_per_hour, burst=burst)
+        hook = None
+        if relearn_request is not None:
+            if not relearn_request.parent.is_dir():
+                _fail(f"--relearn-request: folder {relearn_request.parent} does not exist")
+            hook = RelearnRequest(relearn_request, relearn_after)
+        collector = FeedbackCollector(store, cfg, fstore, known, rate_per_hour=rate_per_hour, burst=burst,
+                                      on_stored=hook)  # fmt: skip
     except (ProtocolError, CollectorError, FeedbackStoreError, OSError, ValueError) as exc:
         _fail(str(exc))
 

@@ -8,20 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
+from cloud import broker_cli as bc
 
-def newest_full_snapshot(snapshots: Path, store: str) -> Path | None:
-    """The highest-version full snapshot of ``store`` directly under ``snapshots`` (None if there is none)."""
-    from storelens.snapshot import read_manifest_unverified
-
-    best: tuple[int, Path] | None = None
-    for d in sorted(p for p in snapshots.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            m = read_manifest_unverified(d)
-        except (OSError, ValueError):
-            continue  # not a snapshot (a report folder, a partial write)
-        if m.store == store and m.kind == "full" and (best is None or m.version > best[0]):
-            best = (m.version, d)
-    return None if best is None else best[1]
+FEEDBACK_HELP = "Feedback store: a folder or s3://bucket/prefix"
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +20,7 @@ def register(app: typer.Typer) -> None:
     @app.command("auto-review")
     def auto_review_cmd(
         store: Annotated[str, typer.Option("--store", help="Store id")],
-        feedback_dir: Annotated[str, typer.Option("--feedback-dir", help="Feedback store: a folder or s3://bucket/prefix")],
+        feedback_dir: Annotated[str, typer.Option("--feedback-dir", help=FEEDBACK_HELP)],
         snapshot: Annotated[Path, typer.Option("--snapshot", help="The store's current snapshot dir")],
     ) -> None:
         """Pre-approve the confirmations that agree with the catalog; the rest wait for staff."""
@@ -55,48 +44,73 @@ def register(app: typer.Typer) -> None:
     @app.command("relearn")
     def relearn_cmd(
         store: Annotated[str, typer.Option("--store", help="Store id")],
-        feedback_dir: Annotated[str, typer.Option("--feedback-dir", help="Feedback store: a folder or s3://bucket/prefix")],
+        feedback_dir: Annotated[str, typer.Option("--feedback-dir", help=FEEDBACK_HELP)],
         catalog: Annotated[Path, typer.Option("--catalog", help="CSV or JSON Lines catalog")],
         bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory")],
         snapshots: Annotated[Path, typer.Option("--snapshots", help="Folder of the store's snapshots")],
         key: Annotated[Path, typer.Option("--key", help="Ed25519 private key PEM")],
         cache: Annotated[Path | None, typer.Option("--cache", help="Embedding cache directory")] = None,
+        auto_review: Annotated[
+            bool, typer.Option("--auto-review", help="First pre-approve what agrees (feedback auto-review)")
+        ] = False,
+        force: Annotated[bool, typer.Option("--force", help="Build even when nothing changed")] = False,
+        publish_to: Annotated[
+            str | None,
+            typer.Option("--publish-to", help="Then publish it: file:///dir or s3://bucket/prefix"),
+        ] = None,
+        broker: bc.Broker = None,
+        config: bc.Config = None,
+        username: bc.Username = None,
+        password_env: bc.PasswordEnv = None,
+        ca: bc.Ca = None,
     ) -> None:
-        """`catalog build --feedback` on the newest full snapshot as base (a delta when it can be one)."""
-        from cloud.build import BuildSpec, build_snapshot
+        """`catalog build --feedback` on the newest full snapshot as base (a delta when it can be one), when
+        the approved photos, catalog or bundle changed since the newest snapshot; then publish it if asked."""
         from cloud.cli import _fail, _guard
+        from cloud.feedback.relearn import FeedbackError
+        from cloud.feedback.schedule import relearn
+        from cloud.publish import publish_snapshot
         from storelens import signing
         from storelens.protocol import check_id
 
+        settings = None
+        if publish_to is not None:
+            settings = bc.settings(broker, config, username, ca, None, None, password_env, required=False)
+        elif broker is not None:
+            _fail("--broker announces a published snapshot: give --publish-to too")
+
         def run() -> Any:
             check_id(store, "store id")
-            if not snapshots.is_dir():
-                _fail(f"snapshots folder {snapshots} does not exist")
-            base = newest_full_snapshot(snapshots, store)
             pk = signing.load_private_key(key)
-            out = snapshots / ".relearn-new"
-            res = build_snapshot(BuildSpec(catalog=catalog, store=store, out_dir=out, private_key=pk,
-                                           bundle=bundle, base=base, cache_dir=cache,
-                                           feedback=feedback_dir, progress=False))  # fmt: skip
-            final = snapshots / f"v{res.manifest.version}"
-            if final.exists():
-                _fail(f"{final} already exists")
-            out.rename(final)
-            if res.report_path is not None:
-                res.report_path.rename(final.with_name(f"{final.name}.report.json"))
-            return res, final
+            try:
+                return relearn(store, feedback_dir, catalog, bundle, snapshots, pk, cache_dir=cache,
+                               auto_review=auto_review, force=force)  # fmt: skip
+            except FeedbackError as exc:
+                _fail(str(exc))
 
-        res, final = _guard(run)
+        r = _guard(run)
+        if auto_review:
+            typer.echo(f"auto-approved {r.auto_approved}")
+        if r.built is None or r.final is None:
+            typer.echo(f"OK nothing new for {store} since {r.previous}: no snapshot built "
+                       "(--force builds one)")  # fmt: skip
+            return
+        res, final = r.built, r.final
         fbr = res.report.get("feedback", {})
         typer.echo(
             f"OK {res.report['kind']} snapshot v{res.manifest.version} of {store} at {final}: "
             f"{fbr.get('store_photos', 0)} store photos, threshold {res.report['threshold']}"
         )
+        if publish_to is not None:
+            p = _guard(lambda: publish_snapshot(final, publish_to, settings))
+            a = p.announcement
+            typer.echo(f"OK published {a.store} v{a.version} ({a.kind}) at {p.key}"
+                       f"{f', announced on {settings.where()}' if settings else ''}")  # fmt: skip
 
 
 def release_cmd(
     store: Annotated[str, typer.Option("--store", help="Store id")],
-    feedback_dir: Annotated[str, typer.Option("--feedback-dir", help="Feedback store: a folder or s3://bucket/prefix")],
+    feedback_dir: Annotated[str, typer.Option("--feedback-dir", help=FEEDBACK_HELP)],
     catalog: Annotated[Path, typer.Option("--catalog", help="The retailer's CSV or JSON Lines catalog")],
     bundle: Annotated[Path, typer.Option("--bundle", help="The bundle the store's kiosks run (fp16/fp32)")],
     key: Annotated[Path, typer.Option("--key", help="Ed25519 private key PEM")],
