@@ -97,19 +97,25 @@ def test_feedback_unit_is_hardened_like_the_kiosk_and_keeps_secrets_off_the_comm
     assert fb["KillSignal"] == "SIGTERM" and fb["Restart"] == "on-failure"
 
 
-def test_feedback_unit_command_line_parses() -> None:
-    """A flag renamed in the CLI but not in the unit would make the service exit 2 on every start."""
+def _parsed(unit: str, command: str) -> Any:
+    """The unit's ExecStart (`storelens feedback COMMAND ...`) parsed by the CLI itself, env vars filled."""
     from cloud.cli import feedback_app
+    from cloud.feedback.cli import register
 
-    argv = shlex.split(_service(UNITS / "storelens-feedback.service")["ExecStart"])
-    assert argv[1:3] == ["feedback", "collect"], argv
+    register(feedback_app)
+    argv = shlex.split(_service(UNITS / unit)["ExecStart"])
+    assert argv[1:3] == ["feedback", command], argv
     args = [a.replace("${STORELENS_STORE}", "s042").replace("${STORELENS_BROKER}", "mqtts://b:8883")
             for a in argv[3:]]  # fmt: skip
     app = typer.Typer()
     app.add_typer(feedback_app, name="feedback")
     root: Any = typer.main.get_command(app)  # typer's own click classes: reached by name
-    sub = root.commands["feedback"].commands["collect"]
-    ctx = sub.make_context("collect", args)
+    return root.commands["feedback"].commands[command].make_context(command, args)
+
+
+def test_feedback_unit_command_line_parses() -> None:
+    """A flag renamed in the CLI but not in the unit would make the service exit 2 on every start."""
+    ctx = _parsed("storelens-feedback.service", "collect")
     assert ctx.params["store"] == "s042" and ctx.params["username"] == "collector"
     assert str(ctx.params["feedback_dir"]) == "/var/lib/storelens-feedback"
     # the file storelens-relearn.path watches
@@ -127,18 +133,7 @@ def _unit(path: Path) -> configparser.ConfigParser:
 def test_relearn_unit_command_line_parses_and_shares_the_collectors_store() -> None:
     """The relearn must read the feedback store the collector writes, publish where the collector looks
     for known snapshots, and announce as the broker's `ops` user (the one the ACL lets announce)."""
-    from cloud.cli import feedback_app
-    from cloud.feedback.cli import register
-
-    register(feedback_app)
-    argv = shlex.split(_service(UNITS / "storelens-relearn.service")["ExecStart"])
-    assert argv[1:3] == ["feedback", "relearn"], argv
-    args = [a.replace("${STORELENS_STORE}", "s042").replace("${STORELENS_BROKER}", "mqtts://b:8883")
-            for a in argv[3:]]  # fmt: skip
-    app = typer.Typer()
-    app.add_typer(feedback_app, name="feedback")
-    root: Any = typer.main.get_command(app)
-    ctx = root.commands["feedback"].commands["relearn"].make_context("relearn", args)
+    ctx = _parsed("storelens-relearn.service", "relearn")
     collector = shlex.split(_service(UNITS / "storelens-feedback.service")["ExecStart"])
     assert ctx.params["feedback_dir"] == collector[collector.index("--feedback-dir") + 1]
     assert ctx.params["publish_to"] == "file://" + collector[collector.index("--snapshots") + 1]
