@@ -94,17 +94,20 @@ def register(app: typer.Typer) -> None:
         if r.built is None or r.final is None:
             typer.echo(f"OK nothing new for {store} since {r.previous}: no snapshot built "
                        "(--force builds one)")  # fmt: skip
-            return
-        res, final = r.built, r.final
-        fbr = res.report.get("feedback", {})
-        typer.echo(
-            f"OK {res.report['kind']} snapshot v{res.manifest.version} of {store} at {final}: "
-            f"{fbr.get('store_photos', 0)} store photos, threshold {res.report['threshold']}"
-        )
-        if publish_to is not None:
-            p = _guard(lambda: publish_snapshot(final, publish_to, settings))
+        else:
+            fbr = r.built.report.get("feedback", {})
+            typer.echo(
+                f"OK {r.built.report['kind']} snapshot v{r.built.manifest.version} of {store} at {r.final}: "
+                f"{fbr.get('store_photos', 0)} store photos, threshold {r.built.report['threshold']}"
+            )
+        # Also when nothing is new: a publish that failed last run (broker down) happens now; publishing an
+        # already stored archive uploads nothing and announces it again (same version: kiosks keep theirs).
+        newest = r.final or r.previous
+        if publish_to is not None and newest is not None:
+            p = _guard(lambda: publish_snapshot(newest, publish_to, settings))
             a = p.announcement
             typer.echo(f"OK published {a.store} v{a.version} ({a.kind}) at {p.key}"
+                       f"{'' if p.uploaded else ' (already stored)'}"
                        f"{f', announced on {settings.where()}' if settings else ''}")  # fmt: skip
 
 

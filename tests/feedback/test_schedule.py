@@ -29,7 +29,7 @@ from tests.cloud.test_publish import read_retained
 from tests.deploy.mqtt_peer import Peer
 from tests.feedback.conftest import STORE, feedback
 from tests.models.conftest import tiny_bundle
-from tests.support.mosquitto import Mosquitto
+from tests.support.mosquitto import Mosquitto, free_port
 
 __all__ = ["tiny_bundle"]  # a fixture, imported for pytest
 
@@ -61,7 +61,8 @@ def test_relearn_builds_publishes_and_announces_only_what_changed(
 ) -> None:
     """The timer runs this nightly and the collector's requests run it more: it must make a snapshot when
     staff approved something new (published, announced retained for the kiosks) and none when nothing the
-    build reads changed, or every run would push a new version to every kiosk."""
+    build reads changed, or every run would push a new version to every kiosk; a snapshot whose
+    announcement failed (broker down) must still reach the kiosks on the next run."""
     cat = make_catalog(tmp_path / "cat", n_items=8, per_item=1)
     signing.generate_keypair(tmp_path / "k" / "private.pem", tmp_path / "k" / "public.pem")
     key = tmp_path / "k" / "private.pem"
@@ -76,30 +77,33 @@ def test_relearn_builds_publishes_and_announces_only_what_changed(
     pub = tmp_path / "published"
     args = ["feedback", "relearn", "--store", "s", "--feedback-dir", str(tmp_path / "fb"), "--catalog",
             str(cat.path), "--bundle", str(tiny_bundle), "--snapshots", str(snaps), "--key", str(key),
-            "--auto-review", "--publish-to", pub.as_uri(), "--broker", broker.url]  # fmt: skip
+            "--auto-review", "--publish-to", pub.as_uri()]  # fmt: skip
 
-    r = runner.invoke(_app(), args)
-    assert r.exit_code == 0, r.output
+    # The broker is down for the first run: the snapshot is built, its announcement fails loudly...
+    r = runner.invoke(_app(), [*args, "--broker", f"mqtt://127.0.0.1:{free_port()}"])
+    assert r.exit_code == 2 and "cannot reach broker" in r.output, r.output
     auto = sum(fb.get(rid).decided_by == "auto:knn" for rid in rids)
     assert f"auto-approved {auto}" in r.output and "snapshot v2 of s" in r.output, r.output
-    assert f"{2 + auto} store photos" in r.output and "OK published s v2" in r.output, r.output
+    assert f"{2 + auto} store photos" in r.output, r.output
     rows = read_rows(snaps / "v2" / VECTORS)
     stored = sorted(str(row["record"]) for row in rows if row.get("source") == "store")
     assert stored == sorted(rid for rid in rids if fb.get(rid).status == "approved")
-    ann = protocol.decode(read_retained(broker, protocol.snapshot_topic("s")), protocol.SnapshotAnnouncement)
-    assert ann.version == 2 and (pub / "s" / "v2").is_dir()
     assert json.loads((snaps / "v2.report.json").read_text())["inputs_digest"]
 
+    # ...and the next run, with nothing new to build, announces it: the kiosks still get v2.
+    args += ["--broker", broker.url]
     r = runner.invoke(_app(), args)
-    assert r.exit_code == 0 and "nothing new for s" in r.output, r.output
+    assert r.exit_code == 0 and "nothing new for s" in r.output and "OK published s v2" in r.output, r.output
     assert not (snaps / "v3").exists() and not (pub / "s" / "v3").exists()
+    ann = protocol.decode(read_retained(broker, protocol.snapshot_topic("s")), protocol.SnapshotAnnouncement)
+    assert ann.version == 2 and (pub / "s" / "v2").is_dir()
 
     if fb.get(rids[2]).status != "approved":
         fb.decide(rids[2], "approved", who="anna")
     else:  # auto-review took it: a staff rejection is the change instead
         fb.decide(rids[2], "rejected", who="anna")
     r = runner.invoke(_app(), args)
-    assert r.exit_code == 0 and "snapshot v3 of s" in r.output, r.output
+    assert r.exit_code == 0 and "snapshot v3 of s" in r.output and "OK published s v3" in r.output, r.output
     ann = protocol.decode(read_retained(broker, protocol.snapshot_topic("s")), protocol.SnapshotAnnouncement)
     assert ann.version == 3
 
