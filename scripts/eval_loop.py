@@ -162,7 +162,12 @@ def _relearned(base: Path, catalog: Path, fb_root: Path, tag: str) -> Path:
     photos' contents and labels (a tune takes minutes on a CPU)."""
     from cloud.catalog import load_catalog
     from cloud.feedback.relearn import select_approved
-    from cloud.feedback.relearn_model import RELEARN_VIEWS_PER_IMAGE, relearn_bundle, training_set
+    from cloud.feedback.relearn_model import (
+        RELEARN_TUNE_CONVS,
+        RELEARN_VIEWS_PER_IMAGE,
+        relearn_bundle,
+        training_set,
+    )
     from models import tune
     from models.bundle import read_manifest, verify_bundle
     from models.errors import ModelError
@@ -172,7 +177,7 @@ def _relearned(base: Path, catalog: Path, fb_root: Path, tag: str) -> Path:
     sel = select_approved(fb_root, STORE, cat.items)
     imgs = training_set(cat.items, sel)
     key = hashlib.sha256(json.dumps({
-        "base": read_manifest(base).model_id, "epochs": tune.EPOCHS, "convs": tune.TUNE_CONVS,
+        "base": read_manifest(base).model_id, "epochs": tune.EPOCHS, "convs": RELEARN_TUNE_CONVS,
         "views": RELEARN_VIEWS_PER_IMAGE, "lr": tune.LEARNING_RATE,
         "images": [[file_sha256(Path(t.source) if t.store_photo else cat.base_dir / t.source), t.sku]
                    for t in imgs],

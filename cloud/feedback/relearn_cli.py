@@ -133,7 +133,9 @@ def release_cmd(
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Embedding + OpenVINO cache")] = None,
     epochs: Annotated[int, typer.Option(min=1, max=50)] = 3,
-    tune_convs: Annotated[int, typer.Option(min=1, max=12, help="Convolutions before the pool to train")] = 4,
+    tune_convs: Annotated[
+        int, typer.Option(min=1, max=12, help="Convolutions before the pool to train")
+    ] = 8,  # relearn_model.RELEARN_TUNE_CONVS (not imported here: numpy on every `feedback --help`)
 ) -> None:
     """Enough approved store photos? Tune a bundle on them, build the store's snapshot with it, release both.
 

@@ -27,7 +27,7 @@ from cloud.catalog import (
     write_catalog,
 )
 from cloud.feedback.relearn import Selection, StorePhoto, select_approved
-from cloud.feedback.relearn_model import RELEARN_VIEWS_PER_IMAGE, image_loader
+from cloud.feedback.relearn_model import RELEARN_TUNE_CONVS, RELEARN_VIEWS_PER_IMAGE, image_loader
 from cloud.fleet.release import PublishedRelease, build_release
 
 _LOGGER = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class CatalogTuner:
     and runs ``models.tune.tune_bundle`` on it as ``storelens model tune`` does (the tuned bundle's
     manifest names its base and that catalog's sha256)."""
 
-    convs: int = 4  # models.tune.TUNE_CONVS: MobileNetV2's last block + the 1x1 conv before pooling
+    convs: int = RELEARN_TUNE_CONVS  # more than a catalog-only tune's 4 (models.tune.TUNE_CONVS)
     epochs: int = 3  # models.tune.EPOCHS
     views_per_image: int = RELEARN_VIEWS_PER_IMAGE  # more views of each photo than a catalog-only tune
     seed: int = 0

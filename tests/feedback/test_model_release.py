@@ -236,3 +236,17 @@ def _wait(pred: object, timeout_s: float = 90.0) -> bool:
             return True
         ev.wait(0.05)
     return bool(pred())  # type: ignore[operator]
+
+
+def test_the_release_command_tunes_as_many_convolutions_as_the_relearn() -> None:
+    """`feedback release --tune-convs` defaults to a literal (the CLI module stays free of numpy): it must
+    be the relearn's own choice, or the release would tune another model than the one measured."""
+    import inspect
+
+    from cloud.feedback.relearn_cli import release_cmd
+    from cloud.feedback.relearn_model import RELEARN_TUNE_CONVS, relearn_bundle
+    from cloud.feedback.release import CatalogTuner
+
+    assert inspect.signature(release_cmd).parameters["tune_convs"].default == RELEARN_TUNE_CONVS
+    assert inspect.signature(relearn_bundle).parameters["convs"].default == RELEARN_TUNE_CONVS
+    assert CatalogTuner().convs == RELEARN_TUNE_CONVS
