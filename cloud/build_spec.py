@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.feedback.relearn import DEFAULT_CAP
+from cloud.feedback.store import FeedbackSource
 from models.port import EmbedderPort
 from storelens.snapshot import SnapshotManifest
 
@@ -52,7 +53,7 @@ class BuildSpec:
     adapter: Literal["lda", "none"] = "lda"
     archive: bool = False
     location_column: str | None = None
-    feedback: str | Path | None = None
+    feedback: FeedbackSource | None = None
     feedback_cap: int = DEFAULT_CAP
     features: Features | None = None
     created_at: datetime | None = None

@@ -29,7 +29,13 @@ import numpy.typing as npt
 
 from cloud.catalog import Item
 from cloud.featurize import Features
-from cloud.feedback.store import CorruptCrop, FeedbackStore, FeedbackStoreError, open_feedback_store
+from cloud.feedback.store import (
+    CorruptCrop,
+    FeedbackSource,
+    FeedbackStore,
+    FeedbackStoreError,
+    open_feedback_store,
+)
 from storelens.matching import NOT_CARRIED_FILE, NOT_CARRIED_KEY
 
 _LOGGER = logging.getLogger(__name__)
@@ -104,16 +110,18 @@ class Selection:
         return {str(p.path) for p in self.not_carried}
 
 
-def select_approved(feedback: str | Path, store: str, items: list[Item]) -> Selection:
-    """The approved store photos of ``items`` (the store's catalog) in a feedback store (a folder or
-    ``s3://bucket/prefix``); FeedbackError when it cannot be read."""
+def select_approved(feedback: FeedbackSource, store: str, items: list[Item]) -> Selection:
+    """The approved store photos of ``items`` (the store's catalog) in a feedback store (a folder,
+    ``s3://bucket/prefix`` or one already open); FeedbackError when it cannot be read."""
     try:
         fb = open_feedback_store(feedback)
     except FeedbackStoreError as exc:
         raise FeedbackError(str(exc)) from exc
     try:
-        every = fb.approved()
-        not_carried = [r for r in fb.records(store) if r.status == "not_carried"][-MAX_NOT_CARRIED:]
+        records = fb.records()  # read once: approved photos of every store (others' are counted)
+        every = [r for r in records if r.status == "approved" and r.label_sku]
+        not_carried = [r for r in records if r.store == store and r.status == "not_carried"]
+        not_carried = not_carried[-MAX_NOT_CARRIED:]
     except (FeedbackStoreError, OSError, ValueError, KeyError) as exc:
         raise FeedbackError(f"cannot read feedback in {fb.where}: {exc}") from exc
     skus = {it.sku for it in items}

@@ -26,8 +26,9 @@ from cloud.catalog import (
     load_catalog,
     write_catalog,
 )
-from cloud.feedback.relearn import Selection, StorePhoto, select_approved
+from cloud.feedback.relearn import FeedbackError, Selection, StorePhoto, select_approved
 from cloud.feedback.relearn_model import RELEARN_TUNE_CONVS, RELEARN_VIEWS_PER_IMAGE, image_loader
+from cloud.feedback.store import FeedbackSource, FeedbackStoreError, open_feedback_store
 from cloud.fleet.release import PublishedRelease, build_release
 
 _LOGGER = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def _absolute(source: str, base_dir: Path) -> str:
 
 
 def readiness(
-    feedback_dir: str | Path, store: str, items: list[Item], threshold: Threshold
+    feedback_dir: FeedbackSource, store: str, items: list[Item], threshold: Threshold
 ) -> tuple[Readiness, Selection]:
     """Count the approved store photos of ``items`` per product (FeedbackError on an unreadable folder)."""
     sel = select_approved(feedback_dir, store, items)
@@ -177,7 +178,7 @@ class ModelRelease:
 
 def release_relearned_model(
     store: str,
-    feedback_dir: str | Path,
+    feedback_dir: FeedbackSource,
     catalog: Path,
     bundle: Path,
     key: Ed25519PrivateKey,
@@ -209,7 +210,11 @@ def release_relearned_model(
         base = verify_bundle(bundle)
     except ModelError as exc:
         raise ModelReleaseError(f"base bundle {bundle}: {exc}") from exc
-    ready, sel = readiness(feedback_dir, store, items, threshold)
+    try:
+        fb = open_feedback_store(feedback_dir)  # once: the readiness count and the build both read it
+    except FeedbackStoreError as exc:
+        raise FeedbackError(str(exc)) from exc
+    ready, sel = readiness(fb, store, items, threshold)
     if not ready.ready:
         return ModelRelease(ready, base_model_id=base.model_id)
     work_dir = Path(work_dir)
@@ -232,6 +237,6 @@ def release_relearned_model(
     )
     published = build_release(
         tuned, catalog, [store], key, to, release_id=release_id, sequence=sequence, cache_dir=cache_dir,
-        s3_client=s3_client, notes=notes, feedback=feedback_dir,
+        s3_client=s3_client, notes=notes, feedback=fb,
     )  # fmt: skip
     return ModelRelease(ready, published, tuned, base.model_id, list(published.warnings))

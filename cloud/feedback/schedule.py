@@ -20,6 +20,7 @@ from typing import Any
 from cloud.build import BuildResult, BuildSpec, build_snapshot
 from cloud.catalog import load_catalog
 from cloud.feedback.relearn import DEFAULT_CAP, FeedbackError, Selection, select_approved
+from cloud.feedback.store import FeedbackSource
 from storelens.fsutil import atomic_write_json, sha256_file
 from storelens.snapshot import read_manifest_unverified
 
@@ -81,7 +82,7 @@ def recorded_digest(snapshot: Path | None) -> str | None:
 
 def relearn(
     store: str,
-    feedback: str | Path,
+    feedback: FeedbackSource,
     catalog: Path,
     bundle: Path,
     snapshots: Path,
@@ -99,24 +100,28 @@ def relearn(
 
     if not snapshots.is_dir():
         raise FeedbackError(f"snapshots folder {snapshots} does not exist")
+    try:
+        fb = open_feedback_store(feedback)  # once: the review, the digest's selection and the build read it
+    except FeedbackStoreError as exc:
+        raise FeedbackError(str(exc)) from exc
     base = newest_snapshot(snapshots, store, full_only=True)
     approved = 0
     if auto_review:
         if base is None:
             raise FeedbackError(f"--auto-review needs a full snapshot of {store} in {snapshots}")
         try:
-            approved = auto_review_all(open_feedback_store(feedback), store, ReviewSpace.load(base)).approved
+            approved = auto_review_all(fb, store, ReviewSpace.load(base)).approved
         except (AutoReviewError, FeedbackStoreError) as exc:
             raise FeedbackError(str(exc)) from exc
     items = load_catalog(catalog).for_store(store)
-    sel = select_approved(feedback, store, items)
+    sel = select_approved(fb, store, items)
     digest = inputs_digest(sel, catalog, read_manifest(bundle).model_id, cap)
     previous = newest_snapshot(snapshots, store)
     if not force and recorded_digest(previous) == digest:
         return Relearned(digest, previous, auto_approved=approved)
     out = snapshots / RELEARN_TMP
     res = build_snapshot(BuildSpec(catalog=catalog, store=store, out_dir=out, private_key=private_key,
-                                   bundle=bundle, base=base, cache_dir=cache_dir, feedback=feedback,
+                                   bundle=bundle, base=base, cache_dir=cache_dir, feedback=fb,
                                    feedback_cap=cap, progress=False))  # fmt: skip
     final = snapshots / f"v{res.manifest.version}"
     if final.exists():

@@ -257,10 +257,13 @@ def default_cache_dir(location: str) -> Path:
 
 
 def open_feedback_store(
-    location: str | Path, *, create: bool = False, cache_dir: Path | None = None, s3_client: Any = None
+    location: FeedbackSource, *, create: bool = False, cache_dir: Path | None = None, s3_client: Any = None
 ) -> FeedbackStore:
-    """A feedback store at a folder or ``s3://bucket/prefix``. A missing folder is created only with
-    ``create`` (the collector), else FeedbackStoreError, as is an S3 bucket that cannot be reached."""
+    """A feedback store at a folder or ``s3://bucket/prefix`` (one already open is returned as it is: a
+    caller that reads it several times passes it on). A missing folder is created only with ``create``
+    (the collector), else FeedbackStoreError, as is an S3 bucket that cannot be reached."""
+    if isinstance(location, FeedbackStore):
+        return location
     text = str(location)
     if text.startswith("s3://"):
         parts = urllib.parse.urlsplit(text)
@@ -431,3 +434,6 @@ def _record(raw: dict[str, object], last: DecisionEntry | None) -> FeedbackRecor
         status=status, label_sku=label, decided_by=None if last is None else last.who,
         decided_ts=None if last is None else last.ts,
     )
+
+
+FeedbackSource = str | Path | FeedbackStore  # where a feedback store is, or the store itself

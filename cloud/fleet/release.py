@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.build import BuildSpec, build_snapshot
 from cloud.catalog import fetch_image_bytes, load_catalog
+from cloud.feedback.store import FeedbackSource
 from cloud.publish import ArtifactStore, open_store
 from models.bundle import verify_bundle
 from storelens.archive import pack
@@ -122,7 +123,7 @@ def build_release(
     embedder: Any = None,
     s3_client: Any = None,
     notes: str = "",
-    feedback: str | Path | None = None,
+    feedback: FeedbackSource | None = None,
 ) -> PublishedRelease:
     """Build every store's snapshot with ``bundle``, sign the release, and publish it to ``to``.
 
