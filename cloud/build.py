@@ -103,6 +103,11 @@ def _open_embedder(bundle: Path, cache_dir: Path | None) -> Any:
     return Embedder(bundle, mode="throughput", cache_dir=cache_dir)
 
 
+def report_path_of(out_dir: Path) -> Path:
+    """Where a build's report JSON lands: beside its snapshot folder, ``{name}.report.json``."""
+    return out_dir.with_name(f"{out_dir.name}.report.json")
+
+
 def build_snapshot(spec: BuildSpec) -> BuildResult:
     """Build, sign and write the snapshot ``spec`` describes; a report JSON lands beside its ``out_dir``.
 
@@ -271,7 +276,7 @@ def build_snapshot(spec: BuildSpec) -> BuildResult:
         pack(tmp, staging_archive(out_dir))
     install_output(out_dir, archive=spec.archive)
     report["build_s"] = round(time.monotonic() - t0, 2)
-    report_path = out_dir.with_name(f"{out_dir.name}.report.json")
+    report_path = report_path_of(out_dir)
     atomic_write_json(report_path, report)
     _LOGGER.info(
         "built %s snapshot v%d of %s: %d items, %d vectors", kind, version, store, len(item_rows), len(skus)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloud.build import BuildResult, BuildSpec, build_snapshot
+from cloud.build import BuildResult, BuildSpec, build_snapshot, report_path_of
 from cloud.catalog import load_catalog
 from cloud.feedback.relearn import DEFAULT_CAP, FeedbackError, Selection, select_approved
 from cloud.feedback.store import FeedbackSource
@@ -65,16 +65,12 @@ def inputs_digest(sel: Selection, catalog: Path, model_id: str, cap: int) -> str
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def report_path(snapshot: Path) -> Path:
-    return snapshot.with_name(f"{snapshot.name}.report.json")
-
-
 def recorded_digest(snapshot: Path | None) -> str | None:
     """The inputs digest a relearn wrote beside ``snapshot`` (None: not a relearn's, or unreadable)."""
     if snapshot is None:
         return None
     try:
-        d = json.loads(report_path(snapshot).read_text(encoding="utf-8")).get("inputs_digest")
+        d = json.loads(report_path_of(snapshot).read_text(encoding="utf-8")).get("inputs_digest")
     except (OSError, ValueError, AttributeError):
         return None
     return d if isinstance(d, str) else None
@@ -128,7 +124,7 @@ def relearn(
         raise FeedbackError(f"{final} already exists")
     out.rename(final)
     report = dict(res.report, inputs_digest=digest)
-    atomic_write_json(report_path(final), report)
+    atomic_write_json(report_path_of(final), report)
     if res.report_path is not None:
         res.report_path.unlink(missing_ok=True)
     return Relearned(digest, previous, res, final, approved)
