@@ -11,6 +11,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from cloud import broker_cli as bc
+from cloud.feedback.relearn_cli import FEEDBACK_HELP
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def _fail(msg: str) -> NoReturn:
 
 def collect_cmd(
     store: Annotated[str, typer.Option("--store", help="Store id whose kiosks' feedback to collect")],
-    feedback_dir: Annotated[str, typer.Option("--feedback-dir", help="Feedback store: a folder or s3://bucket/prefix")],
+    feedback_dir: Annotated[str, typer.Option("--feedback-dir", help=FEEDBACK_HELP)],
     snapshots: Annotated[
         Path | None,
         typer.Option("--snapshots", help="Folder `catalog publish --to file://DIR` writes: known snapshots"),
