@@ -22,32 +22,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 import threading
-import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 
+from cloud.feedback.store_backends import Backend, Folder, S3Prefix, default_cache_dir
+from cloud.feedback.store_backends import CorruptCrop as CorruptCrop  # re-exported: callers import it here
+from cloud.feedback.store_backends import FeedbackStoreError as FeedbackStoreError
 from storelens.feedback import FeedbackEvent, decode_vector
-from storelens.fsutil import atomic_write_bytes, fsync_dir
 from storelens.snapshot import utc_now_iso
 
 Decision = Literal["approved", "rejected", "reassigned", "not_carried", "pending"]
 Status = Literal["pending", "approved", "rejected", "not_carried", "unlabelled"]
-
-
-class FeedbackStoreError(Exception):
-    """A record or decision that cannot be read or written (names the record and the problem)."""
-
-
-class CorruptCrop(FeedbackStoreError):
-    """A stored crop whose bytes do not match the sha256 it is stored under."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,175 +78,6 @@ def record_id_of(store: str, kiosk: str, message_id: str) -> str:
     return hashlib.sha256(f"{store}\0{kiosk}\0{message_id}".encode()).hexdigest()[:32]
 
 
-DECISIONS_LOG = "decisions.jsonl"
-_T = TypeVar("_T")
-
-
-class _Backend(Protocol):
-    """Where the layout lives: a local folder or an S3 prefix (keys are ``records/...``, ``crops/...``)."""
-
-    where: str
-
-    def exists(self, key: str) -> bool: ...
-    def read(self, key: str) -> bytes | None: ...  # None when there is no such object
-    def write(self, key: str, data: bytes) -> None: ...  # durable when it returns
-    def names(self, folder: str) -> list[str]: ...  # object names directly under folder/, sorted
-    def append_decision(self, line: bytes) -> None: ...
-    def decision_lines(self) -> list[str]: ...
-    def local_file(self, key: str) -> Path: ...  # a local file with the object (absent if it is absent)
-
-
-class _Folder:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.where = str(root)
-        for d in ("records", "crops"):
-            (root / d).mkdir(parents=True, exist_ok=True)
-
-    def exists(self, key: str) -> bool:
-        return (self.root / key).exists()
-
-    def read(self, key: str) -> bytes | None:
-        try:
-            return (self.root / key).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def write(self, key: str, data: bytes) -> None:
-        atomic_write_bytes(self.root / key, data)
-
-    def names(self, folder: str) -> list[str]:
-        return sorted(p.name for p in (self.root / folder).iterdir() if p.is_file())
-
-    def append_decision(self, line: bytes) -> None:
-        fd = os.open(self.root / DECISIONS_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(self.root)
-
-    def decision_lines(self) -> list[str]:
-        log = self.root / DECISIONS_LOG
-        return log.read_text(encoding="utf-8").splitlines() if log.exists() else []
-
-    def local_file(self, key: str) -> Path:
-        return self.root / key
-
-
-_MISSING = ("404", "NoSuchKey", "NotFound")
-
-
-class _S3Prefix:
-    """The layout under ``s3://bucket/prefix`` via boto3 (endpoint from boto3's own settings, e.g.
-    ``AWS_ENDPOINT_URL_S3``); every S3 failure becomes a FeedbackStoreError naming the key."""
-
-    def __init__(self, bucket: str, prefix: str, cache_dir: Path, client: Any = None) -> None:
-        import boto3
-
-        self.bucket, self.prefix = bucket, prefix.strip("/")
-        self.where = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self._s3 = client or boto3.client("s3")
-        self._cache_dir = cache_dir
-        self._cached: dict[str, bytes] = {}  # immutable objects already read (records, decisions)
-        self._call("reach the bucket", lambda: self._s3.head_bucket(Bucket=bucket))
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _call(self, what: str, fn: Callable[[], _T]) -> _T:
-        """``fn()``, any S3 failure a FeedbackStoreError naming ``what``."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return fn()
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "?")
-            raise FeedbackStoreError(f"{self.where}: cannot {what} (S3 {code}: {exc})") from exc
-        except BotoCoreError as exc:
-            raise FeedbackStoreError(f"{self.where}: cannot {what} ({exc})") from exc
-
-    def _absent_is_none(self, fn: Callable[[], _T]) -> Callable[[], _T | None]:
-        """``fn`` returning None where S3 says there is no such object."""
-        from botocore.exceptions import ClientError
-
-        def call() -> _T | None:
-            try:
-                return fn()
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in _MISSING:
-                    return None
-                raise
-
-        return call
-
-    def exists(self, key: str) -> bool:
-        head = self._absent_is_none(lambda: self._s3.head_object(Bucket=self.bucket, Key=self._key(key)))
-        return self._call(f"check {key}", head) is not None
-
-    def read(self, key: str) -> bytes | None:
-        if key in self._cached:
-            return self._cached[key]
-        get = self._absent_is_none(
-            lambda: bytes(self._s3.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
-        )
-        data = self._call(f"read {key}", get)
-        if data is not None and not key.startswith("crops/"):  # crops go to the file cache instead
-            self._cached[key] = data
-        return data
-
-    def write(self, key: str, data: bytes) -> None:
-        # Not cached: the collector writes for months and never reads back.
-        self._call(
-            f"write {key}", lambda: self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        )
-
-    def names(self, folder: str) -> list[str]:
-        base = self._key(folder) + "/"
-        out: list[str] = []
-
-        def walk() -> None:
-            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
-                out.extend(o["Key"][len(base):] for o in page.get("Contents", []))
-
-        self._call(f"list {folder}/", walk)
-        return sorted(n for n in out if n and "/" not in n)
-
-    def append_decision(self, line: bytes) -> None:
-        self.write(f"decisions/{time.time_ns():020d}-{secrets.token_hex(4)}.json", line)
-
-    def decision_lines(self) -> list[str]:
-        lines = []
-        for name in self.names("decisions"):
-            data = self.read(f"decisions/{name}")
-            if data is not None:
-                lines.append(data.decode("utf-8", "replace").strip())
-        return lines
-
-    def local_file(self, key: str) -> Path:
-        path = self._cache_dir / key
-        if path.is_file():
-            return path
-        data = self.read(key)
-        if data is None:
-            return path  # absent: callers check is_file()
-        want = Path(key).stem
-        if key.startswith("crops/") and hashlib.sha256(data).hexdigest() != want:
-            raise CorruptCrop(f"{self.where}: {key} does not match its sha256 (corrupt object)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
-        return path
-
-
-def default_cache_dir(location: str) -> Path:
-    """Where crops of an S3 feedback store are cached locally: per bucket and prefix, under the user's
-    cache folder (``XDG_CACHE_HOME``, else ``~/.cache``)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    tag = hashlib.sha256(location.encode()).hexdigest()[:16]
-    return base / "storelens" / "feedback" / tag
-
-
 def open_feedback_store(
     location: FeedbackSource, *, create: bool = False, cache_dir: Path | None = None, s3_client: Any = None
 ) -> FeedbackStore:
@@ -271,7 +93,7 @@ def open_feedback_store(
             raise FeedbackStoreError(f"no bucket in {text!r}")
         loc = text.rstrip("/")
         return FeedbackStore(
-            backend=_S3Prefix(parts.netloc, parts.path, cache_dir or default_cache_dir(loc), s3_client)
+            backend=S3Prefix(parts.netloc, parts.path, cache_dir or default_cache_dir(loc), s3_client)
         )
     if "://" in text:
         raise FeedbackStoreError(f"{text!r}: a feedback store is a folder or s3://bucket/prefix")
@@ -285,11 +107,11 @@ class FeedbackStore:
     """Feedback records and decisions in a local folder (created if missing) or, through
     ``open_feedback_store``, under an S3 prefix (see the module doc for the layout)."""
 
-    def __init__(self, root: Path | None = None, *, backend: _Backend | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, backend: Backend | None = None) -> None:
         if backend is None:
             if root is None:
                 raise ValueError("FeedbackStore needs a folder or a backend")
-            backend = _Folder(Path(root))
+            backend = Folder(Path(root))
         self._b = backend
         self._lock = threading.Lock()
 
@@ -301,7 +123,7 @@ class FeedbackStore:
     @property
     def root(self) -> Path:
         """The local folder of a folder store (TypeError for an S3 one)."""
-        if not isinstance(self._b, _Folder):
+        if not isinstance(self._b, Folder):
             raise TypeError(f"{self._b.where} is not a local folder")
         return self._b.root
 
