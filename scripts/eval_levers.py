@@ -171,6 +171,15 @@ def load(flip: bool, bundle: Path, views: tuple[str, ...] = ()) -> Vectors:
                    normalize_rows(d.q_single), normalize_rows(d.q_frames), d.q_labels)  # fmt: skip
 
 
+def replay_vectors(bundle: Path | None = None, views: tuple[str, ...] = ("c80",)) -> Vectors:
+    """The cached vectors for a numpy replay of the build (the ceiling scripts): the adapter fit swapped for
+    ``fast_lda_adapter``, the store photos' ``views`` embedded when missing."""
+    retrieval.fit_lda_adapter = fast_lda_adapter  # type: ignore[assignment]
+    from scripts.eval_grocery import _bundle
+
+    return load(False, bundle or _bundle(), views)
+
+
 def _shown(v: Vectors, store_idx: np.ndarray, store_labels: np.ndarray, q: np.ndarray) -> np.ndarray:
     """The 5 products the current (baseline) snapshot shows for model-space queries ``q``."""
     x = np.vstack([v.iconic, v.crops[store_idx]])

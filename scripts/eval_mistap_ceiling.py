@@ -38,7 +38,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cloud import retrieval  # noqa: E402
 from cloud.feedback.auto import AGREE_MARGIN  # noqa: E402
 from cloud.retrieval import DEFAULT_SHRINKAGE, item_scores  # noqa: E402
 from scripts import eval_levers as levers  # noqa: E402
@@ -117,10 +116,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worlds", default="train,block,val")
     a = ap.parse_args()
-    retrieval.fit_lda_adapter = levers.fast_lda_adapter  # type: ignore[assignment]
-    from scripts.eval_grocery import _bundle
-
-    v = levers.load(False, _bundle(), views=("c80",))
+    v = levers.replay_vectors()
     res: dict[str, Any] = {}
     with threadpool_limits(limits=1, user_api="blas"):
         for kind in a.worlds.split(","):
