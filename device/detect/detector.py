@@ -132,11 +132,12 @@ class HeldItemDetector:
         h, w = image.shape[:2]
         self._scale = w / self._cfg.work_width
         size = (self._cfg.work_width, max(1, round(h / self._scale)))
-        # INTER_NEAREST, not AREA or LINEAR: the 5x5 blur that follows does the averaging (25 samples
-        # spread over a 20x20-pixel patch of a 640x480 frame, against LINEAR's 2x2 of each 4x4), and AREA
-        # cost ~0.45 ms, LINEAR ~35 us more than NEAREST, of the 0.3 ms the whole detector may spend per
-        # frame (bench/pipeline.py "detector").
-        out: Image = cv2.GaussianBlur(cv2.resize(image, size, interpolation=cv2.INTER_NEAREST), (5, 5), 0)
+        # INTER_LINEAR, not AREA: the 5x5 blur that follows does the rest of the averaging, and AREA costs
+        # ~0.44 ms of the 0.3 ms the whole detector may spend per frame (bench/pipeline.py "detector").
+        # Not NEAREST either (~30 us cheaper): its aliased samples make a textured item's thumbnail flicker
+        # between frames, and at 15 fps two of six holds were seen steady 1.3-1.8 s late
+        # (tests/device/test_detect.py; the capacity bench's cameras).
+        out: Image = cv2.GaussianBlur(cv2.resize(image, size, interpolation=cv2.INTER_LINEAR), (5, 5), 0)
         return out
 
     def _roi_box(self, image: Image) -> Box | None:
