@@ -444,7 +444,11 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
            "fps_runs": [r["fps"] for r in refs]}  # fmt: skip
     ref_cpu_ms = cpu.per_inference_ms(refs, short)
     ours_cpu_ms = float(np.median([t["cpu_ms_per_frame"] for t in thrs]))
-    video = _video(emb, snap, write_video(scene, work / "clip.avi"))
+    # The video row is bracketed by benchmark_app runs like each round (the last round's closing run, then
+    # one right after it): the host's speed drifts by 20-30% within a run (docs/NOTES.md).
+    video: dict[str, Any] = {**_video(emb, snap, write_video(scene, work / "clip.avi"))}
+    video_refs = [refs[-1]["fps"], _benchmark_app(bundle, precision, "latency")["fps"]]
+    video["benchmark_app_fps_around"] = video_refs
     paced_ms = _paced_inference_ms(bundle, precision)
     # The kiosk's event path: Comms with its outbox writer, draining to an in-memory broker (acks commit too).
     outbox = _TimedOutbox(work / f"{bundle.name}-outbox.sqlite")
@@ -478,7 +482,7 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
         "benchmark_app_cpu_ms_per_inference": None if ref_cpu_ms is None else round(ref_cpu_ms, 3),
         "pipeline_cpu_cost_ratio": None if not ref_cpu_ms else round(ours_cpu_ms / ref_cpu_ms, 3),
         "pipeline_video_file": video,
-        "video_throughput_ratio": round(video["fps"] / ref["fps"], 3),
+        "video_throughput_ratio": round(video["fps"] / (sum(video_refs) / 2), 3),
         # capture -> MatchEvent handed to Comms, 30 fps camera, one frame per answer; and -> its commit
         "frame_to_event_ms": {"p50": round(p50, 2), "p99": round(float(np.percentile(ev, 99)), 2),
                               "n": int(ev.size), "one_inference_back_to_back_ms": ref["latency_median_ms"],
