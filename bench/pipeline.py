@@ -188,7 +188,7 @@ def _throughput(emb: Any, snap: ActiveSnapshot, frames: list[np.ndarray], inline
             "cpu_busy_cores": round(total * (n1 - n0) / 1000.0 / max(1e-9, w1 - w0), 2)}
 
 
-def _video(emb: Any, snap: ActiveSnapshot, video: Path) -> dict[str, float]:
+def _video(emb: Any, snap: ActiveSnapshot, video: Path) -> dict[str, Any]:
     """Forced-steady over a video file: the grab thread decodes while inference runs."""
     q: BoundedQueue[Frame] = BoundedQueue(4, OverflowPolicy.WAIT)
     grab = GrabStage(lambda: OpenCVSource(str(video)), q)
@@ -446,7 +446,7 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
     ours_cpu_ms = float(np.median([t["cpu_ms_per_frame"] for t in thrs]))
     # The video row is bracketed by benchmark_app runs like each round (the last round's closing run, then
     # one right after it): the host's speed drifts by 20-30% within a run (docs/NOTES.md).
-    video: dict[str, Any] = {**_video(emb, snap, write_video(scene, work / "clip.avi"))}
+    video = _video(emb, snap, write_video(scene, work / "clip.avi"))
     video_refs = [refs[-1]["fps"], _benchmark_app(bundle, precision, "latency")["fps"]]
     video["benchmark_app_fps_around"] = video_refs
     paced_ms = _paced_inference_ms(bundle, precision)

@@ -180,13 +180,19 @@ def replay_vectors(bundle: Path | None = None, views: tuple[str, ...] = ("c80",)
     return load(False, bundle or _bundle(), views)
 
 
-def _shown(v: Vectors, store_idx: np.ndarray, store_labels: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """The 5 products the current (baseline) snapshot shows for model-space queries ``q``."""
+def snapshot_scores(v: Vectors, store_idx: np.ndarray, store_labels: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Item scores (queries x N_ITEMS) of model-space queries ``q`` in the plain (baseline) snapshot of the
+    catalog plus these store photos: what the kiosk ranks by and the auto rule judges in."""
     x = np.vstack([v.iconic, v.crops[store_idx]])
     y = np.concatenate([np.arange(N_ITEMS), store_labels])
     mean, mat = fit_lda(x, y, shrinkage=DEFAULT_SHRINKAGE, out_dim=None)
-    s = item_scores(project(mean, mat, q) @ project(mean, mat, x).T, y, N_ITEMS)
-    return np.argsort(-s, axis=1)[:, :5]
+    scores: np.ndarray = item_scores(project(mean, mat, q) @ project(mean, mat, x).T, y, N_ITEMS)
+    return scores
+
+
+def _shown(v: Vectors, store_idx: np.ndarray, store_labels: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The 5 products the current (baseline) snapshot shows for model-space queries ``q``."""
+    return np.argsort(-snapshot_scores(v, store_idx, store_labels, q), axis=1)[:, :5]
 
 
 def worlds(v: Vectors, kind: str, seed: int, mistaps: bool) -> dict[int, World]:

@@ -39,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cloud.feedback.auto import AGREE_MARGIN  # noqa: E402
-from cloud.retrieval import DEFAULT_SHRINKAGE, item_scores  # noqa: E402
 from scripts import eval_levers as levers  # noqa: E402
 from scripts.eval_data import OUT  # noqa: E402
 
@@ -51,12 +50,7 @@ FIT = levers.Variant(views_fit=("c80",))  # the shipped build's fit
 def _relabelled(v: levers.Vectors, w: levers.World, mis: np.ndarray) -> tuple[np.ndarray, float]:
     """Labels with each mis-tap moved to the best other product of the snapshot fitted without them, and
     the share of those moves that found the true product."""
-    keep = w.store_idx[~mis]
-    x = np.vstack([v.iconic, v.crops[keep]])
-    y = np.concatenate([np.arange(levers.N_ITEMS), w.store_labels[~mis]])
-    mean, mat = levers.fit_lda(x, y, shrinkage=DEFAULT_SHRINKAGE, out_dim=None)
-    q = levers.project(mean, mat, v.crops[w.store_idx[mis]])
-    s = item_scores(q @ levers.project(mean, mat, x).T, y, levers.N_ITEMS)
+    s = levers.snapshot_scores(v, w.store_idx[~mis], w.store_labels[~mis], v.crops[w.store_idx[mis]])
     s[np.arange(int(mis.sum())), w.store_labels[mis]] = -np.inf
     labels = w.store_labels.copy()
     labels[mis] = np.argmax(s, axis=1)
@@ -73,11 +67,8 @@ def _staff_labels(v: levers.Vectors, noisy: dict[int, levers.World]) -> dict[int
     for k, w in noisy.items():
         new = [i for i in range(len(w.store_idx)) if int(w.store_idx[i]) not in decided]
         rows = np.asarray(list(decided), np.int64)
-        x = np.vstack([v.iconic, v.crops[rows]]) if len(rows) else v.iconic
-        y = np.concatenate([np.arange(levers.N_ITEMS), np.asarray([decided[int(r)] for r in rows], np.int64)])
-        mean, mat = levers.fit_lda(x, y, shrinkage=DEFAULT_SHRINKAGE, out_dim=None)
-        s = item_scores(levers.project(mean, mat, v.crops[w.store_idx[new]]) @ levers.project(mean, mat, x).T,
-                        y, levers.N_ITEMS)  # fmt: skip
+        got = np.asarray(list(decided.values()), np.int64)
+        s = levers.snapshot_scores(v, rows, got, v.crops[w.store_idx[new]])
         tapped = w.store_labels[new]
         approved = s[np.arange(len(new)), tapped] >= s.max(axis=1) - AGREE_MARGIN
         held += int((~approved).sum())
