@@ -23,14 +23,22 @@ def test_iou_and_crop_margin() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n_items", "fps", "seed"), [(4, 30.0, 3), (6, 15.0, 12), (6, 15.0, 5), (6, 15.0, 21)]
+    ("n_items", "fps", "seed", "size"),
+    [(4, 30.0, 3, (640, 480)), (6, 15.0, 12, (640, 480)), (6, 15.0, 5, (640, 480)), (6, 15.0, 21, (640, 480)),
+     (6, 15.0, 12, (1280, 720)), (6, 15.0, 12, (1920, 1080))],
 )
-def test_each_held_item_becomes_steady_once_with_a_crop(n_items: int, fps: float, seed: int) -> None:
+def test_each_held_item_becomes_steady_once_with_a_crop(
+    n_items: int, fps: float, seed: int, size: tuple[int, int]
+) -> None:
     """Every hold must yield one steady phase near its ground-truth steady frame, and no phantom holds.
 
     The 15 fps scenes are the capacity bench's cameras: a detector that resized with INTER_NEAREST (aliased
-    thumbnails flicker between frames) saw two of six holds steady 1.3-1.8 s late there."""
-    scene = make_scene(render_items(n_items), fps=fps, seed=seed)
+    thumbnails flicker between frames) saw two of six holds steady 1.3-1.8 s late there. The HD scenes
+    (a 300-px item) fail a detector that comes down to its 160 px in one LINEAR step: at 1280x720 one hold
+    was 11 frames late, at 1920x1080 one never became steady."""
+    width, height = size
+    scene = make_scene(render_items(n_items), fps=fps, seed=seed, width=width, height=height,
+                       item_px=200 if width == 640 else 300)  # fmt: skip
     det = HeldItemDetector(DetectionConfig())
     steady_at: dict[int, int] = {}
     closed: list[int] = []
