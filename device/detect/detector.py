@@ -135,8 +135,8 @@ class HeldItemDetector:
         # A LINEAR step reads 2x2 pixels per output pixel, and at an odd whole factor (800 -> 160) just one:
         # at 1280x720 one item's steadiness came 11 frames late, at 1920x1080 one hold never became steady
         # (tests/device/test_detect.py). A frame wider than 4x the analysis size comes down to twice it
-        # first, then halves (each output pixel the mean of 2x2 samples spread over its area); a 640-px
-        # frame still takes one step.
+        # first, then halves, so each analysis pixel averages 4x4 samples spread over its area; a 640-px
+        # frame still takes one step (2x2 samples of its 4x4 pixels).
         if w > 4 * self._cfg.work_width:
             image = cv2.resize(image, (2 * size[0], 2 * size[1]), interpolation=cv2.INTER_LINEAR)
         # INTER_LINEAR, not AREA: the 5x5 blur that follows does the rest of the averaging, and AREA costs
