@@ -291,12 +291,13 @@ def _detector_cost(scene: Scene) -> dict[str, Any]:
     ``update`` and the detector thread's CPU time.
     """
     frames = [scene.frame(i) for i in range(scene.n_frames)]
-    passes = sorted((_detector_pass(frames) for _ in range(ROUNDS)), key=lambda p: float(p[0].mean()))
-    w, cpu_ms = passes[len(passes) // 2]
+    passes = [_detector_pass(frames) for _ in range(ROUNDS)]
+    means = [float(p[0].mean()) for p in passes]
+    w, cpu_ms = passes[int(np.argsort(means)[len(means) // 2])]
     mean = float(w.mean())
     return {"frames": len(frames), "ms_p50": round(float(np.median(w)), 3),
             "ms_p99": round(float(np.percentile(w, 99)), 3), "ms_mean": round(mean, 3),
-            "ms_mean_rounds": [round(float(p[0].mean()), 3) for p in passes],
+            "ms_mean_rounds": [round(m, 3) for m in means],
             "cpu_ms_per_frame": round(cpu_ms, 3), "target_ms": DETECTOR_TARGET_MS,
             "detector_cost_ratio": round(mean / DETECTOR_TARGET_MS, 3)}  # fmt: skip
 
@@ -447,6 +448,13 @@ def _swap_gap(emb: Any, snaps: list[ActiveSnapshot], scene: Scene) -> dict[str, 
             "p50_gap_ms": round(float(np.median(gaps)), 2)}
 
 
+def _bracketed(ours: list[float], refs: list[float]) -> tuple[list[float], int]:
+    """Each round's ours / the mean of the reference runs just before and after it (``refs`` has one run
+    more than ``ours``), and the index of the median round."""
+    ratios = [o / ((a + b) / 2) for o, a, b in zip(ours, refs, refs[1:], strict=False)]
+    return ratios, int(np.argsort(ratios)[len(ratios) // 2])
+
+
 def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[np.ndarray],
                 scene: Scene) -> tuple[dict[str, Any], Any, ActiveSnapshot]:  # fmt: skip
     """Throughput (in memory, video file) and frame-to-event latency of one bundle, with its references."""
@@ -464,13 +472,9 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
         thrs.append(_throughput(emb, snap, frames, inline=False))
         inl.append(_throughput(emb, snap, frames, inline=True))
         refs.append(_benchmark_app(bundle, precision, "latency"))
-    round_ratios = [
-        t["fps"] / ((a["fps"] + b["fps"]) / 2) for t, a, b in zip(thrs, refs, refs[1:], strict=False)
-    ]
-    inline_ratios = [
-        t["fps"] / ((a["fps"] + b["fps"]) / 2) for t, a, b in zip(inl, refs, refs[1:], strict=False)
-    ]
-    mid = int(np.argsort(round_ratios)[len(round_ratios) // 2])
+    ref_fps = [r["fps"] for r in refs]
+    round_ratios, mid = _bracketed([t["fps"] for t in thrs], ref_fps)
+    inline_ratios, _ = _bracketed([t["fps"] for t in inl], ref_fps)
     thr: dict[str, Any] = {**thrs[mid], "fps_rounds": [t["fps"] for t in thrs]}
     ref: dict[str, Any] = {"fps": round((refs[mid]["fps"] + refs[mid + 1]["fps"]) / 2, 2),
            "latency_median_ms": round(float(np.median([r["median_ms"] for r in refs])), 2),
@@ -485,10 +489,7 @@ def _model_rows(bundle: Path, work: Path, items: list[np.ndarray], frames: list[
     for _ in range(ROUNDS):
         video_runs.append(_video(emb, snap, clip))
         video_refs.append(_benchmark_app(bundle, precision, "latency")["fps"])
-    video_ratios = [
-        v["fps"] / ((a + b) / 2) for v, a, b in zip(video_runs, video_refs, video_refs[1:], strict=False)
-    ]
-    vmid = int(np.argsort(video_ratios)[len(video_ratios) // 2])
+    video_ratios, vmid = _bracketed([v["fps"] for v in video_runs], video_refs)
     video = {**video_runs[vmid], "benchmark_app_fps_around": video_refs[vmid : vmid + 2],
              "fps_rounds": [v["fps"] for v in video_runs],
              "decode_share_rounds": [v["decode_share"] for v in video_runs]}  # fmt: skip
