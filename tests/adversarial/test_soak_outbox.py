@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TOPICS = Topics("store1", "kiosk1")
 RATE_PER_S = 40.0  # events produced per second (a busy kiosk makes ~1)
-PHASE_S = 3.0  # each phase of the schedule lasts this long
+PHASE_S = 2.0  # each phase of the schedule lasts this long (12 phases: 24 s)
 # (broker up, disk has room) per phase: both faults alone, together, and overlapping in both orders.
 SCHEDULE = [(True, True), (False, True), (True, True), (True, False), (True, True), (False, False),
             (True, False), (False, False), (False, True), (True, True), (True, False), (True, True)]
