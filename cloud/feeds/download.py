@@ -38,11 +38,12 @@ def _sha(text: str) -> str:
 
 
 class Downloader:
-    """Fetches http(s) URLs into ``cache_dir`` (content-addressed); thread-safe."""
+    """Fetches http(s) URLs into ``cache_dir`` (content-addressed; None: no cache, the retries and limits
+    only); thread-safe."""
 
     def __init__(
         self,
-        cache_dir: Path,
+        cache_dir: Path | None,
         *,
         max_bytes: int = MAX_IMAGE_BYTES,
         timeout_s: float = FETCH_TIMEOUT_S,
@@ -51,7 +52,7 @@ class Downloader:
         per_host: int = PER_HOST,
         workers: int = WORKERS,
     ) -> None:
-        self._dir = Path(cache_dir)
+        self._dir = Path(cache_dir) if cache_dir is not None else None
         self._max_bytes, self._timeout_s = max_bytes, timeout_s
         self._tries, self._backoff_s = max(1, tries), backoff_s
         self._per_host, self._workers = max(1, per_host), max(1, workers)
@@ -80,6 +81,8 @@ class Downloader:
             with self._lock:
                 self._failed[url] = str(exc)
             raise
+        if self._dir is None:
+            return data
         sha = hashlib.sha256(data).hexdigest()
         obj = self._dir / "objects" / sha[:2] / sha
         if not obj.is_file():
@@ -118,6 +121,8 @@ class Downloader:
         return failed
 
     def _cached_sha(self, url: str) -> str | None:
+        if self._dir is None:
+            return None
         try:
             sha = (self._dir / "urls" / _sha(url)).read_text().strip()
         except OSError:
@@ -126,7 +131,7 @@ class Downloader:
 
     def _cached(self, url: str) -> bytes | None:
         sha = self._cached_sha(url)
-        if sha is None:
+        if sha is None or self._dir is None:
             return None
         try:
             data = (self._dir / "objects" / sha[:2] / sha).read_bytes()

@@ -60,8 +60,10 @@ def run(
         factory.space()  # a bad bundle fails here, before Ray starts
         uri = shared_cache or (str(cache / "embeddings-parquet") if cache is not None else None)
         with ray_session(ray_address):
-            return build_stores(catalog, names, outs, pk, factory, cache_uri=uri, actors=actors,
-                                created_at=datetime.now(UTC), location_column=location_column,
+            # http(s) photos kept where the single-process build keeps them (a rebuild downloads nothing).
+            images = cache / "images" if cache is not None else None
+            return build_stores(catalog, names, outs, pk, factory, cache_uri=uri, download_dir=images,
+                                actors=actors, created_at=datetime.now(UTC), location_column=location_column,
                                 progress=sys.stderr.isatty(), **options)  # fmt: skip
 
     summary = _guard(go)

@@ -1,11 +1,13 @@
 """Catalog photos -> embeddings on Ray Data: ``map_batches`` over an actor pool, one compiled model each.
 
-Each actor fetches its batch's photos (local path, ``file://``, ``s3://``, http(s) without the single
-path's download cache), hashes them, skips those the shared Parquet cache already has (the driver sends
-the cached keys once), decodes the rest safely, thumbnails first photos, embeds, and writes the new
-vectors and thumbnails as one new cache shard before returning the batch: a worker killed later loses
-nothing finished, and a job that dies resumes from the cache. A bad photo fails its row with a reason;
-only a bug or a dead machine fails a batch (retried on a restarted actor, ``MAX_RESTARTS`` times).
+Each actor fetches its batch's photos (local path, ``file://``, ``s3://``, http(s) through a
+``cloud.feeds.download.Downloader`` of its own: the single path's retries with backoff, and its
+content-addressed cache when the build has a local cache directory), hashes them, skips those the
+shared Parquet cache already has (the driver sends the cached keys once), decodes the rest safely,
+thumbnails first photos, embeds, and writes the new vectors and thumbnails as one new cache shard
+before returning the batch: a worker killed later loses nothing finished, and a job that dies resumes
+from the cache. A bad photo fails its row with a reason; only a bug or a dead machine fails a batch
+(retried on a restarted actor, ``MAX_RESTARTS`` times).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy.typing as npt
 
 from cloud.catalog import FetchError, Item, fetch_image_bytes
 from cloud.featurize import _Job, make_thumbnail
+from cloud.feeds.download import Downloader
 from cloud.scale.parquet_cache import ParquetCache
 from models.port import EmbedderPort
 
@@ -100,7 +103,8 @@ class EmbedActor:
     """One Ray Data actor: a compiled model and a cache handle; ``__call__`` embeds one batch."""
 
     def __init__(
-        self, factory: EmbedderFactory, base_dir: str, cache_uri: str | None, fp: str, dim: int, known: Any
+        self, factory: EmbedderFactory, base_dir: str, cache_uri: str | None, fp: str, dim: int, known: Any,
+        download_dir: str | None = None,
     ) -> None:
         import ray
 
@@ -115,6 +119,11 @@ class EmbedActor:
         self._dim = dim
         self._decode: Callable[[bytes], npt.NDArray[np.uint8]] = decode_image
         self._s3: Any = None
+        # http(s) photos: retried on network errors, 429 and 5xx (a CDN's hiccup must not drop a product's
+        # photo from the build), a dead link remembered; cached under ``download_dir`` when given (a
+        # rebuild downloads nothing: the Parquet cache is keyed by the photo's bytes, so without it every
+        # rebuild fetches every photo again). One request at a time per actor: ``actors`` against a host.
+        self._downloader = Downloader(Path(download_dir) if download_dir else None)
         # An Embedder queues photos (``submit``, then ``wait`` once a batch); a plain EmbedderPort embeds
         # each in turn.
         submit, wait = getattr(self._embedder, "submit", None), getattr(self._embedder, "wait", None)
@@ -151,7 +160,8 @@ class EmbedActor:
         """Fetch, hash, skip what the cache has, decode, thumbnail; ``image`` set when the model must run."""
         row = _Row()
         try:
-            data = fetch_image_bytes(source, self._base_dir, s3_client=self._s3_client(source))
+            data = fetch_image_bytes(source, self._base_dir, s3_client=self._s3_client(source),
+                                     downloader=self._downloader)
         except FetchError as exc:
             row.error = str(exc)
             return row
@@ -250,6 +260,7 @@ def embed_jobs(
     *,
     base_dir: Path,
     cache_uri: str | None,
+    download_dir: Path | None = None,
     actors: int,
     cpus_per_actor: float = 1.0,
     batch_size: int = BATCH,
@@ -268,7 +279,7 @@ def embed_jobs(
     with warnings.catch_warnings():  # actor restarts have no named parameter yet (Ray 2.60): kwargs it is
         warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
         ds = _pipeline(ray.data.from_items(rows), factory, space, base_dir, cache_uri, known, actors,
-                       cpus_per_actor, batch_size)  # fmt: skip
+                       cpus_per_actor, batch_size, download_dir)  # fmt: skip
     for batch in _batches(ds):
         for idx, sha, vec, thumb, embedded, error in zip(*(batch.column(c).to_pylist() for c in (
                 "idx", "sha", "vec", "thumb", "embedded", "error")), strict=True):  # fmt: skip
@@ -286,7 +297,7 @@ def embed_jobs(
 
 def _pipeline(
     ds: Any, factory: EmbedderFactory, space: EmbeddingSpace, base_dir: Path, cache_uri: str | None,
-    known: list[Any], actors: int, cpus_per_actor: float, batch_size: int,
+    known: list[Any], actors: int, cpus_per_actor: float, batch_size: int, download_dir: Path | None,
 ) -> Any:  # fmt: skip
     import ray.data
 
@@ -303,6 +314,7 @@ def _pipeline(
             "fp": fingerprint(space),
             "dim": space.dim,
             "known": known,
+            "download_dir": str(download_dir) if download_dir is not None else None,
         },
         max_restarts=MAX_RESTARTS,
         max_task_retries=MAX_RESTARTS,

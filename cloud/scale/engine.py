@@ -130,6 +130,7 @@ def build_stores(
     factory: EmbedderFactory,
     *,
     cache_uri: str | None = None,
+    download_dir: Path | None = None,
     actors: int | None = None,
     cpus_per_actor: float = 1.0,
     batch_size: int = BATCH,
@@ -140,8 +141,10 @@ def build_stores(
 ) -> ScaleSummary:
     """Embed once on the actor pool, then one Ray task per store; Ray must be running (``ray_session``).
 
-    ``out_dirs``: a directory per store, or a parent directory (``PARENT/<store>``). ``options`` go to
-    ``build_snapshot`` (M, ef_construction, ef, archive, adapter, base, version).
+    ``out_dirs``: a directory per store, or a parent directory (``PARENT/<store>``). ``download_dir``:
+    where http(s) photos are kept between builds (a local folder each worker can write; None: fetched
+    each build, retried all the same). ``options`` go to ``build_snapshot`` (M, ef_construction, ef,
+    archive, adapter, base, version).
     """
     import ray
 
@@ -160,8 +163,8 @@ def build_stores(
     jobs = make_jobs(items)
     try:
         outcome = embed_jobs(jobs, factory, space, base_dir=catalog.base_dir, cache_uri=cache_uri,
-                             actors=summary.actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-                             progress=progress)  # fmt: skip
+                             download_dir=download_dir, actors=summary.actors, cpus_per_actor=cpus_per_actor,
+                             batch_size=batch_size, progress=progress)  # fmt: skip
     except CacheError as exc:
         raise BuildError(str(exc)) from exc
     except ray.exceptions.RayError as exc:
@@ -170,7 +173,7 @@ def build_stores(
             "run the build again to resume"
         ) from exc
     # Items whose first photo failed: thumbnail from their first good one, decoded here (rare).
-    _thumbs_after_bad_first(jobs, _context(catalog, space))
+    _thumbs_after_bad_first(jobs, _context(catalog, space, download_dir))
     summary.photos = len(jobs)
     summary.embedded = sum(j.embedded and j.error is None for j in jobs)
     summary.cache_hits = sum(j.error is None and not j.embedded for j in jobs)
@@ -231,10 +234,11 @@ def fan_out(
     return results
 
 
-def _context(catalog: Catalog, space: EmbeddingSpace) -> _Context:
+def _context(catalog: Catalog, space: EmbeddingSpace, download_dir: Path | None) -> _Context:
+    from cloud.feeds.download import Downloader
     from models.images import decode_image
 
-    return _Context(catalog.base_dir, None, "", space.dim, decode_image, None, None)
+    return _Context(catalog.base_dir, None, "", space.dim, decode_image, None, Downloader(download_dir))
 
 
 def _bar(total: int, progress: bool) -> Any:

@@ -36,6 +36,17 @@ def test_a_flaky_server_is_retried_and_a_dead_link_is_not(tmp_path: Path) -> Non
         assert srv.requests["/gone.jpg"] == 1
 
 
+def test_without_a_cache_photos_are_still_retried_and_fetched_each_time() -> None:
+    """A Ray build without a local cache folder: the retries stay, and each fetch goes to the server."""
+    with PhotoServer() as srv:
+        srv.files["/a.jpg"] = _jpeg(1)
+        srv.fail_first["/a.jpg"] = 1
+        dl = Downloader(None, backoff_s=0.0)
+        assert dl.fetch(srv.url("/a.jpg")) == srv.files["/a.jpg"] == dl.fetch(srv.url("/a.jpg"))
+        assert srv.requests["/a.jpg"] == 3 and dl.downloaded == 2
+        assert dl.prefetch([srv.url("/a.jpg")]) == {} and srv.requests["/a.jpg"] == 4
+
+
 def test_photos_over_the_size_cap_are_refused(tmp_path: Path) -> None:
     """A photo larger than the cap must fail that photo (not be read whole into memory), without retries."""
     with PhotoServer() as srv:

@@ -139,6 +139,36 @@ def test_a_killed_worker_loses_no_finished_work(tmp_path: Path) -> None:
     assert _shard_rows(cache) == 30
 
 
+def test_photos_by_url_survive_a_flaky_cdn_and_a_rebuild_downloads_none(tmp_path: Path) -> None:
+    """Guards: a CDN's one-off 503 dropping a product's photo from a Ray build (the single path retries),
+    and every Ray rebuild fetching every photo again (its cache is keyed by the photo's bytes)."""
+    from tests.support.photo_server import PhotoServer
+
+    cat = make_catalog(tmp_path / "cat", n_items=6, per_item=2)
+    key = Ed25519PrivateKey.generate()
+    with PhotoServer() as srv:
+        for row in cat.rows:
+            paths = [f"/{src}" for src in row["images"]]
+            for path, src in zip(paths, row["images"], strict=True):
+                srv.files[path] = (cat.dir / src).read_bytes()
+            row["images"] = [srv.url(path) for path in paths]
+        flaky = ["/img/item0_0.jpg", "/img/item3_1.jpg", "/img/item5_0.jpg"]
+        srv.fail_first.update(dict.fromkeys(flaky, 1))
+        cat.write()
+        photos, cache = tmp_path / "photos", tmp_path / "cache"
+        first = build_stores(cat.path, ["s1"], {"s1": tmp_path / "ray"}, key, FakeEmbedders(),
+                             cache_uri=str(cache), download_dir=photos, created_at=WHEN, batch_size=4,
+                             progress=False)  # fmt: skip
+        assert first.failures == {} and (first.photos, first.embedded) == (12, 12)
+        assert {p: n for p, n in srv.requests.items() if n != 1} == dict.fromkeys(flaky, 2)
+        before = dict(srv.requests)
+        again = build_stores(cat.path, ["s1"], {"s1": tmp_path / "ray2"}, key, FakeEmbedders(),
+                             cache_uri=str(cache), download_dir=photos, created_at=WHEN, batch_size=4,
+                             progress=False)  # fmt: skip
+        assert (again.failures, again.embedded, again.cache_hits) == ({}, 0, 12)
+        assert srv.requests == before  # nothing downloaded again
+
+
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The seeded tiny model (dim 64): a real OpenVINO bundle in the actors."""
