@@ -33,6 +33,20 @@ def _kiosk() -> None:
     """Kiosk commands."""
 
 
+def installer_errors() -> tuple[type[Exception], ...]:
+    """What an installer gets wrong (a key, bundle, folder, outbox file or video file the config names),
+    whether found while building the kiosk or while its start loads the model: `kiosk run` says it in
+    one line and exits 2 (the kiosk has stopped whatever had started)."""
+    from device.camera.port import CameraError
+    from device.comms.outbox import OutboxError
+    from device.comms.port import TransportError
+    from device.config import ConfigError
+    from models.errors import ModelError
+    from storelens.signing import SigningKeyError
+
+    return ConfigError, CameraError, OutboxError, TransportError, SigningKeyError, ModelError, OSError
+
+
 @kiosk_app.command("run")
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="kiosk TOML file")],
@@ -41,14 +55,8 @@ def run(
 ) -> None:
     """Run the kiosk: camera, held-item detection, search, MQTT, local screen. SIGTERM/SIGINT stop it."""
     from device.app import KioskApp
-    from device.comms.port import TransportError
-    from device.config import ConfigError, load_config
-    from models.errors import ModelError
-    from storelens.signing import SigningKeyError
+    from device.config import load_config
 
-    # What an installer gets wrong (a key, bundle or folder the config names), whether found while
-    # building the kiosk or while its start loads the model: one line, exit 2 (the kiosk has stopped
-    # whatever had started).
     try:
         app = KioskApp(load_config(config, check_files=True))
         if threading.current_thread() is threading.main_thread():
@@ -68,6 +76,6 @@ def run(
             # a kiosk hangs instead of stopping, without a debugger on the device.
             _with_stderr_fd(lambda: faulthandler.register(signal.SIGUSR1, all_threads=True))
         app.run(max_seconds=max_seconds, exit_at_eof=exit_at_eof)
-    except (ConfigError, TransportError, SigningKeyError, ModelError, OSError) as exc:
+    except installer_errors() as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -187,7 +187,8 @@ class OutboxConfig(_Section):
 
 
 class HealthConfig(_Section):
-    interval_s: float = Field(default=30.0, gt=0)
+    # At most hourly: the dashboard and Home Assistant call a kiosk stale after a few missed reports.
+    interval_s: float = Field(default=30.0, gt=0, le=3600)
 
 
 class UpdateConfig(_Section):

@@ -1,9 +1,11 @@
 """The snapshot's transport archive: an uncompressed tar of the flat directory, extracted defensively
-(regular files with safe names only, no member twice, whole: the end-of-archive marker present)."""
+(regular files with safe names only, no member twice, whole: the end-of-archive marker present); a
+snapshot given as a folder is copied under the same limits (``copy_snapshot_dir``)."""
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -88,3 +90,55 @@ def _check_end_marker(archive: Path, offset: int) -> None:
         raise SnapshotRejected(
             RejectReason.BAD_ARCHIVE, f"no end-of-archive marker at byte {offset}: the archive is cut short"
         )
+
+
+
+def copy_snapshot_dir(src: Path, dest: Path, *, max_total_bytes: int, max_members: int = 100_000) -> None:
+    """Copy a snapshot folder into a new directory ``dest`` under :func:`unpack`'s limits.
+
+    A folder is a path someone typed (``[snapshots] initial``): one without a manifest is refused before
+    anything is read, so a typo naming the config's own folder, or ``/``, is not copied whole (the kiosk's
+    state folder inside it made the copy recurse until Python gave up). Regular files with safe names only,
+    no symlinks, at most ``max_members`` files and ``max_total_bytes``.
+    """
+    src, dest = Path(src), Path(dest)
+    if not (src / MANIFEST).is_file():
+        raise SnapshotRejected(RejectReason.MISSING_MANIFEST, f"{src} is not a snapshot folder (no manifest)")
+    if dest.resolve().is_relative_to(src.resolve()):
+        raise SnapshotRejected(RejectReason.UNEXPECTED_FILE, f"{src} holds the kiosk's own snapshot store")
+    try:
+        files = _listing(src, max_total_bytes, max_members)
+        dest.mkdir(parents=True)
+        for rel in files:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / rel, dest / rel, follow_symlinks=False)
+    except OSError as exc:
+        raise SnapshotRejected(RejectReason.MISSING_FILE, f"cannot copy {src}: {exc}") from exc
+
+
+def _listing(src: Path, max_total_bytes: int, max_members: int) -> list[str]:
+    """Every file below ``src`` (relative names), checked as :func:`unpack` checks archive members."""
+    files: list[str] = []
+    total = 0
+    pending = [(src, "")]  # iterative, as scan_files: a tree of any depth cannot exhaust the stack
+    while pending:
+        folder, prefix = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                rel = prefix + entry.name
+                if entry.is_symlink():
+                    raise SnapshotRejected(RejectReason.SYMLINK, f"{rel!r} is a symlink")
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((Path(entry.path), rel + "/"))
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    raise SnapshotRejected(RejectReason.UNEXPECTED_FILE, f"{rel!r} is not a regular file")
+                if rel not in (MANIFEST, SIGNATURE) and (not SAFE_NAME.match(rel) or ".." in rel.split("/")):
+                    raise SnapshotRejected(RejectReason.UNSAFE_NAME, f"file {rel!r}")
+                files.append(rel)
+                total += entry.stat(follow_symlinks=False).st_size
+                if len(files) > max_members:
+                    raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"more than {max_members} files")
+                if total > max_total_bytes:
+                    raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"more than {max_total_bytes} bytes")
+    return files

@@ -32,7 +32,7 @@ from device.sync.download import DownloadError, check_source, fetch, redact_url
 from device.sync.errors import SnapshotRefused
 from device.sync.sources import Sources
 from device.sync.store import SnapshotStore
-from storelens.archive import unpack
+from storelens.archive import copy_snapshot_dir, unpack
 from storelens.protocol import ProtocolError, SnapshotAnnouncement, decode
 from storelens.snapshot import SnapshotManifest, SnapshotRejected, manifest_sha256
 
@@ -298,7 +298,7 @@ class SnapshotSync:
             work = self._store.new_staging_dir("apply")
             try:
                 if source.is_dir():
-                    shutil.copytree(source, staged, symlinks=True)
+                    copy_snapshot_dir(source, staged, max_total_bytes=self._max_bytes)
                 else:
                     unpack(source, staged, max_total_bytes=self._max_bytes)
                 manifest = self._verifier.signed(staged, seen=self._store.highest_seen, base=self._active_id)

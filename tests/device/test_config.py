@@ -96,6 +96,33 @@ def test_cli_names_a_missing_key_or_bundle_without_a_traceback(tmp_path: Path) -
         assert "Traceback" not in result.output and result.output.count("\n") == 1
 
 
+def test_cli_names_a_missing_video_file_or_an_unusable_outbox_without_a_traceback(tmp_path: Path) -> None:
+    """A camera source naming a video file that is not there, an outbox path that is a folder or some other
+    file: one line and exit 2 (each printed a traceback; tests/adversarial/test_kiosk_config.py)."""
+    from typer.testing import CliRunner
+
+    from device.cli import kiosk_app
+    from storelens.signing import generate_keypair
+
+    generate_keypair(tmp_path / "private.pem", tmp_path / "public.pem")
+    (tmp_path / "notes.txt").write_text("the store's own file, not an outbox")
+    (tmp_path / "folder").mkdir()
+    p = tmp_path / "kiosk.toml"
+    for section, value, named in (("camera", "clip.mp4", "video file"), ("outbox", "folder", "outbox"),
+                                  ("outbox", "notes.txt", "outbox")):  # fmt: skip
+        cfg = {**MINIMAL, "snapshots": {"state_dir": "state", "public_keys": ["public.pem"]},
+               "model": {"kind": "fake"}, "screen": {"port": 0}, "camera": {"source": "synthetic"},
+               "outbox": {"path": "outbox.sqlite"}}  # fmt: skip
+        cfg[section] = {"source": value} if section == "camera" else {"path": value}
+        p.write_text("\n".join(f"[{k}]\n" + "\n".join(f"{a} = {json.dumps(b)}" for a, b in v.items())
+                               for k, v in cfg.items()) + "\n")  # fmt: skip
+        result = CliRunner().invoke(kiosk_app, ["run", "--config", str(p), "--max-seconds", "5"])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and named in result.output, result.output
+        assert "Traceback" not in result.output and result.output.count("\n") == 1
+    assert (tmp_path / "notes.txt").read_text() == "the store's own file, not an outbox"
+
+
 def test_broker_login_must_be_the_kiosk_id() -> None:
     """The store broker binds login = client id = kiosk id; any other login would be refused every topic
     silently at run time, so the config names the mismatch at start instead."""

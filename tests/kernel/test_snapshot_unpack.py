@@ -1,4 +1,5 @@
-"""storelens.archive.unpack refuses archives that are not whole, or that name a member twice."""
+"""storelens.archive.unpack refuses archives that are not whole, or that name a member twice; a snapshot
+given as a folder is copied under the same limits (copy_snapshot_dir)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from storelens.archive import pack, unpack
+from storelens.archive import copy_snapshot_dir, pack, unpack
 from storelens.snapshot import RejectReason, SnapshotRejected, verify_snapshot
 from tests.device.sync.snapbuild import build_snapshot
 
@@ -65,3 +66,39 @@ def test_duplicate_member_names_are_refused(tmp_path: Path) -> None:
         unpack(archive, tmp_path / "out", max_total_bytes=1 << 20)
     assert exc.value.reason == RejectReason.BAD_ARCHIVE and "twice" in exc.value.detail
     assert not (tmp_path / "out").exists()
+
+
+def test_a_snapshot_folder_copies_whole(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """Guards the baseline: the folder copy's checks must not refuse what the build writes."""
+    built = build_snapshot(tmp_path / "src", key, version=1)
+    copy_snapshot_dir(built.directory, tmp_path / "out", max_total_bytes=1 << 30)
+    assert verify_snapshot(tmp_path / "out", [key.public_key()]).version == 1
+
+
+def test_a_folder_that_is_no_snapshot_or_holds_the_store_is_refused_before_any_copy(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """Guards: `[snapshots] initial = ""` (the config's own folder) copied into the kiosk's state folder
+    inside it until RecursionError, and a folder as large as `/` copied whole before verification."""
+    (tmp_path / "cfg" / "state").mkdir(parents=True)
+    (tmp_path / "cfg" / "kiosk.toml").write_text("[kiosk]\n")
+    staged = tmp_path / "cfg" / "state" / "install-1"
+    with pytest.raises(SnapshotRejected) as exc:
+        copy_snapshot_dir(tmp_path / "cfg", staged, max_total_bytes=1 << 30)
+    assert exc.value.reason is RejectReason.MISSING_MANIFEST and not staged.exists()
+
+    built = build_snapshot(tmp_path / "snap", key, version=1)
+    with pytest.raises(SnapshotRejected) as exc:  # a snapshot folder that holds the store itself
+        copy_snapshot_dir(built.directory, built.directory / "state" / "install-1", max_total_bytes=1 << 30)
+    assert exc.value.reason is RejectReason.UNEXPECTED_FILE and not (built.directory / "state").exists()
+
+    size = sum(p.stat().st_size for p in built.directory.rglob("*") if p.is_file())
+    with pytest.raises(SnapshotRejected, match=f"more than {size - 1} bytes"):
+        copy_snapshot_dir(built.directory, tmp_path / "big", max_total_bytes=size - 1)
+    with pytest.raises(SnapshotRejected, match="more than 2 files"):
+        copy_snapshot_dir(built.directory, tmp_path / "many", max_total_bytes=1 << 30, max_members=2)
+    (built.directory / "extra").symlink_to("/etc/passwd")
+    with pytest.raises(SnapshotRejected) as exc:
+        copy_snapshot_dir(built.directory, tmp_path / "link", max_total_bytes=1 << 30)
+    assert exc.value.reason is RejectReason.SYMLINK
+    assert not any((tmp_path / d).exists() for d in ("big", "many", "link"))
