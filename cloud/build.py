@@ -35,6 +35,7 @@ from storelens.archive import pack
 from storelens.fsutil import atomic_write_bytes, atomic_write_json
 from storelens.matching import NOT_CARRIED_KEY
 from storelens.snapshot import (
+    MANIFEST,
     Canary,
     HnswParams,
     Projection,
@@ -108,6 +109,18 @@ def report_path_of(out_dir: Path) -> Path:
     return out_dir.with_name(f"{out_dir.name}.report.json")
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an output path that holds something other than a snapshot: the build replaces its output, and
+    a typo naming the catalog file or a photo folder would have moved it aside as ``.NAME.old``, which the
+    next build deletes."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BuildError(f"output {out} is a file, not a snapshot folder: give a new or empty folder "
+                         "(the file is left as it is)")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise BuildError(f"output {out} is a folder that holds no snapshot: give a new or empty folder "
+                         "(a build replaces its output whole; the folder is left as it is)")
+
+
 def build_snapshot(spec: BuildSpec) -> BuildResult:
     """Build, sign and write the snapshot ``spec`` describes; a report JSON lands beside its ``out_dir``.
 
@@ -121,6 +134,7 @@ def build_snapshot(spec: BuildSpec) -> BuildResult:
     out_dir, cache_dir, progress, feedback, features = spec.out_dir, spec.cache_dir, spec.progress, \
         spec.feedback, spec.features
     embedder = spec.embedder
+    _check_out(Path(out_dir))
     recover_output(out_dir, discard_staged=True)
     if base is not None:
         recover_for_reading(base)

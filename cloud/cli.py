@@ -75,8 +75,11 @@ def keys_generate(
     """Create an Ed25519 key pair: private.pem (0600) and public.pem (kiosks pin this one)."""
     from storelens import signing
 
-    out.mkdir(parents=True, exist_ok=True)
-    kid = _guard(lambda: signing.generate_keypair(out / "private.pem", out / "public.pem"))
+    def generate() -> str:
+        out.mkdir(parents=True, exist_ok=True)  # a file there: one line, not FileExistsError's traceback
+        return signing.generate_keypair(out / "private.pem", out / "public.pem")
+
+    kid = _guard(generate)
     typer.echo(f"key {kid}: {out / 'private.pem'} (keep secret), {out / 'public.pem'} (pin on kiosks)")
 
 

@@ -215,6 +215,8 @@ def write_bundle(
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not a folder for the bundle (it is left as it is)")
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_NAME
     # An old manifest must not vouch for half-written new weights if we crash below.

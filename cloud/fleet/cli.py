@@ -59,6 +59,7 @@ def release_cmd(
 ) -> None:
     """Build each store's snapshot with BUNDLE, sign the release, publish bundle, snapshots, release.json."""
     from cloud.build import BuildError
+    from cloud.catalog import CatalogError
     from cloud.fleet.release import ReleaseError, build_release
     from cloud.publish import PublishError
     from models.errors import ModelError
@@ -75,7 +76,8 @@ def release_cmd(
             sequence=sequence,
             cache_dir=cache_dir,
         )
-    except (ReleaseError, BuildError, PublishError, ModelError, SigningKeyError, OSError, ValueError) as exc:
+    except (ReleaseError, BuildError, CatalogError, PublishError, ModelError, SigningKeyError, OSError,
+            ValueError) as exc:
         _fail(str(exc))
     m = r.manifest
     typer.echo(

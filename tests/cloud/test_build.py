@@ -249,3 +249,28 @@ def test_build_spec_refuses_what_no_build_can_do(tmp_path: Path, signing_key: Ed
                        ({"feedback": tmp_path, "features": object()}, "not both")):
         with pytest.raises(BuildError, match=match):
             BuildSpec(**base, embedder=emb, **bad)  # type: ignore[arg-type]
+
+
+def test_an_output_that_holds_something_else_is_refused_and_left_as_it_is(
+    catalog: CatalogFiles, tmp_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """Guards: `--out` naming the catalog file or a photo folder by mistake. The build replaces its output
+    whole and moved such a path aside as `.NAME.old`, which the next build deleted."""
+
+    def build(out: Path) -> Path:
+        spec = BuildSpec(catalog=catalog.path, store="s1", out_dir=out, private_key=signing_key,
+                         embedder=CountingEmbedder(), progress=False)
+        return build_snapshot(spec).out_dir
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "front.jpg").write_bytes(b"the retailer's photo")
+    for out, what in ((catalog.path, "is a file"), (photos, "holds no snapshot")):
+        before = sorted((p.name, p.read_bytes()) for p in ([out] if out.is_file() else out.iterdir()))
+        with pytest.raises(BuildError, match=what):
+            build(out)
+        assert sorted((p.name, p.read_bytes()) for p in ([out] if out.is_file() else out.iterdir())) == before
+        assert not out.with_name(f".{out.name}.old").exists()
+    (tmp_path / "empty").mkdir()
+    snap = build(tmp_path / "empty")  # a new folder made beforehand is fine, and so is a rebuild over it
+    assert build(snap) == snap and verify_snapshot(snap, [signing_key.public_key()]).version == 1

@@ -28,6 +28,8 @@ def test_keys_generate_makes_private_0600(tmp_path: Path) -> None:
     assert (tmp_path / "k" / "public.pem").is_file()
     r = runner.invoke(_app(), ["keys", "generate", "--out", str(tmp_path / "k")])
     assert r.exit_code == 2 and "refusing to overwrite" in r.output and "Traceback" not in r.output
+    r = runner.invoke(_app(), ["keys", "generate", "--out", str(tmp_path / "k" / "public.pem")])  # a file
+    assert r.exit_code == 2 and r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
 
 
 def test_verify_reports_ok_or_the_reason(catalog: CatalogFiles, tmp_path: Path) -> None:

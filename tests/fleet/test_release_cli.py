@@ -97,6 +97,21 @@ def test_release_command_warns_when_snapshots_cannot_say_no_match(tmp_path: Path
     assert len(warned) == len(STORES) and all('never answer "no match"' in w for w in warned), r.output
 
 
+def test_release_command_names_a_bad_catalog_in_one_line(tmp_path: Path, releases: Releases) -> None:
+    """A catalog that is missing, a folder or not UTF-8: one line and exit 2 (a CatalogError traceback
+    before)."""
+    key = _key_file(tmp_path, releases)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "latin1.csv").write_bytes("sku,title\n1,Caf\xe9\n".encode("latin-1"))
+    cases = (("none.csv", "does not exist"), ("folder", "is a folder"), ("latin1.csv", "UTF-8"))
+    for catalog, named in cases:
+        args = ["release", "--bundle", str(releases.root / "b"), "--catalog", str(tmp_path / catalog),
+                "--stores", ",".join(STORES), "--key", str(key), "--to", (tmp_path / "pub").as_uri()]
+        r = CliRunner().invoke(_app(), args)
+        assert r.exit_code == 2 and r.output.startswith("error: ") and named in r.output, r.output
+        assert r.output.count("\n") == 1 and "Traceback" not in r.output
+
+
 def test_status_command_lists_every_kiosk(broker: Mosquitto) -> None:
     """status shows each kiosk's state, model, snapshot and last update step from the retained topics."""
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="status-seed")

@@ -31,9 +31,12 @@ def test_bad_input_exits_2_without_traceback(tmp_path: Path) -> None:
     runner = CliRunner()
     bad_img = tmp_path / "x.jpg"
     bad_img.write_bytes(b"nope")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the operator's file")
     cases = [
         ["export", "--source", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "o")],
         ["export", "--source", "tiny", "--out", str(tmp_path / "o"), "--precision", "int4"],
+        ["export", "--source", "tiny", "--out", str(notes)],  # a file: FileExistsError's traceback before
         ["info", str(tmp_path / "nothing")],
     ]
     runner.invoke(model_app, ["export", "--source", "tiny", "--out", str(tmp_path / "b")])
@@ -42,3 +45,4 @@ def test_bad_input_exits_2_without_traceback(tmp_path: Path) -> None:
         res = runner.invoke(model_app, args)
         assert res.exit_code == 2, (args, res.output)
         assert "Traceback" not in res.output and "error:" in res.output
+    assert notes.read_text() == "the operator's file"
