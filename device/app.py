@@ -220,7 +220,8 @@ class KioskApp:
                     break
                 retrying = self.grab.state in CAMERA_RETRYING
                 notifier.tick(self.pipeline.counters.frames_processed, idle_ok=retrying)
-                self.stop_event.wait(0.2)
+                left = 0.2 if deadline is None else deadline - time.monotonic()
+                self.stop_event.wait(min(0.2, max(0.0, left)))  # a --max-seconds run ends on time
         finally:
             notifier.stopping()
             self.stop()

@@ -90,13 +90,13 @@ def _mutations(base: dict[str, dict[str, Any]]) -> Iterator[tuple[str, str, Any,
 
 
 def _start(path: Path) -> Outcome:
-    """What `storelens kiosk run --config PATH --max-seconds 0.2` does, with its outcome."""
+    """What `storelens kiosk run --config PATH --max-seconds 0.05` does, with its outcome."""
     try:
         cfg = load_config(path, check_files=True)
     except ConfigError:
         return "refused"
     try:
-        KioskApp(cfg).run(max_seconds=0.2)
+        KioskApp(cfg).run(max_seconds=0.05)
     except installer_errors():
         return "refused"
     return "survived"
