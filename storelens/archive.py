@@ -5,7 +5,6 @@ snapshot given as a folder is copied under the same limits (``copy_snapshot_dir`
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -117,28 +116,16 @@ def copy_snapshot_dir(src: Path, dest: Path, *, max_total_bytes: int, max_member
 
 
 def _listing(src: Path, max_total_bytes: int, max_members: int) -> list[str]:
-    """Every file below ``src`` (relative names), checked as :func:`unpack` checks archive members."""
-    files: list[str] = []
+    """Every file below ``src`` (relative names; symlinks and special files refused by ``scan_files``),
+    checked as :func:`unpack` checks archive members."""
+    files = sorted(scan_files(src))
+    if len(files) > max_members:
+        raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"more than {max_members} files")
     total = 0
-    pending = [(src, "")]  # iterative, as scan_files: a tree of any depth cannot exhaust the stack
-    while pending:
-        folder, prefix = pending.pop()
-        with os.scandir(folder) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                rel = prefix + entry.name
-                if entry.is_symlink():
-                    raise SnapshotRejected(RejectReason.SYMLINK, f"{rel!r} is a symlink")
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append((Path(entry.path), rel + "/"))
-                    continue
-                if not entry.is_file(follow_symlinks=False):
-                    raise SnapshotRejected(RejectReason.UNEXPECTED_FILE, f"{rel!r} is not a regular file")
-                if rel not in (MANIFEST, SIGNATURE) and (not SAFE_NAME.match(rel) or ".." in rel.split("/")):
-                    raise SnapshotRejected(RejectReason.UNSAFE_NAME, f"file {rel!r}")
-                files.append(rel)
-                total += entry.stat(follow_symlinks=False).st_size
-                if len(files) > max_members:
-                    raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"more than {max_members} files")
-                if total > max_total_bytes:
-                    raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"more than {max_total_bytes} bytes")
+    for rel in files:
+        if rel not in (MANIFEST, SIGNATURE) and (not SAFE_NAME.match(rel) or ".." in rel.split("/")):
+            raise SnapshotRejected(RejectReason.UNSAFE_NAME, f"file {rel!r}")
+        total += (src / rel).stat().st_size
+        if total > max_total_bytes:
+            raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"more than {max_total_bytes} bytes")
     return files
