@@ -114,8 +114,8 @@ def _check_out(out: Path) -> None:
     a typo naming the catalog file or a photo folder would have moved it aside as ``.NAME.old``, which the
     next build deletes."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise BuildError(f"output {out} is a file, not a snapshot folder: give a new or empty folder "
-                         "(the file is left as it is)")
+        raise BuildError(f"output {out} is a file or a symlink, not a snapshot folder: give a new or empty "
+                         "folder (it is left as it is)")
     if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise BuildError(f"output {out} is a folder that holds no snapshot: give a new or empty folder "
                          "(a build replaces its output whole; the folder is left as it is)")

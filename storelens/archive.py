@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 from storelens.fsutil import atomic_write_bytes, fsync_dir
-from storelens.snapshot import MANIFEST, SAFE_NAME, SIGNATURE, RejectReason, SnapshotRejected, scan_files
+from storelens.snapshot import MANIFEST, SIGNATURE, RejectReason, SnapshotRejected, is_safe_name, scan_files
 
 _END_MARKER_BYTES = 2 * tarfile.BLOCKSIZE  # POSIX: an archive ends with two zero blocks
 
@@ -55,9 +55,7 @@ def unpack(archive: Path, dest: Path, *, max_total_bytes: int, max_members: int 
                     raise SnapshotRejected(RejectReason.BAD_ARCHIVE, "too many members")
                 if not info.isreg():
                     raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"{info.name!r} is not a regular file")
-                if info.name not in (MANIFEST, SIGNATURE) and (
-                    not SAFE_NAME.match(info.name) or ".." in info.name.split("/")
-                ):
+                if not _member_ok(info.name):
                     raise SnapshotRejected(RejectReason.UNSAFE_NAME, f"archive member {info.name!r}")
                 if info.name in names:
                     raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"member {info.name!r} appears twice")
@@ -123,9 +121,14 @@ def _listing(src: Path, max_total_bytes: int, max_members: int) -> list[str]:
         raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"more than {max_members} files")
     total = 0
     for rel in files:
-        if rel not in (MANIFEST, SIGNATURE) and (not SAFE_NAME.match(rel) or ".." in rel.split("/")):
+        if not _member_ok(rel):
             raise SnapshotRejected(RejectReason.UNSAFE_NAME, f"file {rel!r}")
         total += (src / rel).stat().st_size
         if total > max_total_bytes:
             raise SnapshotRejected(RejectReason.BAD_ARCHIVE, f"more than {max_total_bytes} bytes")
     return files
+
+
+def _member_ok(name: str) -> bool:
+    """The signed pair at the top, or a safe snapshot file name (an archive member or a folder's file)."""
+    return name in (MANIFEST, SIGNATURE) or is_safe_name(name)

@@ -38,6 +38,11 @@ MAX_MANIFEST_BYTES = 2 << 20
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?$")
 
 
+def is_safe_name(name: str) -> bool:
+    """A snapshot file name a kiosk may write: at most one folder deep, no dot-first part, no ``..``."""
+    return bool(SAFE_NAME.match(name)) and ".." not in name.split("/")
+
+
 class RejectReason(StrEnum):
     """Why a snapshot was refused; stable strings reported on the kiosk status and in CLI output."""
 
@@ -288,7 +293,7 @@ def scan_files(directory: Path) -> set[str]:
 def _check_files(directory: Path, m: SnapshotManifest, present: set[str]) -> None:
     """Every file listed, and only those: ``present`` is :func:`scan_files` of ``directory``."""
     for name in m.files:
-        if not SAFE_NAME.match(name) or ".." in name.split("/"):
+        if not is_safe_name(name):
             raise SnapshotRejected(RejectReason.UNSAFE_NAME, f"file name {name!r}")
     extra = sorted(present - set(m.files) - {MANIFEST, SIGNATURE})  # only the top-level pair is exempt
     if extra:
